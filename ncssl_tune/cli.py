@@ -1,0 +1,123 @@
+"""`ncssl-sweep`: argument parsing only. Exit status 0 success, 1 runtime failure, 2 bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXAMPLES = """examples:
+  ncssl-sweep search_spaces/vicreg.yaml                      run a sweep (results in ./results/vicreg)
+  ncssl-sweep search_spaces/vicreg.yaml --dry-run            validate and show the space and budget
+  ncssl-sweep search_spaces/vicreg.yaml --resume             continue an interrupted sweep
+  ncssl-sweep validate search_spaces/*.yaml                  check files, start nothing
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so `main` owns every exit status and message."""
+
+    def error(self, message: str):
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ncssl-sweep", description="Run a hyperparameter sweep that measures collapse in "
+                "non-contrastive SSL.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("space", help="search-space YAML file (see search_spaces/vicreg.yaml for the format)")
+    p.add_argument("--num-samples", type=int, help="trials to run (overrides search.num_samples)")
+    p.add_argument("--epochs", type=int, help="epochs per trial (overrides train.epochs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any key, typed as YAML, e.g. --set train.lr=1e-3 (repeatable)")
+    p.add_argument("--name", help="sweep name (default: the file's name: or its stem); results go to RESULTS_DIR/NAME")
+    p.add_argument("--results-dir", default="results", help="output root (default: ./results)")
+    p.add_argument("--address", help="Ray cluster to join: auto, host:port or ray://host:port (default: local)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///RESULTS_DIR/mlflow.db)")
+    p.add_argument("--resume", action="store_true", help="continue the sweep stored under RESULTS_DIR/NAME")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the resolved space and budget, start nothing")
+    p.add_argument("--seed", type=int, help="seed of the sampler and of training (overrides search.seed, train.seed)")
+    return p
+
+
+def _validate_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ncssl-sweep validate", description="Check search-space files; start nothing.")
+    p.add_argument("spaces", nargs="+", help="search-space YAML files")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    return p
+
+
+def _load(args) -> object:
+    from ncssl_tune.data import DatasetError, check_dataset
+    from ncssl_tune.spec import SpecError, load_spec
+
+    spec = load_spec(args.space, args.set, num_samples=args.num_samples, epochs=args.epochs, seed=args.seed,
+                     name=args.name)
+    cfg = spec.train_config()
+    try:
+        check_dataset(cfg.data.dataset, cfg.data.root)
+    except DatasetError as e:
+        raise SpecError(f"{spec.path}: data.root: {e}") from None
+    return spec
+
+
+def _dry_run(spec) -> None:
+    from ncssl_tune.space import describe, grid_size
+
+    cfg = spec.train_config()
+    s = spec.search
+    print(f"sweep {spec.name!r} from {spec.path}")
+    print(f"method {cfg.loss.method}, dataset {cfg.data.dataset}, backbone {cfg.model.backbone}, "
+          f"projector {cfg.model.projector or '(none)'}")
+    print(f"search: {s.algorithm} (seed {s.seed}), objective {s.metric} ({spec.mode}), scheduler {s.scheduler.name}")
+    print("space:")
+    print("\n".join(describe(spec)) or "  (empty: every trial uses the base configuration)")
+    n = min(s.num_samples, grid_size(spec)) if s.algorithm == "grid" else s.num_samples
+    print(f"budget: {n} trials x {cfg.train.epochs} epochs = at most {n * cfg.train.epochs} trial-epochs, "
+          f"{s.max_concurrent} at once, {spec.resources.cpu:g} cpu + {spec.resources.gpu:g} gpu per trial")
+
+
+def _sweep(args) -> int:
+    from ncssl_tune.sweep import SweepError, run_sweep
+
+    spec = _load(args)
+    if args.dry_run:
+        _dry_run(spec)
+        return 0
+    try:
+        result = run_sweep(spec, args.results_dir, resume=args.resume, address=args.address)
+    except SweepError as e:
+        print(f"ncssl-sweep: {e}", file=sys.stderr)
+        return 2
+    print(f"\n{result.num_trials} trials ({result.errors} errored); results in {result.out_dir}")
+    if result.best_metrics:
+        m = result.best_metrics
+        print(f"best trial {m.get('trial_id')}: {spec.search.metric} = {m.get(spec.search.metric)}")
+        print(json.dumps(result.best_config, indent=2, sort_keys=True, default=str))
+    print(f"per-trial table: {result.out_dir / 'trials.csv'}")
+    return 1 if result.errors == result.num_trials and result.num_trials else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ncssl_tune.spec import SpecError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "validate":
+            args = _validate_parser().parse_args(argv[1:])
+            for path in args.spaces:
+                ns = argparse.Namespace(space=path, set=args.set, num_samples=None, epochs=None, seed=None, name=None)
+                spec = _load(ns)
+                print(f"{path}: ok ({len(spec.space)} swept keys, {spec.search.num_samples} trials)")
+            return 0
+        return _sweep(_run_parser().parse_args(argv))
+    except (_UsageError, SpecError) as e:
+        print(f"ncssl-sweep: error: {e}", file=sys.stderr)
+        return 2
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""Datasets held in memory as float tensors, and batched two-view augmentation on the training device.
+
+Every dataset is loaded whole into an `ImageData` of float32 tensors in [0, 1], so the training loop is a
+plain index-and-slice. The price is memory (CIFAR-10 ≈ 0.74 GB, STL-10 labelled ≈ 1.4 GB as float32),
+fine for these datasets; it is also why STL-10's 100k unlabelled images are not loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import pickle
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import kornia.augmentation as K
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DatasetError(ValueError):
+    """A dataset on disk could not be found or read; the message says what was expected and how to get it."""
+
+
+@dataclass
+class ImageData:
+    """A labelled image dataset in memory; labels serve evaluation only, never the SSL loss."""
+
+    train_x: torch.Tensor  # (N, C, H, W) float32 in [0, 1]
+    train_y: torch.Tensor  # (N,) int64 in [0, num_classes)
+    test_x: torch.Tensor  # (M, C, H, W) float32 in [0, 1]
+    test_y: torch.Tensor  # (M,) int64
+    num_classes: int
+    name: str
+
+    @property
+    def channels(self) -> int:
+        return self.train_x.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train_x.shape[-1]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """How to load one dataset and, for a dataset on disk, what must be under root and how to get it."""
+
+    load: Callable[..., ImageData]  # load(root=, seed=, test_fraction=, image_size=, synthetic=)
+    expected: str = ""  # the layout under root, for messages; empty: the dataset needs no root
+    required: tuple[str, ...] = ()  # paths relative to root that check_dataset verifies
+    obtain: str = ""  # how to get the files onto a machine
+
+
+def _finish(name: str, xtr, ytr, xte, yte, num_classes: int, image_size: int | None) -> ImageData:
+    """uint8 or float (N, C, H, W) arrays -> ImageData of float32 in [0, 1], resized if image_size differs."""
+    xs = []
+    for x in (torch.as_tensor(xtr), torch.as_tensor(xte)):
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        xs.append(_resize(x, image_size) if image_size and image_size != x.shape[-1] else x)
+    ys = [torch.as_tensor(np.asarray(y), dtype=torch.int64) for y in (ytr, yte)]
+    return ImageData(xs[0], ys[0], xs[1], ys[1], num_classes, name)
+
+
+def _resize(x: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, size, size); chunked so a big dataset is not held twice at full size."""
+    parts = [F.interpolate(x[i:i + chunk], size=(size, size), mode="bilinear", antialias=True)
+             for i in range(0, len(x), chunk)]
+    return torch.cat(parts).clamp_(0, 1)
+
+
+def _split(y: np.ndarray, seed: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train indices, test indices), fixed by seed."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    return train_test_split(np.arange(len(y)), test_size=test_fraction, stratify=y, random_state=seed)
+
+
+def _load_digits(*, seed: int, test_fraction: float, image_size: int | None, **_) -> ImageData:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()  # bundled with scikit-learn: no download
+    x = (d.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)  # (1797, 1, 8, 8); pixels are 0..16
+    tr, te = _split(d.target, seed, test_fraction)
+    return _finish("digits", x[tr], d.target[tr], x[te], d.target[te], 10, image_size)
+
+
+SYNTHETIC_DEFAULTS = {"n": 2000, "size": 32, "channels": 3, "classes": 10, "noise": 0.05}
+
+
+def _load_synthetic(*, seed: int, test_fraction: float, image_size: int | None,
+                    synthetic: dict | None, **_) -> ImageData:
+    given = synthetic or {}
+    unknown = sorted(set(given) - set(SYNTHETIC_DEFAULTS))
+    if unknown:
+        raise ValueError(f"synthetic: unknown option(s) {unknown}; allowed: {', '.join(SYNTHETIC_DEFAULTS)}")
+    if image_size is not None and given.get("size", image_size) != image_size:
+        raise ValueError(f"synthetic: size={given['size']} conflicts with image_size={image_size}; give one")
+    opts = SYNTHETIC_DEFAULTS | given | ({"size": image_size} if image_size else {})
+    for k in ("n", "size", "channels", "classes"):
+        if not isinstance(opts[k], int) or isinstance(opts[k], bool) or opts[k] < 1:
+            raise ValueError(f"synthetic: {k} must be a positive integer, got {opts[k]!r}")
+    if not _is_num(opts["noise"]) or not 0 <= opts["noise"] <= 1:
+        raise ValueError(f"synthetic: noise must be in [0, 1], got {opts['noise']!r}")
+    if opts["n"] < 2 * opts["classes"]:
+        raise ValueError(f"synthetic: n={opts['n']} must be at least 2 * classes = {2 * opts['classes']}")
+    x, y = make_textures(**opts, seed=seed)
+    tr, te = _split(y.numpy(), seed, test_fraction)
+    return _finish("synthetic", x[tr], y[tr], x[te], y[te], opts["classes"], None)
+
+
+def make_textures(n: int, size: int, channels: int, classes: int, noise: float, seed: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Procedural texture classes: x (n, channels, size, size) in [0, 1], y (n,) balanced labels.
+
+    A class is a sum of two coloured sine gratings with class-specific orientations and frequency ratio.
+    Orientation and frequency ratio survive random crops and colour jitter, so SSL can learn the classes;
+    each sample has its own phase (a shift), zoom, small rotation, colour gain and pixel noise, so a linear
+    classifier on raw pixels does clearly worse than one on shift-invariant features.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def u(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=g)
+
+    theta1 = math.pi * (torch.arange(classes) + 0.3 * u(classes)) / classes  # orientations spread evenly
+    theta = torch.stack([theta1, theta1 + math.pi * (0.25 + 0.5 * u(classes))], 1)  # (classes, 2)
+    freq = torch.stack([torch.full((classes,), 2.0), 2.0 * (1.3 + 1.2 * u(classes))], 1)  # cycles/image
+    colour = 0.2 + 0.8 * u(classes, 2, channels)  # (classes, 2, C)
+    y = (torch.arange(n) % classes)[torch.randperm(n, generator=g)]  # (n,)
+
+    th = theta[y] + (u(n, 2) - 0.5) * (math.pi / (4 * classes))  # (n, 2); jitter below the class spacing
+    f = freq[y] * (0.8 + 0.4 * u(n, 1))  # (n, 2); a zoom moves both frequencies, keeping their ratio
+    coord = torch.linspace(0, 1, size)
+    yy, xx = torch.meshgrid(coord, coord, indexing="ij")  # (S, S)
+    proj = th.cos()[..., None, None] * xx + th.sin()[..., None, None] * yy  # (n, 2, S, S)
+    wave = 0.5 + 0.5 * torch.sin(2 * math.pi * (f[..., None, None] * proj + u(n, 2, 1, 1)))  # (n, 2, S, S)
+    col = colour[y] * (0.8 + 0.4 * u(n, 2, channels))  # (n, 2, C)
+    x = torch.einsum("nkhw,nkc->nchw", wave, col) / 2  # (n, C, S, S)
+    x = x * (0.7 + 0.6 * u(n, 1, 1, 1)) + 0.1 * (u(n, 1, 1, 1) - 0.5)
+    x = x + noise * torch.randn(x.shape, generator=g)
+    return x.clamp_(0, 1), y
+
+
+def _load_cifar(name: str, root: str, image_size: int | None) -> ImageData:
+    import torchvision.datasets as tvd
+
+    cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
+    with _reading(name, root):
+        tr, te = cls(root, train=True, download=False), cls(root, train=False, download=False)
+    # .data is (N, 32, 32, 3) uint8
+    xtr, xte = (torch.from_numpy(d.data).permute(0, 3, 1, 2) for d in (tr, te))
+    return _finish(name, xtr, tr.targets, xte, te.targets, len(tr.classes), image_size)
+
+
+def _load_stl10(*, root: str, image_size: int | None, **_) -> ImageData:
+    # Read the binaries directly: torchvision's STL10 checksums the 2.7 GB unlabeled_X.bin on every load.
+    base, arrays = os.path.join(root, "stl10_binary"), []
+    with _reading("stl10", root):
+        for split in ("train", "test"):
+            x = np.fromfile(os.path.join(base, f"{split}_X.bin"), dtype=np.uint8)
+            y = np.fromfile(os.path.join(base, f"{split}_y.bin"), dtype=np.uint8).astype(np.int64)
+            y = y - 1  # labels are 1..10 on disk
+            if x.size != len(y) * 3 * 96 * 96:
+                raise ValueError(f"{split}_X.bin holds {x.size} bytes, expected {len(y)} images of 3x96x96")
+            arrays += [torch.from_numpy(x.reshape(-1, 3, 96, 96)).transpose(2, 3), y]  # stored column-major
+    return _finish("stl10", *arrays, 10, image_size)
+
+
+def _imagefolder_dirs(root: str) -> tuple[str, str] | None:
+    """(train dir, test or val dir) under root, or None if either is missing."""
+    test = next((d for d in ("test", "val") if os.path.isdir(os.path.join(root, d))), None)
+    if not os.path.isdir(os.path.join(root, "train")) or test is None:
+        return None
+    return os.path.join(root, "train"), os.path.join(root, test)
+
+
+def _load_imagefolder(*, root: str, image_size: int | None, **_) -> ImageData:
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    size, arrays = image_size or 64, []
+    with _reading("imagefolder", root):
+        folders = [ImageFolder(d) for d in _imagefolder_dirs(root)]
+        if folders[0].classes != folders[1].classes:
+            raise ValueError(f"class folders differ: train {folders[0].classes}, test {folders[1].classes}")
+        for f in folders:
+            imgs = [np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR))
+                    for p, _ in f.samples]
+            arrays += [torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2), f.targets]  # (N, 3, S, S) uint8
+    return _finish("imagefolder", *arrays, len(folders[0].classes), None)
+
+
+def _network_hint(archive: str, url: str, cls: str) -> str:
+    return (f"download {archive} from {url} and extract it into <root>, or run "
+            f"`torchvision.datasets.{cls}(<root>, download=True)` on a machine with network access")
+
+
+_CIFAR = "https://www.cs.toronto.edu/~kriz/cifar.html"
+DATASETS: dict[str, DataSource] = {
+    "digits": DataSource(_load_digits),
+    "synthetic": DataSource(_load_synthetic),
+    "cifar10": DataSource(
+        lambda root, image_size, **_: _load_cifar("cifar10", root, image_size),
+        expected="<root>/cifar-10-batches-py (the python version of CIFAR-10: data_batch_1..5, test_batch, "
+                 "batches.meta)",
+        required=tuple(f"cifar-10-batches-py/{f}" for f in
+                       [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
+        obtain=_network_hint("cifar-10-python.tar.gz", _CIFAR, "CIFAR10")),
+    "cifar100": DataSource(
+        lambda root, image_size, **_: _load_cifar("cifar100", root, image_size),
+        expected="<root>/cifar-100-python (the python version of CIFAR-100: train, test, meta)",
+        required=("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"),
+        obtain=_network_hint("cifar-100-python.tar.gz", _CIFAR, "CIFAR100")),
+    "stl10": DataSource(
+        _load_stl10,
+        expected="<root>/stl10_binary with train_X.bin, train_y.bin, test_X.bin, test_y.bin",
+        required=tuple(f"stl10_binary/{s}_{xy}.bin" for s in ("train", "test") for xy in ("X", "y")),
+        obtain=_network_hint("stl10_binary.tar.gz", "https://cs.stanford.edu/~acoates/stl10/", "STL10")),
+    "imagefolder": DataSource(
+        _load_imagefolder,
+        expected="<root>/train/<class>/<image> and <root>/test/<class>/<image> (or val/ instead of test/)",
+        required=("train",),
+        obtain="arrange the images one folder per class, the same class folders under train/ and test/"),
+}
+
+
+def _source(name: str) -> DataSource:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def _error(name: str, root: str | None, problem: str) -> DatasetError:
+    s = DATASETS[name]
+    msg = f"{name}: {problem}. Expected {s.expected} (root={root!r}). To obtain it: {s.obtain}."
+    return DatasetError(msg)
+
+
+@contextlib.contextmanager
+def _reading(name: str, root: str) -> Iterator[None]:
+    """Turn any failure while reading the files of `name` into one DatasetError."""
+    try:
+        yield
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        raise _error(name, root, f"files under {root} are missing or corrupt ({e})") from e
+
+
+def check_dataset(name: str, root: str | None = None) -> None:
+    """Cheaply check that `name` is known and, if it lives on disk, that root has the expected layout.
+
+    Reads no image data, so the sweep can call it before starting anything. Raises ValueError for an
+    unknown name, DatasetError for a missing root or missing files.
+    """
+    s = _source(name)
+    if not s.expected:
+        return
+    if root is None:
+        raise _error(name, root, "no data root given (set data.root to the folder holding the files)")
+    if not os.path.isdir(root):
+        raise _error(name, root, f"the root folder {root} does not exist")
+    missing = [os.path.join(root, p) for p in s.required if not os.path.exists(os.path.join(root, p))]
+    if missing:
+        raise _error(name, root, f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+    if name == "imagefolder" and _imagefolder_dirs(root) is None:
+        raise _error(name, root, f"{root} has train/ but neither test/ nor val/")
+
+
+def load_dataset(name: str, *, root: str | None = None, seed: int = 0, test_fraction: float = 0.2,
+                 image_size: int | None = None, synthetic: dict | None = None) -> ImageData:
+    """Load DATASETS[name] whole into memory.
+
+    seed and test_fraction fix the stratified split of digits and synthetic (disk datasets keep their
+    official split); image_size resizes (imagefolder defaults to 64 px); synthetic holds generator options
+    (keys of SYNTHETIC_DEFAULTS) and is an error for any other dataset.
+    """
+    s = _source(name)
+    if synthetic and name != "synthetic":
+        raise ValueError(f"synthetic options were given but the dataset is {name!r}; remove them")
+    check_dataset(name, root)
+    return s.load(root=root, seed=seed, test_fraction=test_fraction, image_size=image_size,
+                  synthetic=synthetic)
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None = None,
+            drop_last: bool = True) -> Iterator[torch.Tensor]:
+    """Index tensors (batch_size,) over one random permutation of range(n)."""
+    perm = torch.randperm(n, generator=generator)
+    stop = n - n % batch_size if drop_last else n
+    for i in range(0, stop, batch_size):
+        yield perm[i:i + batch_size]
+
+
+_PROBS = ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")
+_RANGES = {"brightness": (0.0, math.inf), "contrast": (0.0, math.inf), "saturation": (0.0, math.inf),
+           "hue": (0.0, 0.5), "noise_std": (0.0, 1.0)} | {p: (0.0, 1.0) for p in _PROBS}
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation strengths; None means "the default for this image size" (see default_augment)."""
+
+    crop_scale: tuple[float, float] | None = None  # area fraction kept by the random resized crop
+    crop_ratio: tuple[float, float] | None = None  # aspect-ratio range of the crop
+    flip_p: float | None = None  # horizontal flip; 0 for digits, which are not mirror-invariant
+    jitter_p: float | None = None  # probability of colour jitter
+    brightness: float | None = None  # factor drawn from [1 - b, 1 + b]
+    contrast: float | None = None  # same form as brightness
+    saturation: float | None = None  # same form; needs 3 channels
+    hue: float | None = None  # shift drawn from [-h, h], h <= 0.5; needs 3 channels
+    grayscale_p: float | None = None  # hides colour so it cannot carry the whole signal; needs 3 channels
+    blur_p: float | None = None  # Gaussian blur, sigma 0.1..2, kernel ~10% of the image
+    solarize_p: float | None = None  # invert pixels above 0.5
+    noise_std: float | None = None  # additive Gaussian pixel noise, always applied when > 0
+
+    def __post_init__(self) -> None:
+        for key in ("crop_scale", "crop_ratio"):
+            v, hi = getattr(self, key), 1.0 if key == "crop_scale" else math.inf
+            if v is None:
+                continue
+            if (not isinstance(v, (tuple, list)) or len(v) != 2 or not all(_is_num(a) for a in v)
+                    or not 0 < v[0] <= v[1] <= hi):
+                raise ValueError(f"augment.{key} must be (low, high) with 0 < low <= high <= {hi}, got {v!r}")
+            setattr(self, key, (float(v[0]), float(v[1])))  # YAML gives lists
+        for key, (lo, hi) in _RANGES.items():
+            v = getattr(self, key)
+            if v is not None and (not _is_num(v) or not lo <= v <= hi):
+                raise ValueError(f"augment.{key} must be a number in [{lo}, {hi}], got {v!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AugmentConfig:
+        """Build from a config mapping; unknown keys are errors that list the allowed ones."""
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(allowed))
+        if unknown:
+            raise ValueError(f"augment: unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
+        return cls(**d)
+
+
+def default_augment(image_size: int, channels: int, overrides: dict | None = None) -> AugmentConfig:
+    """The recipe for this image size with every field set, then `overrides` (checked as in from_dict).
+
+    < 16 px (digits): crop 0.6..1, no flip, jitter 0.8 of brightness/contrast 0.4, pixel noise 0.05.
+    16..95 px: the SimCLR/VICReg CIFAR recipe: crop 0.2..1, flip 0.5, jitter 0.8 of 0.4/0.4/0.2/0.1,
+    grayscale 0.2, solarize 0.1, no blur. >= 96 px: the same plus blur with p 0.5.
+    Saturation, hue and grayscale are 0 unless channels == 3.
+    """
+    rgb = channels == 3
+    if image_size < 16:
+        cfg = {"crop_scale": (0.6, 1.0), "flip_p": 0.0, "saturation": 0.0, "hue": 0.0, "grayscale_p": 0.0,
+               "solarize_p": 0.0, "noise_std": 0.05}
+    else:
+        cfg = {"crop_scale": (0.2, 1.0), "flip_p": 0.5, "saturation": 0.2 * rgb, "hue": 0.1 * rgb,
+               "grayscale_p": 0.2 * rgb, "solarize_p": 0.1, "noise_std": 0.0}
+    cfg |= {"crop_ratio": (3 / 4, 4 / 3), "jitter_p": 0.8, "brightness": 0.4, "contrast": 0.4,
+            "blur_p": 0.5 if image_size >= 96 else 0.0}
+    given = dataclasses.asdict(AugmentConfig.from_dict(overrides or {}))
+    return AugmentConfig(**cfg | {k: v for k, v in given.items() if v is not None})
+
+
+class TwoViewAugment(nn.Module):
+    """Random augmentation of whole batches with per-sample parameters (kornia) on the input's device.
+
+    Randomness comes from torch's global RNG, so torch.manual_seed makes it reproducible.
+    """
+
+    def __init__(self, config: AugmentConfig, image_size: int, channels: int):
+        super().__init__()
+        c = default_augment(image_size, channels, {k: v for k, v in dataclasses.asdict(config).items()
+                                                   if v is not None})
+        for key in ("saturation", "hue", "grayscale_p"):
+            if channels != 3 and getattr(c, key):
+                raise ValueError(f"augment.{key}={getattr(c, key)} needs 3 channels but images have "
+                                 f"{channels}; set it to 0")
+        self.config = c
+        # cropping_mode="resample" crops with one batched warp; kornia's default "slice" loops over images.
+        ops: list[nn.Module] = [K.RandomResizedCrop((image_size, image_size), scale=c.crop_scale,
+                                                    ratio=c.crop_ratio, cropping_mode="resample")]
+        if c.flip_p:
+            ops.append(K.RandomHorizontalFlip(p=c.flip_p))
+        if c.jitter_p and (c.brightness or c.contrast or c.saturation or c.hue):
+            ops.append(K.ColorJitter(c.brightness, c.contrast, c.saturation, c.hue, p=c.jitter_p))
+        if c.grayscale_p:
+            ops.append(K.RandomGrayscale(p=c.grayscale_p))
+        if c.blur_p:
+            k = int(0.1 * image_size) | 1  # odd kernel, ~10% of the image as in SimCLR
+            ops.append(K.RandomGaussianBlur((k, k), (0.1, 2.0), p=c.blur_p))
+        if c.solarize_p:
+            ops.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=c.solarize_p))  # threshold = 0.5
+        if c.noise_std:
+            ops.append(K.RandomGaussianNoise(std=c.noise_std, p=1.0))
+        self.ops = nn.Sequential(*ops)
+
+    def views(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """x: (N, C, H, W) in [0, 1] -> (k, N, C, H, W): k independent augmentations of every image."""
+        # One pipeline call on k stacked copies: kornia's per-call overhead dominates on small images.
+        out = self.ops(x.repeat(k, 1, 1, 1)).clamp_(0, 1)  # (k * N, C, H, W)
+        return out.reshape(k, *x.shape)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (N, C, H, W) in [0, 1] -> two views, each (N, C, H, W) in [0, 1]."""
+        v = self.views(x, 2)  # (2, N, C, H, W)
+        return v[0], v[1]

@@ -1,0 +1,176 @@
+"""Driver-side pieces of a sweep that watch trials: the collapse stopper, the Optuna searcher that records early
+stops as PRUNED, and the callback that prints the live table and writes trials.csv."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from optuna.trial import TrialState
+from ray.tune import Callback
+from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import Stopper
+
+from ncssl_tune.spec import CollapseStopConfig
+
+FINAL_COLUMNS = ("epoch", "loss", "effective_rank", "effective_rank_frac", "effective_rank_h", "entropy",
+                 "entropy_cond", "avg_corr", "std_l2", "collapse", "collapse_h", "knn_acc", "probe_acc",
+                 "probe_epoch", "images_per_s")
+
+
+class CollapseStopper(Stopper):
+    """Stops a trial after `total_patience` consecutive epochs in total collapse (and, when enabled,
+    `dimensional_patience` epochs in dimensional collapse). `reasons[trial_id]` records why."""
+
+    def __init__(self, cfg: CollapseStopConfig):
+        self.cfg = cfg
+        self.streak: dict[str, tuple[str, int]] = {}
+        self.reasons: dict[str, str] = {}
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        state = result.get("collapse", "none")
+        prev, n = self.streak.get(trial_id, ("none", 0))
+        n = n + 1 if state == prev else 1
+        self.streak[trial_id] = (state, n)
+        if result.get("epoch", 0) < self.cfg.min_epoch or result.get("status") != "running":
+            return False
+        if state == "total" and self.cfg.total and n >= self.cfg.total_patience:
+            self.reasons[trial_id] = f"collapse_total (epoch {result['epoch']})"
+            return True
+        if state == "dimensional" and self.cfg.dimensional and n >= self.cfg.dimensional_patience:
+            self.reasons[trial_id] = f"collapse_dimensional (epoch {result['epoch']})"
+            return True
+        return False
+
+    def stop_all(self) -> bool:
+        return False
+
+
+class PruningOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna the truth about trials that did not run to the end.
+
+    Ray's OptunaSearch tells every trial that ended with a value as COMPLETE, so a trial stopped at epoch 2 by
+    ASHA or the collapse stopper enters TPE as if its early value were final. Here a trial whose last result is
+    still "running" is told PRUNED (its intermediate values were reported per epoch already), and a diverged
+    trial or a non-finite objective is told FAIL.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        value = (result or {}).get(self.metric)
+        status = (result or {}).get("status")
+        if error or status == "diverged" or value is None or not math.isfinite(value):
+            self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
+        elif status == "running":
+            self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
+        else:
+            self._ot_study.tell(ot_trial, value, state=TrialState.COMPLETE)
+        self._completed_trials.add(trial_id)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
+    return str(v)
+
+
+class SweepMonitor(Callback):
+    """Live table on stdout and results/<sweep>/trials.csv, one row per trial, rewritten as trials end.
+
+    Its rows are part of the experiment state (get_state/set_state), so a resumed sweep keeps them.
+    """
+
+    def __init__(self, out_dir: Path, stopper: CollapseStopper, scheduler: str, interval_s: float = 10.0,
+                 stream=None):
+        self.out_dir = Path(out_dir)
+        self.stopper = stopper
+        self.scheduler = scheduler
+        self.interval_s = interval_s
+        self.stream = stream  # None: sys.stdout at print time (a stream does not pickle)
+        self.rows: dict[str, dict] = {}
+        self._last_print = 0.0
+
+    # --- state carried across a resumed sweep
+    def get_state(self) -> dict:
+        return {"rows": self.rows}
+
+    def set_state(self, state: dict) -> None:
+        self.rows = dict(state.get("rows", {}))
+
+    def _row(self, trial, result: dict | None, status: str | None = None, reason: str = "") -> dict:
+        row = self.rows.setdefault(trial.trial_id, {"trial_id": trial.trial_id})
+        row.update({f"param.{k}": v for k, v in trial.config.items()})
+        if result:
+            row["method"] = result.get("method", row.get("method", ""))
+            for k in FINAL_COLUMNS:
+                if k in result:
+                    row[k] = result[k]
+            row["status"] = result.get("status", "")
+        if status:
+            row["status"] = status
+            row["stop_reason"] = reason
+        return row
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._row(trial, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        status = result.get("status", "")
+        reason = ""
+        if status == "running":  # ended before its last epoch: somebody stopped it
+            reason = self.stopper.reasons.get(trial.trial_id) or (
+                "asha" if self.scheduler == "asha" else "stopped")
+            status = "stopped"
+        self._row(trial, result, status, reason)
+        self.write_csv()
+        self.print_table(trials, force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._row(trial, trial.last_result, "error", str(getattr(trial, "error_file", "") or "error"))
+        self.write_csv()
+
+    def on_step_end(self, iteration, trials, **info):
+        self.print_table(trials)
+
+    def on_experiment_end(self, trials, **info):
+        self.write_csv()
+
+    def write_csv(self) -> None:
+        if not self.rows:
+            return
+        cols: list[str] = ["trial_id", "method", "status", "stop_reason"]
+        for row in self.rows.values():
+            cols += [k for k in row if k not in cols]
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.out_dir / "trials.csv.tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            for row in sorted(self.rows.values(), key=lambda r: r["trial_id"]):
+                w.writerow(row)
+        tmp.replace(self.out_dir / "trials.csv")
+
+    def print_table(self, trials, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_print < self.interval_s:
+            return
+        self._last_print = now
+        keys = sorted({k for t in trials for k in t.config})
+        short = [k.split(".")[-1] for k in keys]
+        head = ["trial", "method", *short, "epoch", "eff_rank", "knn", "probe", "status"]
+        lines = []
+        for t in trials:
+            r = self.rows.get(t.trial_id, {})
+            lines.append([t.trial_id[-5:], r.get("method", ""), *[_fmt(t.config.get(k, "-")) for k in keys],
+                          _fmt(r.get("epoch", "-")), _fmt(r.get("effective_rank", "-")), _fmt(r.get("knn_acc", "-")),
+                          _fmt(r.get("probe_acc", "-")), r.get("status", t.status.lower())])
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+        out = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [head, *lines]]
+        print("\n".join(out) + "\n", file=self.stream or sys.stdout, flush=True)

@@ -1,0 +1,94 @@
+"""Downstream quality of frozen representations: weighted kNN and a linear probe.
+
+Labels are used only here, never by the SSL loss. The probe's weight decay is chosen on a validation split
+carved from the training features; the test split is touched once, for the reported accuracy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def knn_acc(
+    train_h: torch.Tensor, train_y: torch.Tensor, test_h: torch.Tensor, test_y: torch.Tensor,
+    k: int = 20, t: float = 0.07, num_classes: int | None = None, chunk: int = 1024,
+) -> float:
+    """Weighted cosine kNN accuracy (Wu et al. 2018, as used by DINO / solo-learn).
+
+    train_h: (N, F), train_y: (N,), test_h: (M, F), test_y: (M,). Each neighbour votes for its class with
+    weight exp(cos / t).
+    """
+    c = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    k = min(k, train_h.shape[0])
+    train_n = F.normalize(train_h.float(), dim=1)
+    test_n = F.normalize(test_h.float(), dim=1)
+    correct = 0
+    for start in range(0, test_n.shape[0], chunk):
+        sim = test_n[start:start + chunk] @ train_n.T  # (m, N)
+        top_sim, top_idx = sim.topk(k, dim=1)  # (m, k)
+        votes = torch.zeros(sim.shape[0], c, device=sim.device)
+        votes.scatter_add_(1, train_y[top_idx], (top_sim / t).exp())  # (m, C)
+        correct += (votes.argmax(1) == test_y[start:start + chunk]).sum().item()
+    return correct / test_n.shape[0]
+
+
+def _fit_logreg(x: torch.Tensor, y: torch.Tensor, c: int, wd: float, max_iter: int) -> torch.nn.Linear:
+    """Multinomial logistic regression by full-batch L-BFGS; x: (N, F) standardized, y: (N,)."""
+    lin = torch.nn.Linear(x.shape[1], c).to(x.device)
+    torch.nn.init.zeros_(lin.weight)
+    torch.nn.init.zeros_(lin.bias)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(lin(x), y) + 0.5 * wd * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return lin
+
+
+def _stratified_split(y: torch.Tensor, frac: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (fit, val) with `frac` of every class in val, deterministic by seed."""
+    g = torch.Generator().manual_seed(seed)
+    fit, val = [], []
+    for cls in torch.unique(y.cpu()):
+        idx = torch.nonzero(y.cpu() == cls).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_val = max(1, round(frac * len(idx))) if len(idx) > 1 else 0
+        val.append(idx[:n_val])
+        fit.append(idx[n_val:])
+    return torch.cat(fit), torch.cat(val)
+
+
+@torch.no_grad()
+def linear_probe(
+    train_h: torch.Tensor, train_y: torch.Tensor, test_h: torch.Tensor, test_y: torch.Tensor,
+    weight_decays: list[float] = (0.0, 1e-4, 1e-3, 1e-2), val_fraction: float = 0.2, seed: int = 0,
+    max_iter: int = 100, num_classes: int | None = None,
+) -> dict[str, float]:
+    """Top-1 test accuracy of a linear classifier on frozen features.
+
+    train_h: (N, F), test_h: (M, F). Features are standardized with train statistics. For each weight decay a
+    classifier is fit on train minus a stratified validation split; the best on validation is refit on all of
+    train and scored once on test. Returns probe_acc, probe_val_acc and probe_wd.
+    """
+    c = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    mean, std = train_h.float().mean(0), train_h.float().std(0) + 1e-6
+    xtr, xte = (train_h.float() - mean) / std, (test_h.float() - mean) / std
+    fit, val = _stratified_split(train_y, val_fraction, seed)
+    fit, val = fit.to(xtr.device), val.to(xtr.device)
+    best_wd, best_val = None, -1.0
+    for wd in weight_decays:
+        lin = _fit_logreg(xtr[fit], train_y[fit], c, float(wd), max_iter)
+        acc = (lin(xtr[val]).argmax(1) == train_y[val]).float().mean().item()
+        if acc > best_val:  # ties keep the first (weakest) decay listed
+            best_wd, best_val = float(wd), acc
+    lin = _fit_logreg(xtr, train_y, c, best_wd, max_iter)
+    test_acc = (lin(xte).argmax(1) == test_y).float().mean().item()
+    return {"probe_acc": test_acc, "probe_val_acc": best_val, "probe_wd": best_wd}

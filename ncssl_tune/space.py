@@ -1,0 +1,85 @@
+"""SweepSpec.space -> an Optuna define-by-run function and the sampler for the chosen algorithm.
+
+`DefineByRun` is a module-level class holding only plain data, so it pickles with the searcher state and a
+restored sweep can rebuild its study (a lambda or closure would not survive `Tuner.restore`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import optuna
+
+from ncssl_tune.spec import Param, SweepSpec
+
+
+def base_value(base: dict, key: str) -> Any:
+    """The value of a dotted key in the base config dict, or None when unset (the dataclass default applies)."""
+    d: Any = base
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+class DefineByRun:
+    """Samples the params in file order; a param with `when` is sampled only if every condition holds."""
+
+    def __init__(self, params: list[Param], base: dict):
+        self.params = params
+        self.base = base
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        chosen: dict[str, Any] = {}
+        for p in self.params:
+            if not all(chosen.get(k, base_value(self.base, k)) == v for k, v in p.when.items()):
+                continue
+            chosen[p.key] = suggest(trial, p)
+
+
+def suggest(trial: optuna.Trial, p: Param) -> Any:
+    if p.type == "categorical":
+        return trial.suggest_categorical(p.key, p.values)
+    if p.type in ("float", "logfloat"):
+        return trial.suggest_float(p.key, p.low, p.high, log=p.type == "logfloat", step=p.step)
+    return trial.suggest_int(p.key, p.low, p.high, log=p.type == "logint", step=int(p.step or 1))
+
+
+def grid_values(p: Param, points: int = 3) -> list:
+    """Grid points of one param: its listed values, else `points` values evenly spaced (log-spaced for log types)."""
+    if p.values:
+        return list(p.values)
+    space = np.geomspace if p.type.startswith("log") else np.linspace
+    vals = space(p.low, p.high, points)
+    if p.type.endswith("int"):
+        return sorted({round(v) for v in vals})
+    return [float(v) for v in vals]
+
+
+def grid_size(spec: SweepSpec) -> int:
+    return int(np.prod([len(grid_values(p)) for p in spec.space])) if spec.space else 1
+
+
+def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
+    s = spec.search
+    if s.algorithm == "tpe":
+        # multivariate TPE models interactions (e.g. lambda x gamma), which collapse boundaries have.
+        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=min(10, max(2, s.num_samples // 3)),
+                                          multivariate=True, group=True)
+    if s.algorithm == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    return optuna.samplers.GridSampler({p.key: grid_values(p) for p in spec.space}, seed=s.seed)
+
+
+def describe(spec: SweepSpec) -> list[str]:
+    """One human line per swept param, for --dry-run."""
+    lines = []
+    for p in spec.space:
+        dist = f"one of {p.values}" if p.type == "categorical" else f"{p.type} [{p.low}, {p.high}]"
+        cond = " when " + ", ".join(f"{k}={v}" for k, v in p.when.items()) if p.when else ""
+        lines.append(f"  {p.key}: {dist}{cond}")
+    return lines
+
+

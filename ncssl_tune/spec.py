@@ -1,0 +1,254 @@
+"""Search-space YAML -> validated SweepSpec. The file format is documented in search_spaces/vicreg.yaml.
+
+Validation happens once, here, before anything is started or written: every error is a `SpecError` whose
+message names the file, the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ncssl_tune.config import SECTIONS, ConfigError, TrainConfig, _build, _coerce, set_dotted
+
+OBJECTIVES = {"probe_acc": "max", "knn_acc": "max", "effective_rank": "max", "effective_rank_h": "max",
+              "loss": "min"}
+PARAM_TYPES = ("float", "logfloat", "int", "logint", "categorical")
+
+
+class SpecError(ValueError):
+    """A bad search-space file or flag; str() is the whole user-facing message."""
+
+
+@dataclass
+class SchedulerConfig:
+    name: Literal["asha", "fifo"] = "asha"  # ASHA stops the worst trials at each rung
+    grace_period: int = 2  # epochs every trial gets before ASHA may stop it
+    reduction_factor: float = 3.0  # ASHA keeps 1/reduction_factor of trials per rung
+
+
+@dataclass
+class CollapseStopConfig:
+    total: bool = True  # stop a trial whose embeddings collapsed totally
+    total_patience: int = 1  # consecutive epochs in total collapse before stopping
+    dimensional: bool = False  # also stop sustained dimensional collapse
+    dimensional_patience: int = 3  # consecutive epochs in dimensional collapse before stopping
+    min_epoch: int = 2  # never stop before this epoch (early epochs can look collapsed during warmup)
+
+
+@dataclass
+class SearchConfig:
+    metric: str = "probe_acc"  # objective: probe_acc, knn_acc or the label-free effective_rank
+    mode: str | None = None  # max or min; None takes the objective's natural direction
+    num_samples: int = 12  # trials to run
+    algorithm: Literal["tpe", "random", "grid"] = "tpe"  # Optuna sampler
+    seed: int = 0  # sampler seed: same seed => same proposals
+    max_concurrent: int = 2  # trials running at once (also bounded by the resources available)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    collapse_stop: CollapseStopConfig = field(default_factory=CollapseStopConfig)
+    max_failures: int = 1  # retries of a crashed trial from its last checkpoint
+
+
+@dataclass
+class ResourcesConfig:
+    cpu: float = 1.0  # CPUs per trial (also the torch thread count, rounded up)
+    gpu: float = 0.0  # GPUs per trial; fractions pack several trials on one GPU
+
+
+@dataclass
+class Param:
+    """One swept key: a distribution, optional `when` conditions on other keys."""
+
+    key: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    values: list | None = None
+    when: dict = field(default_factory=dict)
+
+    def endpoints(self) -> list:
+        return list(self.values) if self.type == "categorical" else [self.low, self.high]
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    path: str
+    base: dict  # the five config sections, as written (validated through TrainConfig)
+    search: SearchConfig
+    resources: ResourcesConfig
+    space: list[Param]
+    raw: dict  # the whole file after --set overrides, for logging
+
+    @property
+    def mode(self) -> str:
+        return self.search.mode or OBJECTIVES[self.search.metric]
+
+    def train_config(self, overrides: dict | None = None) -> TrainConfig:
+        d = copy.deepcopy(self.base)
+        for k, v in (overrides or {}).items():
+            set_dotted(d, k, v)
+        return TrainConfig.from_dict(d)
+
+
+TOP_KEYS = ("name", *SECTIONS, "search", "resources", "space")
+
+
+def parse_set(items: list[str]) -> list[tuple[str, Any]]:
+    """`--set KEY=VALUE` items -> (key, typed value); values are parsed as YAML scalars/lists."""
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=5")
+        try:
+            out.append((key.strip(), yaml.safe_load(value)))
+        except yaml.YAMLError as e:
+            raise SpecError(f"--set {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
+    return out
+
+
+def load_spec(path: str | Path, sets: list[str] | None = None, **flags: Any) -> SweepSpec:
+    """Read and validate a search-space file; `sets` are `--set KEY=VALUE` strings, applied before validation.
+
+    flags: num_samples, epochs, seed, name (None = keep the file's value).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{p}: no such search-space file")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"{p}: cannot read: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{p}: expected a mapping with keys {', '.join(TOP_KEYS)}; got {type(raw).__name__}")
+    overrides = parse_set(sets or [])
+    for name, key in (("num_samples", "search.num_samples"), ("epochs", "train.epochs"),
+                      ("seed", "search.seed"), ("name", "name")):
+        if flags.get(name) is not None:
+            overrides.append((key, flags[name]))
+    if flags.get("seed") is not None:
+        overrides.append(("train.seed", flags["seed"]))
+    try:
+        for key, value in overrides:
+            if key.split(".")[0] not in TOP_KEYS:
+                raise ConfigError(key, f"unknown key; allowed top-level keys: {', '.join(TOP_KEYS)}")
+            if key.startswith("space."):
+                raise ConfigError(key, "the search space cannot be changed with --set; edit the file")
+            set_dotted(raw, key, value)
+        return _validate(raw, p)
+    except ConfigError as e:
+        raise SpecError(f"{p}: {e.key}: {e.message}") from None
+
+
+def _validate(raw: dict, p: Path) -> SweepSpec:
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown top-level key; allowed: {', '.join(TOP_KEYS)}")
+    name = _coerce(str, raw.get("name", p.stem), "name")
+    if not name or any(c in name for c in "/\\:") or name.startswith("."):
+        raise ConfigError("name", f"{name!r} cannot name a folder; use letters, digits, '-', '_'")
+    base = {k: copy.deepcopy(raw[k]) for k in SECTIONS if k in raw}
+    TrainConfig.from_dict(copy.deepcopy(base))
+    search = _build(SearchConfig, raw.get("search") or {}, "search.")
+    if search.metric not in OBJECTIVES:
+        raise ConfigError("search.metric", f"got {search.metric!r}; choose from: {', '.join(OBJECTIVES)}")
+    if search.mode not in (None, "max", "min"):
+        raise ConfigError("search.mode", f"got {search.mode!r}; choose from: max, min")
+    for key in ("num_samples", "max_concurrent", "scheduler.grace_period"):
+        obj = search
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        if obj < 1:
+            raise ConfigError(f"search.{key}", f"must be >= 1, got {obj}")
+    if search.scheduler.reduction_factor <= 1:
+        raise ConfigError("search.scheduler.reduction_factor", f"must be > 1, got {search.scheduler.reduction_factor}")
+    if search.max_failures < 0:
+        raise ConfigError("search.max_failures", f"must be >= 0, got {search.max_failures}")
+    resources = _build(ResourcesConfig, raw.get("resources") or {}, "resources.")
+    if resources.cpu <= 0 or resources.gpu < 0:
+        raise ConfigError("resources", f"cpu must be > 0 and gpu >= 0, got cpu={resources.cpu}, gpu={resources.gpu}")
+    if resources.gpu > 1 and resources.gpu != int(resources.gpu):
+        raise ConfigError("resources.gpu", f"above 1 must be a whole number of GPUs, got {resources.gpu}")
+    space = _parse_space(raw.get("space") or {}, base, search)
+    return SweepSpec(name=name, path=str(p), base=base, search=search, resources=resources, space=space, raw=raw)
+
+
+def _parse_space(raw_space: Any, base: dict, search: SearchConfig) -> list[Param]:
+    if not isinstance(raw_space, dict):
+        raise ConfigError("space", "expected a mapping of dotted config keys to distributions")
+    params = []
+    for key, entry in raw_space.items():
+        where = f"space.{key}"
+        if not isinstance(key, str) or key.split(".")[0] not in SECTIONS:
+            raise ConfigError(where, f"swept keys are dotted config keys under {', '.join(SECTIONS)}")
+        if not isinstance(entry, dict):
+            raise ConfigError(where, "expected a mapping like {type: logfloat, low: 1, high: 100}")
+        param = _build(Param, {"key": key, **entry}, where + ".")
+        if param.type not in PARAM_TYPES:
+            raise ConfigError(f"{where}.type", f"got {param.type!r}; choose from: {', '.join(PARAM_TYPES)}")
+        if param.type == "categorical":
+            if not param.values:
+                raise ConfigError(f"{where}.values", "a categorical needs a non-empty list of values")
+            if param.low is not None or param.high is not None:
+                raise ConfigError(where, "a categorical takes values, not low/high")
+        else:
+            _check_range(param, where, search)
+        for cond_key in param.when:
+            if cond_key.split(".")[0] not in SECTIONS:
+                raise ConfigError(f"{where}.when.{cond_key}", "conditions name dotted config keys")
+        if param.when and search.algorithm == "grid":
+            raise ConfigError(f"{where}.when", "conditional parameters need algorithm tpe or random, not grid")
+        # Every end point must make a valid configuration: catches unknown keys, wrong types, bad values.
+        for value in param.endpoints():
+            d = copy.deepcopy(base)
+            for ck, cv in param.when.items():
+                set_dotted(d, ck, cv)
+            set_dotted(d, key, value)
+            try:
+                TrainConfig.from_dict(d)
+            except ConfigError as e:
+                raise ConfigError(where, f"value {value!r} is not valid for {e.key}: {e.message}") from None
+        params.append(param)
+    return params
+
+
+def _check_range(param: Param, where: str, search: SearchConfig) -> None:
+    if param.values is not None and search.algorithm != "grid":
+        raise ConfigError(f"{where}.values", f"values belong to categorical (or grid) parameters, not {param.type}")
+    for end in ("low", "high"):
+        if getattr(param, end) is None:
+            raise ConfigError(f"{where}.{end}", f"a {param.type} needs low and high")
+        if not math.isfinite(getattr(param, end)):
+            raise ConfigError(f"{where}.{end}", "must be finite")
+    if param.low >= param.high:
+        raise ConfigError(where, f"empty or inverted range: low={param.low} must be < high={param.high}")
+    if param.type.startswith("log") and param.low <= 0:
+        raise ConfigError(f"{where}.low", f"a {param.type} range needs low > 0, got {param.low}")
+    if param.type.endswith("int"):
+        for end in ("low", "high"):
+            if getattr(param, end) != int(getattr(param, end)):
+                raise ConfigError(f"{where}.{end}", f"an {param.type} needs whole numbers, got {getattr(param, end)}")
+        param.low, param.high = int(param.low), int(param.high)
+    if param.step is not None and (param.step <= 0 or param.type.startswith("log")):
+        raise ConfigError(f"{where}.step", "step must be > 0 and cannot be combined with a log scale")
+
+
+def resolved(spec: SweepSpec) -> dict:
+    """The spec as plain data (for --dry-run printing and logging)."""
+    return {"name": spec.name, "base": TrainConfig.from_dict(copy.deepcopy(spec.base)).to_dict(),
+            "search": dataclasses.asdict(spec.search), "resources": dataclasses.asdict(spec.resources),
+            "space": [dataclasses.asdict(p) for p in spec.space]}

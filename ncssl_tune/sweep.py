@@ -1,0 +1,134 @@
+"""Builds and runs the Ray Tune sweep for a validated SweepSpec: Optuna search, ASHA, collapse stopper,
+per-trial resources, restore. Output lands in <results_dir>/<sweep name>/."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+
+from ncssl_tune.monitor import CollapseStopper, PruningOptunaSearch, SweepMonitor
+from ncssl_tune.space import DefineByRun, make_sampler
+from ncssl_tune.spec import SweepSpec
+from ncssl_tune.trainable import run_trial
+
+RAY_DIR = "ray"  # Ray Tune storage under the sweep folder
+TUNE_NAME = "tune"
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot start or continue as asked (exit status 2: nothing was run)."""
+
+
+@dataclass
+class SweepResult:
+    out_dir: Path
+    best_config: dict | None
+    best_metrics: dict | None
+    num_trials: int
+    errors: int
+
+
+def sweep_dir(spec: SweepSpec, results_dir: str | os.PathLike) -> Path:
+    return Path(results_dir).resolve() / spec.name
+
+
+def optuna_storage(out_dir: Path) -> optuna.storages.BaseStorage:
+    """The study lives in a file beside the results, so `optuna-dashboard` and the tests can read it."""
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out_dir / "optuna.log")))
+
+
+def _trainable(spec: SweepSpec):
+    fn = tune.with_parameters(run_trial, base=spec.base, objective=spec.search.metric,
+                              cpus=spec.resources.cpu, gpus=spec.resources.gpu)
+    return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+
+
+def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: CollapseStopper) -> tune.Tuner:
+    s = spec.search
+    searcher = PruningOptunaSearch(space=DefineByRun(spec.space, spec.base), metric=s.metric, mode=spec.mode,
+                                   sampler=make_sampler(spec), storage=optuna_storage(out_dir),
+                                   study_name=spec.name)
+    if s.scheduler.name == "asha":
+        epochs = spec.train_config().train.epochs
+        scheduler = ASHAScheduler(time_attr="epoch", metric=s.metric, mode=spec.mode, max_t=epochs,
+                                  grace_period=min(s.scheduler.grace_period, epochs),
+                                  reduction_factor=s.scheduler.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        _trainable(spec),
+        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
+                                    scheduler=scheduler, num_samples=s.num_samples, reuse_actors=False),
+        run_config=tune.RunConfig(
+            name=TUNE_NAME, storage_path=str(out_dir / RAY_DIR), stop=stopper, callbacks=callbacks, verbose=0,
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def check_resources(spec: SweepSpec) -> None:
+    """Fail at once, instead of waiting forever, when no node could ever run one trial."""
+    total = ray.cluster_resources()
+    for key, need in (("CPU", spec.resources.cpu), ("GPU", spec.resources.gpu)):
+        if need > total.get(key, 0.0):
+            raise SweepError(f"each trial asks for {key.lower()}={need} (resources.{key.lower()}) but the Ray "
+                             f"cluster has {total.get(key, 0.0):g} {key}; lower resources.{key.lower()} "
+                             f"(e.g. --set resources.gpu=0 to run on CPU)")
+
+
+def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, resume: bool = False,
+              address: str | None = None, extra_callbacks: list | None = None,
+              monitor_interval_s: float = 10.0) -> SweepResult:
+    """Run (or resume) the sweep; returns where the results are and the best trial."""
+    out_dir = sweep_dir(spec, results_dir)
+    tune_path = out_dir / RAY_DIR / TUNE_NAME
+    exists = tune_path.exists()
+    if resume and not exists:
+        raise SweepError(f"--resume: no sweep to resume at {tune_path}; run without --resume to start it")
+    if exists and not resume:
+        raise SweepError(f"{out_dir} already holds sweep {spec.name!r}; pass --resume to continue it, or "
+                         f"--name NEW to start another")
+    # Ray's per-trial JSON/CSV/TensorBoard loggers would duplicate what trials.csv and MLflow hold (and choke
+    # on the spectrum lists); users can turn them back on by setting the variable to 0.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    started_ray = False
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 **({} if address else {"num_cpus": os.cpu_count()}))
+        started_ray = True
+    try:
+        check_resources(spec)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stopper = CollapseStopper(spec.search.collapse_stop)
+        monitor = SweepMonitor(out_dir, stopper, spec.search.scheduler.name, interval_s=monitor_interval_s)
+        callbacks = [monitor, *(extra_callbacks or [])]
+        if resume:
+            fresh = build_tuner(spec, out_dir, callbacks, stopper)  # for its param_space-free run config
+            tuner = tune.Tuner.restore(str(tune_path), trainable=_trainable(spec), resume_unfinished=True,
+                                       resume_errored=True)
+            tuner._local_tuner._run_config.callbacks = fresh._local_tuner._run_config.callbacks
+            tuner._local_tuner._run_config.stop = stopper
+        else:
+            tuner = build_tuner(spec, out_dir, callbacks, stopper)
+        grid = tuner.fit()
+        monitor.write_csv()
+        errors = sum(1 for r in grid if r.error is not None)
+        best = None
+        try:
+            best = grid.get_best_result(metric=spec.search.metric, mode=spec.mode, scope="last",
+                                        filter_nan_and_inf=True)
+        except RuntimeError:
+            pass
+        return SweepResult(out_dir=out_dir, best_config=best.config if best else None,
+                           best_metrics=best.metrics if best else None, num_trials=len(grid), errors=errors)
+    finally:
+        if started_ray:
+            ray.shutdown()

@@ -1,0 +1,226 @@
+"""The training loop: two augmented views -> encoder -> projector -> loss, collapse metrics every epoch.
+
+Knows nothing of Ray or MLflow. `train(cfg, report)` calls `report(metrics, state)` once per epoch; `state` is a
+checkpoint dict every `train.checkpoint_every` epochs (and at the end), else None. Pass a previous state as
+`resume` to continue exactly where it stopped (model, optimizer, schedule position, RNG state, epoch).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ncssl_tune.config import TrainConfig
+from ncssl_tune.data import TwoViewAugment, default_augment, load_dataset
+from ncssl_tune.losses import LOSSES, WhiteningError
+from ncssl_tune.metrics import CollapseThresholds, collapse_metrics, entropy_cond
+from ncssl_tune.models import SSLModel, build_backbone, build_projector
+from ncssl_tune.optim import build_optimizer, lr_at
+from ncssl_tune.probe import knn_acc, linear_probe
+
+Report = Callable[[dict, "dict | None"], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def save_state(state: dict, path: str | os.PathLike) -> None:
+    torch.save(state, path)
+
+
+def load_state(path: str | os.PathLike) -> dict:
+    # weights_only: a checkpoint is data, never code (safe even if the storage is shared).
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@torch.no_grad()
+def embed(model: SSLModel, x: torch.Tensor, batch: int, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """h: (N, F), z: (N, D) in eval mode, float32."""
+    hs, zs = [], []
+    for i in range(0, x.shape[0], batch):
+        with autocast():
+            h, z = model(x[i:i + batch])
+        hs.append(h.float())
+        zs.append(z.float())
+    return torch.cat(hs), torch.cat(zs)
+
+
+def backbone_options(cfg: TrainConfig) -> dict:
+    """Constructor options of the backbone that the config sets (only small_cnn has any)."""
+    m = cfg.model
+    if m.backbone != "small_cnn":
+        return {}
+    return {"norm": m.norm, **({"width": m.width} if m.width is not None else {})}
+
+
+class _Run:
+    """Everything one training run holds; built once, then stepped epoch by epoch."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.device = resolve_device(t.device)
+        torch.manual_seed(t.seed)
+        d = cfg.data
+        self.data = load_dataset(d.dataset, root=d.root, seed=d.seed, test_fraction=d.test_fraction,
+                                 image_size=d.image_size, synthetic=d.synthetic or None)
+        dev = self.device
+        self.train_x, self.train_y = self.data.train_x.to(dev), self.data.train_y.to(dev)
+        self.test_x, self.test_y = self.data.test_x.to(dev), self.data.test_y.to(dev)
+        c, s = self.train_x.shape[1], self.train_x.shape[-1]
+        self.augment = TwoViewAugment(default_augment(s, c, d.augment), s, c).to(dev)
+        backbone, feat = build_backbone(cfg.model.backbone, c, s, backbone_options(cfg))
+        projector, _ = build_projector(feat, cfg.model.projector, cfg.model.norm)
+        self.model = SSLModel(backbone, projector).to(dev)
+        if dev.type == "cuda" and cfg.model.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.model) if cfg.model.compile and dev.type == "cuda" else self.model
+        self.opt = build_optimizer(t.optimizer, self.model, t.lr, t.weight_decay)
+        n = self.train_x.shape[0]
+        self.batch = min(t.batch_size, n)
+        self.steps_per_epoch = n // self.batch
+        self.total_steps = self.steps_per_epoch * t.epochs
+        self.warmup_steps = round(t.warmup_epochs * self.steps_per_epoch)
+        g = torch.Generator().manual_seed(d.seed)
+        m = min(cfg.eval.eval_samples, n)
+        self.eval_idx = torch.randperm(n, generator=g)[:m].to(dev)  # fixed subset, same for every trial
+        self.loss_fn = LOSSES[cfg.loss.method]
+        self.loss_params = cfg.loss.params()
+        e = cfg.eval
+        self.thresholds = CollapseThresholds(total_std=e.collapse_total_std, dim_rank_frac=e.collapse_dim_frac)
+        use_amp = dev.type == "cuda" and t.amp
+        self.autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp)
+        self.epoch = 0
+        self.last_probe: dict[str, float] = {}
+
+    def state(self) -> dict:
+        s = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "epoch": self.epoch,
+             "cpu_rng": torch.get_rng_state(), "last_probe": self.last_probe}
+        if self.device.type == "cuda":
+            s["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return s
+
+    def restore(self, s: dict) -> None:
+        self.model.load_state_dict(s["model"])
+        self.opt.load_state_dict(s["optimizer"])
+        self.epoch = int(s["epoch"])
+        torch.set_rng_state(s["cpu_rng"])
+        if "cuda_rng" in s and self.device.type == "cuda":
+            torch.cuda.set_rng_state(s["cuda_rng"], self.device)
+        self.last_probe = dict(s.get("last_probe", {}))
+
+    def train_epoch(self) -> dict[str, float]:
+        """One pass; returns the mean of every loss term. Raises FloatingPointError on a non-finite loss."""
+        t = self.cfg.train
+        self.model.train()
+        # Batch order from its own generator keyed by (seed, epoch): a resumed run sees the same batches.
+        g = torch.Generator().manual_seed(t.seed * 100003 + self.epoch)
+        perm = torch.randperm(self.train_x.shape[0], generator=g).to(self.device)
+        sums: dict[str, float] = {}
+        for b in range(self.steps_per_epoch):
+            step = self.epoch * self.steps_per_epoch + b
+            lr = lr_at(step, self.total_steps, self.warmup_steps, t.lr, t.final_lr_frac)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            x = self.train_x[perm[b * self.batch:(b + 1) * self.batch]]  # (B, C, H, W)
+            v1, v2 = self.augment(x)
+            if self.device.type == "cuda" and self.cfg.model.channels_last:
+                v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+            with self.autocast():
+                _, z1 = self.forward(v1)
+                _, z2 = self.forward(v2)
+            terms = self.loss_fn(z1.float(), z2.float(), **self.loss_params)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {self.epoch + 1}, step {b}")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return {k: v / self.steps_per_epoch for k, v in sums.items()}
+
+    @torch.no_grad()
+    def evaluate(self, final: bool) -> dict[str, Any]:
+        cfg, e = self.cfg, self.cfg.eval
+        self.model.eval()
+        out: dict[str, Any] = {}
+        x_eval = self.train_x[self.eval_idx]  # (M, C, H, W)
+        h, z = embed(self.model, x_eval, 1024, self.autocast)
+        if not (torch.isfinite(h).all() and torch.isfinite(z).all()):
+            raise FloatingPointError(f"non-finite embeddings after epoch {self.epoch}")
+        for name, rep, suffix in (("z", z, ""), ("h", h, "_h")):
+            m = collapse_metrics(rep, self.thresholds, suffix=suffix)
+            spec = m.pop(f"spectrum{suffix}")
+            if final:  # the full spectrum is large; the last epoch's is what the analysis plots
+                out[f"spectrum{suffix}"] = [float(v) for v in spec]
+            out.update(m)
+        if e.cond_views:
+            views = self.augment.views(x_eval, e.cond_views)  # (K, M, C, H, W)
+            k, mm = views.shape[:2]
+            zk = embed(self.model, views.flatten(0, 1), 1024, self.autocast)[1].view(k, mm, -1)  # (K, M, D)
+            out["entropy_cond"] = float(entropy_cond(zk))
+        ep = self.epoch
+        if final or (e.knn_every and ep % e.knn_every == 0):
+            htr, _ = embed(self.model, self.train_x, 1024, self.autocast)
+            hte, _ = embed(self.model, self.test_x, 1024, self.autocast)
+            out["knn_acc"] = knn_acc(htr, self.train_y, hte, self.test_y, k=e.knn_k, t=e.knn_t,
+                                     num_classes=self.data.num_classes)
+            if final or ep == 1 or (e.probe_every and ep % e.probe_every == 0):
+                p = linear_probe(htr, self.train_y, hte, self.test_y, weight_decays=e.probe_weight_decays,
+                                 val_fraction=e.probe_val_fraction, seed=cfg.data.seed,
+                                 num_classes=self.data.num_classes)
+                self.last_probe = {**p, "probe_epoch": ep}
+        # Every report carries the latest probe so a scheduler never meets a missing metric; probe_epoch says
+        # when it was measured.
+        out.update(self.last_probe)
+        return out
+
+
+def train(cfg: TrainConfig, report: Report | None = None, resume: dict | None = None) -> dict:
+    """Train encoder + projector with `cfg.loss.method`; returns the last report.
+
+    report(metrics, state): called after every epoch; metrics hold epoch, loss terms, collapse metrics of z and
+    h (suffix _h), knn_acc, probe_acc, epoch_seconds, images_per_s and status ("running", "finished" or
+    "diverged"). A non-finite loss (or an unrecoverable W-MSE whitening) ends the run with status "diverged";
+    no exception escapes for it.
+    """
+    run = _Run(cfg)
+    if resume is not None:
+        run.restore(resume)
+    t = cfg.train
+    metrics: dict[str, Any] = {}
+    while run.epoch < t.epochs:
+        start = time.perf_counter()
+        reached = run.epoch + 1  # the epoch being run; a divergence inside it ends the trial there
+        try:
+            terms = run.train_epoch()
+            train_s = time.perf_counter() - start
+            run.epoch += 1
+            final = run.epoch == t.epochs
+            metrics = {"epoch": run.epoch, **terms, **run.evaluate(final)}
+        except (FloatingPointError, WhiteningError) as err:
+            metrics = {"epoch": reached, "status": "diverged", "error": str(err), "loss": math.nan, "collapse": "diverged",
+                       **run.last_probe}
+            if report:
+                report(metrics, None)
+            return metrics
+        metrics["epoch_seconds"] = time.perf_counter() - start
+        metrics["train_seconds"] = train_s
+        metrics["images_per_s"] = run.steps_per_epoch * run.batch / train_s
+        metrics["lr"] = run.opt.param_groups[0]["lr"]
+        metrics["status"] = "finished" if final else "running"
+        state = run.state() if (final or run.epoch % t.checkpoint_every == 0) else None
+        if report:
+            report(metrics, state)
+    return metrics

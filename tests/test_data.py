@@ -1,0 +1,283 @@
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ncssl_tune.data import (
+    DATASETS,
+    AugmentConfig,
+    DatasetError,
+    TwoViewAugment,
+    batches,
+    check_dataset,
+    default_augment,
+    load_dataset,
+)
+
+DISK = [name for name, src in DATASETS.items() if src.expected]
+SMALL_SYNTH = {"n": 120, "size": 12, "channels": 3, "classes": 4}
+
+
+def test_digits_shapes_range_labels():
+    d = load_dataset("digits")
+    assert d.train_x.shape == (1437, 1, 8, 8) and d.test_x.shape == (360, 1, 8, 8)
+    assert d.train_x.dtype == torch.float32 and d.train_y.dtype == torch.int64
+    assert d.train_x.min() == 0 and d.train_x.max() == 1
+    assert (d.channels, d.image_size, d.num_classes, d.name) == (1, 8, 10, "digits")
+    assert set(d.train_y.tolist()) == set(d.test_y.tolist()) == set(range(10))
+
+
+def test_digits_split_is_stratified():
+    d = load_dataset("digits", test_fraction=0.3)
+    all_y = torch.cat([d.train_y, d.test_y])
+    expected = all_y.bincount().float() * 0.3
+    assert (d.test_y.bincount().float() - expected).abs().max() <= 1
+    assert len(d.test_y) == math.ceil(len(all_y) * 0.3)  # sklearn rounds the test share up
+
+
+def test_digits_split_depends_only_on_seed():
+    a, b, c = load_dataset("digits", seed=1), load_dataset("digits", seed=1), load_dataset("digits", seed=2)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    assert not torch.equal(a.train_x, c.train_x)
+    # Same images overall, only the partition moves.
+    assert torch.isclose(torch.cat([a.train_x, a.test_x]).sum(), torch.cat([c.train_x, c.test_x]).sum())
+
+
+def test_digits_resized():
+    d = load_dataset("digits", image_size=16)
+    assert d.train_x.shape[1:] == (1, 16, 16) and 0 <= d.train_x.min() and d.train_x.max() <= 1
+
+
+def test_synthetic_shapes_balance_determinism():
+    a = load_dataset("synthetic", synthetic=SMALL_SYNTH, seed=3, test_fraction=0.25)
+    assert a.train_x.shape == (90, 3, 12, 12) and a.test_x.shape == (30, 3, 12, 12)
+    assert a.num_classes == 4 and a.name == "synthetic"
+    assert 0 <= a.train_x.min() and a.train_x.max() <= 1
+    assert torch.cat([a.train_y, a.test_y]).bincount().tolist() == [30] * 4
+    b = load_dataset("synthetic", synthetic=SMALL_SYNTH, seed=3, test_fraction=0.25)
+    c = load_dataset("synthetic", synthetic=SMALL_SYNTH, seed=4, test_fraction=0.25)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.train_y, b.train_y)
+    assert not torch.equal(a.train_x, c.train_x)
+
+
+def test_synthetic_options_and_image_size():
+    d = load_dataset("synthetic", synthetic={"n": 40, "channels": 1, "classes": 2}, image_size=8)
+    assert d.train_x.shape[1:] == (1, 8, 8) and d.num_classes == 2
+    with pytest.raises(ValueError, match="conflicts"):
+        load_dataset("synthetic", synthetic={"size": 16}, image_size=8)
+
+
+@pytest.mark.parametrize("opts, match", [
+    ({"colour": 1}, "allowed: n, size, channels, classes, noise"),
+    ({"n": 0}, "n must be a positive integer"),
+    ({"n": 10, "classes": 10}, "at least"),
+    ({"noise": 2.0}, r"noise must be in \[0, 1\]"),
+])
+def test_synthetic_bad_options(opts, match):
+    with pytest.raises(ValueError, match=match):
+        load_dataset("synthetic", synthetic=opts)
+
+
+def test_synthetic_classes_are_separable_by_translation_invariant_features():
+    from sklearn.linear_model import LogisticRegression
+
+    d = load_dataset("synthetic", synthetic={"n": 400, "size": 16, "classes": 4})
+    # Fourier magnitudes ignore the per-sample shift: if classes are real textures, they separate them.
+    def feats(x):
+        return torch.fft.rfft2(x.mean(1)).abs().flatten(1).log1p().numpy()
+
+    clf = LogisticRegression(max_iter=2000).fit(feats(d.train_x), d.train_y.numpy())
+    assert clf.score(feats(d.test_x), d.test_y.numpy()) > 0.9
+
+
+def _write_tree(root, split, classes=("cat", "dog"), per_class=3):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / split / c).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / split / c / f"{i}.png")
+
+
+@pytest.mark.parametrize("test_dir", ["test", "val"])
+def test_imagefolder(tmp_path, test_dir):
+    _write_tree(tmp_path, "train")
+    _write_tree(tmp_path, test_dir, per_class=2)
+    check_dataset("imagefolder", str(tmp_path))
+    d = load_dataset("imagefolder", root=str(tmp_path), image_size=8)
+    assert d.train_x.shape == (6, 3, 8, 8) and d.test_x.shape == (4, 3, 8, 8)
+    assert d.train_y.tolist() == [0, 0, 0, 1, 1, 1] and d.num_classes == 2
+    assert 0 <= d.train_x.min() and d.train_x.max() <= 1
+    assert load_dataset("imagefolder", root=str(tmp_path)).image_size == 64
+
+
+def test_imagefolder_layout_errors(tmp_path):
+    _write_tree(tmp_path, "train")
+    with pytest.raises(DatasetError, match="neither test/ nor val/"):
+        check_dataset("imagefolder", str(tmp_path))
+    _write_tree(tmp_path, "test", classes=("cat", "cow"))
+    with pytest.raises(DatasetError, match="class folders differ"):
+        load_dataset("imagefolder", root=str(tmp_path))
+
+
+def test_stl10_reads_column_major_binaries(tmp_path):
+    base = tmp_path / "stl10_binary"
+    base.mkdir()
+    imgs = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8)
+    for split in ("train", "test"):
+        imgs.transpose(2, 3).numpy().tofile(base / f"{split}_X.bin")  # STL-10 stores images column-major
+        np.array([1, 10], dtype=np.uint8).tofile(base / f"{split}_y.bin")
+    d = load_dataset("stl10", root=str(tmp_path))
+    assert torch.equal(d.train_x, imgs.float() / 255) and d.train_y.tolist() == [0, 9]
+    assert load_dataset("stl10", root=str(tmp_path), image_size=32).test_x.shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", DISK)
+def test_disk_dataset_without_root_says_how_to_get_it(name, tmp_path):
+    with pytest.raises(DatasetError) as err:
+        check_dataset(name, None)
+    assert name in str(err.value) and "root" in str(err.value)
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(DatasetError) as err:
+        load_dataset(name, root=missing)
+    msg = str(err.value)
+    assert msg.startswith(f"{name}:") and missing in msg and "To obtain it:" in msg
+    assert DATASETS[name].obtain.split()[0] in msg
+
+
+@pytest.mark.parametrize("name", DISK)
+def test_disk_dataset_empty_root_names_expected_layout(name, tmp_path):
+    with pytest.raises(DatasetError, match="missing") as err:
+        check_dataset(name, str(tmp_path))
+    assert DATASETS[name].required[0].split("/")[0] in str(err.value)
+
+
+def test_cifar10_message_and_corrupt_files(tmp_path):
+    with pytest.raises(DatasetError) as err:
+        load_dataset("cifar10", root=str(tmp_path))
+    msg = str(err.value)
+    assert "cifar-10-batches-py" in msg and "torchvision.datasets.CIFAR10" in msg and "download=True" in msg
+    for f in DATASETS["cifar10"].required:
+        (tmp_path / f).parent.mkdir(exist_ok=True)
+        (tmp_path / f).write_bytes(b"not a pickle")
+    check_dataset("cifar10", str(tmp_path))  # layout is right; only reading finds the damage
+    with pytest.raises(DatasetError, match="missing or corrupt"):
+        load_dataset("cifar10", root=str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_arrays_become_nchw_floats(name, tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    class FakeCifar:  # the real classes verify md5 sums, so real-looking files cannot be faked
+        def __init__(self, root, train, download):
+            assert not download
+            n = 3 if train else 2
+            self.data = np.arange(n * 32 * 32 * 3, dtype=np.uint8).reshape(n, 32, 32, 3)  # (N, H, W, C)
+            self.targets, self.classes = list(range(n)), ["a", "b", "c"]
+
+    monkeypatch.setattr(tvd, name.upper(), FakeCifar)
+    for f in DATASETS[name].required:
+        (tmp_path / f).parent.mkdir(exist_ok=True)
+        (tmp_path / f).touch()
+    d = load_dataset(name, root=str(tmp_path))
+    raw = FakeCifar(None, True, False).data
+    assert d.train_x.shape == (3, 3, 32, 32) and d.test_x.shape == (2, 3, 32, 32) and d.num_classes == 3
+    assert torch.equal(d.train_x[1, 2], torch.from_numpy(raw[1, :, :, 2]).float() / 255)
+    assert d.train_y.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("name", [n for n in DATASETS if n not in DISK])
+def test_in_memory_datasets_need_no_root(name):
+    check_dataset(name, None)
+
+
+def test_unknown_dataset_and_misplaced_options():
+    with pytest.raises(ValueError, match="choose from: digits, synthetic, cifar10"):
+        load_dataset("mnist")
+    with pytest.raises(ValueError, match="synthetic options"):
+        load_dataset("digits", synthetic={"n": 10})
+
+
+def test_batches_cover_indices():
+    g = torch.Generator().manual_seed(0)
+    idx = list(batches(10, 4, g))
+    assert [len(b) for b in idx] == [4, 4] and len(set(torch.cat(idx).tolist())) == 8
+    assert sorted(torch.cat(list(batches(10, 4, g, drop_last=False))).tolist()) == list(range(10))
+
+
+@pytest.mark.parametrize("channels, size", [(1, 8), (3, 32)])
+def test_two_views_shapes_range_and_difference(channels, size):
+    aug = TwoViewAugment(default_augment(size, channels), size, channels)
+    x = torch.rand(16, channels, size, size)
+    v1, v2 = aug(x)
+    assert v1.shape == v2.shape == x.shape
+    for v in (v1, v2):
+        assert v.min() >= 0 and v.max() <= 1
+    assert not torch.allclose(v1, v2) and not torch.allclose(v1, x)
+    assert aug.views(x, 3).shape == (3, 16, channels, size, size)
+
+
+def test_augment_reproducible_under_manual_seed():
+    aug = TwoViewAugment(default_augment(32, 3), 32, 3)
+    x = torch.rand(8, 3, 32, 32)
+    torch.manual_seed(7)
+    a = aug(x)
+    torch.manual_seed(7)
+    b = aug(x)
+    c = aug(x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+
+
+def test_augment_is_per_sample():
+    aug = TwoViewAugment(default_augment(32, 3), 32, 3)
+    v1, _ = aug(torch.rand(1, 3, 32, 32).expand(8, -1, -1, -1))
+    assert not torch.allclose(v1[0], v1[1])
+
+
+def test_default_augment_per_image_size():
+    digits, cifar, stl = default_augment(8, 1), default_augment(32, 3), default_augment(96, 3)
+    assert digits.flip_p == 0 and digits.saturation == digits.hue == digits.grayscale_p == 0
+    assert digits.crop_scale == (0.6, 1.0) and digits.noise_std > 0
+    assert cifar.crop_scale == (0.2, 1.0) and cifar.flip_p == 0.5 and cifar.jitter_p == 0.8
+    assert (cifar.brightness, cifar.contrast, cifar.saturation, cifar.hue) == (0.4, 0.4, 0.2, 0.1)
+    assert cifar.grayscale_p == 0.2 and cifar.blur_p == 0 and cifar.solarize_p == 0.1
+    assert stl.blur_p > 0
+    assert default_augment(32, 1).grayscale_p == 0
+    for cfg in (digits, cifar, stl):
+        assert None not in dataclasses.asdict(cfg).values()
+    assert default_augment(32, 3, {"flip_p": 0.0}).flip_p == 0.0
+
+
+def test_none_fields_take_the_size_default():
+    aug = TwoViewAugment(AugmentConfig(flip_p=0.0), 8, 1)
+    assert aug.config == dataclasses.replace(default_augment(8, 1), flip_p=0.0)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"flip_p": 1.5}, r"augment.flip_p must be a number in \[0.0, 1.0\]"),
+    ({"solarize_p": -0.1}, "augment.solarize_p"),
+    ({"hue": 0.6}, r"augment.hue must be a number in \[0.0, 0.5\]"),
+    ({"crop_scale": (0.8, 0.2)}, "augment.crop_scale must be \\(low, high\\) with 0 < low <= high <= 1.0"),
+    ({"crop_scale": [0.0, 1.0]}, "augment.crop_scale"),
+    ({"crop_ratio": 1.0}, "augment.crop_ratio"),
+    ({"brightness": "0.4"}, "augment.brightness"),
+    ({"jitter": 0.8}, "unknown key.*allowed: crop_scale, crop_ratio, flip_p"),
+])
+def test_bad_augment_config(bad, match):
+    with pytest.raises(ValueError, match=match):
+        AugmentConfig.from_dict(bad)
+    with pytest.raises(ValueError, match=match):
+        default_augment(32, 3, bad)
+
+
+def test_colour_ops_need_three_channels():
+    with pytest.raises(ValueError, match="augment.saturation=0.2 needs 3 channels"):
+        TwoViewAugment(AugmentConfig(saturation=0.2), 8, 1)
+    with pytest.raises(ValueError, match="augment.flip_p"):
+        dataclasses.replace(default_augment(8, 1), flip_p=2.0)

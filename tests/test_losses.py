@@ -1,0 +1,280 @@
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ncssl_tune.losses import (
+    LOSSES,
+    WhiteningError,
+    barlow_twins_loss,
+    get_loss,
+    invariance_loss,
+    off_diagonal,
+    simclr_loss,
+    vicreg_loss,
+    whiten,
+    wmse_loss,
+)
+
+N, D = 32, 8
+# small sub-batches so W-MSE runs on the shared (N, D) inputs: w_size >= 2·D and N % w_size == 0
+SMALL_KW = {"wmse": {"w_size": 16}}
+
+
+def views(seed: int = 0, n: int = N, d: int = D, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    z1 = torch.randn(n, d, generator=g, dtype=dtype)
+    z2 = z1 + 0.5 * torch.randn(n, d, generator=g, dtype=dtype)
+    return z1, z2
+
+
+def ref_vicreg(a: np.ndarray, b: np.ndarray, lam=25.0, mu=25.0, nu=1.0, gamma=1.0) -> dict[str, float]:
+    d = a.shape[1]
+    inv = np.mean((a - b) ** 2)
+    var = sum(
+        0.5 * np.mean(np.maximum(0.0, gamma - np.sqrt(np.var(x, axis=0, ddof=1) + 1e-4))) for x in (a, b)
+    )
+    off = ~np.eye(d, dtype=bool)
+    cov = sum(np.sum(np.cov(x, rowvar=False)[off] ** 2) / d for x in (a, b))
+    return {"loss": lam * inv + mu * var + nu * cov, "loss_inv": inv, "loss_var": var, "loss_cov": cov}
+
+
+def ref_barlow(a: np.ndarray, b: np.ndarray, lam=0.0051, scale=1.0) -> dict[str, float]:
+    def standardize(x):
+        return (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+
+    n, d = a.shape
+    c = np.einsum("ni,nj->ij", standardize(a), standardize(b)) / n
+    on = sum((1 - c[i, i]) ** 2 for i in range(d))
+    off = sum(c[i, j] ** 2 for i in range(d) for j in range(d) if i != j)
+    return {"loss": scale * (on + lam * off), "loss_on_diag": on, "loss_off_diag": off}
+
+
+def ref_simclr(a: np.ndarray, b: np.ndarray, temperature=0.1) -> float:
+    z = np.concatenate([a, b])
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    n2 = len(z)
+    total = 0.0
+    for i in range(n2):
+        pos = (i + n2 // 2) % n2
+        sims = [z[i] @ z[j] / temperature for j in range(n2) if j != i]
+        total += -(z[i] @ z[pos] / temperature) + math.log(sum(math.exp(s) for s in sims))
+    return total / n2
+
+
+def ref_whiten(x: np.ndarray) -> np.ndarray:
+    xc = x - x.mean(0)
+    L = np.linalg.cholesky(np.cov(xc, rowvar=False))
+    return xc @ np.linalg.inv(L).T
+
+
+def ref_wmse(a: np.ndarray, b: np.ndarray, perms: list[np.ndarray], w_size: int) -> float:
+    losses = []
+    for perm in perms:
+        wa, wb = np.empty_like(a), np.empty_like(b)
+        for idx in perm.reshape(-1, w_size):
+            wa[idx], wb[idx] = ref_whiten(a[idx]), ref_whiten(b[idx])
+        cos = np.sum(wa * wb, 1) / (np.linalg.norm(wa, axis=1) * np.linalg.norm(wb, axis=1))
+        losses.append(np.mean(2 - 2 * cos))
+    return float(np.mean(losses))
+
+
+@pytest.mark.parametrize("kw", [{}, {"lam": 3.0, "mu": 7.0, "nu": 0.5, "gamma": 1.3}])
+def test_vicreg_matches_reference(kw):
+    z1, z2 = views(1)
+    out = vicreg_loss(z1, z2, **kw)
+    ref = ref_vicreg(z1.numpy(), z2.numpy(), **kw)
+    for key, val in ref.items():
+        assert out[key].item() == pytest.approx(val, rel=1e-5), key
+
+
+@pytest.mark.parametrize("kw", [{}, {"lam": 0.1, "scale": 0.5}])
+def test_barlow_matches_reference(kw):
+    z1, z2 = views(2)
+    z1 = 3.0 * z1 + 1.0  # standardisation must undo scale and shift
+    out = barlow_twins_loss(z1, z2, **kw)
+    ref = ref_barlow(z1.numpy(), z2.numpy(), **kw)
+    for key, val in ref.items():
+        assert out[key].item() == pytest.approx(val, rel=1e-5), key
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_simclr_matches_reference(temperature):
+    z1, z2 = views(3, n=12)
+    out = simclr_loss(z1, z2, temperature=temperature)
+    assert out["loss"].item() == pytest.approx(ref_simclr(z1.numpy(), z2.numpy(), temperature), rel=1e-5)
+
+
+def test_invariance_matches_reference():
+    z1, z2 = views(4)
+    out = invariance_loss(z1, z2)
+    ref = np.mean((z1.numpy() - z2.numpy()) ** 2)
+    assert out["loss"].item() == pytest.approx(ref, rel=1e-5)
+    assert out["loss_inv"].item() == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("w_iter", [1, 2])
+def test_wmse_matches_reference(w_iter):
+    z1, z2 = views(5)
+    torch.manual_seed(123)
+    out = wmse_loss(z1, z2, w_size=16, w_iter=w_iter)
+    torch.manual_seed(123)
+    perms = [torch.randperm(N).numpy() for _ in range(w_iter)]
+    assert out["loss"].item() == pytest.approx(ref_wmse(z1.numpy(), z2.numpy(), perms, 16), rel=1e-5)
+    assert out["whitening_retries"].item() == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_symmetric_in_views(name):
+    z1, z2 = views(6)
+    kw = SMALL_KW.get(name, {})
+    torch.manual_seed(0)
+    a = LOSSES[name](z1, z2, **kw)
+    torch.manual_seed(0)
+    b = LOSSES[name](z2, z1, **kw)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_returns_scalar_terms_and_gradient(name):
+    z1, z2 = views(7, dtype=torch.float32)
+    z1.requires_grad_(True)
+    out = LOSSES[name](z1, z2, **SMALL_KW.get(name, {}))
+    assert "loss" in out
+    for key, val in out.items():
+        assert val.ndim == 0 and val.dtype == torch.float32 and torch.isfinite(val), key
+    out["loss"].backward()
+    assert z1.grad is not None and torch.isfinite(z1.grad).all()
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_low_precision_inputs_computed_in_float32(name):
+    z1, z2 = views(8, dtype=torch.float32)
+    kw = SMALL_KW.get(name, {})
+    torch.manual_seed(0)
+    ref = LOSSES[name](z1.bfloat16().float(), z2.bfloat16().float(), **kw)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = LOSSES[name](z1.bfloat16(), z2.bfloat16(), **kw)
+    assert out["loss"].dtype == torch.float32
+    torch.testing.assert_close(out["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_hyperparameters_are_keyword_only(name):
+    params = list(inspect.signature(LOSSES[name]).parameters.values())
+    assert [p.name for p in params[:2]] == ["z1", "z2"]
+    for p in params[2:]:
+        assert p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty, p.name
+
+
+def test_paper_defaults():
+    sig = {
+        name: {p.name: p.default for p in list(inspect.signature(f).parameters.values())[2:]}
+        for name, f in LOSSES.items()
+    }
+    assert sig["vicreg"] == {"lam": 25.0, "mu": 25.0, "nu": 1.0, "gamma": 1.0}
+    assert sig["barlow_twins"] == {"lam": 0.0051, "scale": 1.0}
+    assert sig["wmse"] == {"w_size": 128, "w_iter": 1, "eps": 0.0}
+    assert sig["simclr"] == {"temperature": 0.1}
+    assert sig["invariance"] == {}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_mismatched_shapes_are_rejected(name):
+    z1, _ = views(9)
+    with pytest.raises(ValueError, match=r"\(32, 8\) and \(32, 7\)"):
+        LOSSES[name](z1, z1[:, :7])
+
+
+def test_barlow_identical_standardized_views_have_zero_on_diag():
+    z, _ = views(10)
+    out = barlow_twins_loss(z, z)
+    # with eps=1e-5 the diagonal is 1/(1+1e-5) rather than exactly 1
+    assert out["loss_on_diag"].item() < D * 1e-9
+    assert out["loss_off_diag"].item() > 0
+
+
+def test_vicreg_variance_term_zero_when_std_above_gamma():
+    z1, z2 = views(11)
+    z1, z2 = 2 * z1 / z1.std(0), 2 * z2 / z2.std(0)  # every std = 2 ≥ γ = 1
+    assert vicreg_loss(z1, z2)["loss_var"].item() == 0.0
+    assert vicreg_loss(z1, z2, gamma=3.0)["loss_var"].item() > 0.0
+
+
+def test_invariance_of_identical_views_is_zero():
+    z, _ = views(12)
+    assert invariance_loss(z, z)["loss"].item() == 0.0
+
+
+def test_off_diagonal():
+    m = torch.arange(16.0).view(4, 4)
+    expected = [m[i, j].item() for i in range(4) for j in range(4) if i != j]
+    assert off_diagonal(m).tolist() == expected
+    with pytest.raises(ValueError, match=r"\(3, 4\)"):
+        off_diagonal(torch.zeros(3, 4))
+
+
+def test_whiten_gives_identity_covariance():
+    z, _ = views(13, n=40, d=6, dtype=torch.float32)
+    z = z @ torch.randn(6, 6, generator=torch.Generator().manual_seed(0)) + 5.0  # correlated, shifted
+    zw, retries = whiten(z)
+    assert retries == 0
+    cov = torch.cov(zw.T)  # (D, D), 1/(n-1)
+    torch.testing.assert_close(cov, torch.eye(6), rtol=0, atol=1e-4)
+    torch.testing.assert_close(zw.mean(0), torch.zeros(6), rtol=0, atol=1e-5)
+
+
+def test_whiten_shrinkage_eps():
+    z, _ = views(14, n=40, d=4)
+    zw, _ = whiten(z, eps=0.3)
+    cov = np.cov(z.numpy(), rowvar=False)
+    sigma = 0.7 * cov + 0.3 * np.eye(4)
+    # whitening w.r.t. Σ: cov(ẑ) = L⁻¹ Cov L⁻ᵀ with L Lᵀ = Σ
+    L_inv = np.linalg.inv(np.linalg.cholesky(sigma))
+    np.testing.assert_allclose(np.cov(zw.numpy(), rowvar=False), L_inv @ cov @ L_inv.T, atol=1e-10)
+
+
+def test_failed_cholesky_is_retried_and_counted():
+    z, _ = views(15, n=32, d=4)
+    z[:, 2] = 0.0  # singular covariance: Cholesky with eps=0 fails
+    zw, retries = whiten(z, eps=0.0)
+    assert retries >= 1
+    assert torch.isfinite(zw).all()
+    torch.manual_seed(0)
+    out = wmse_loss(z, views(16, n=32, d=4)[0], w_size=16)
+    assert out["whitening_retries"].item() >= 2  # one per sub-batch of the degenerate view
+    assert torch.isfinite(out["loss"])
+
+
+def test_impossible_whitening_raises():
+    z = torch.full((32, 4), float("nan"))
+    with pytest.raises(WhiteningError, match="failed after"):
+        whiten(z)
+    with pytest.raises(WhiteningError):
+        wmse_loss(z, z, w_size=16)
+
+
+@pytest.mark.parametrize(
+    "n, d, w_size",
+    [(32, 8, 8), (32, 4, 12), (30, 4, 16)],  # w_size < 2D; N % w_size != 0 (twice)
+)
+def test_wmse_rejects_bad_w_size(n, d, w_size):
+    z1, z2 = views(17, n=n, d=d)
+    with pytest.raises(ValueError, match=rf"w_size={w_size}, D={d}, N={n}"):
+        wmse_loss(z1, z2, w_size=w_size)
+
+
+def test_get_loss():
+    assert get_loss("vicreg") is vicreg_loss
+    with pytest.raises(ValueError) as err:
+        get_loss("byol")
+    assert (
+        str(err.value) == "unknown loss 'byol'; choose from: barlow_twins, invariance, simclr, vicreg, wmse"
+    )
