@@ -240,16 +240,34 @@ def _check_loss_params(loss: LossConfig) -> None:
             params[k] = _coerce(type(default), v, key)
             if isinstance(params[k], (int, float)):
                 _positive(key, params[k], allow_zero=k in ("eps", "nu", "mu", "lam"))
+            if method == "wmse" and k == "eps" and params[k] > 1:
+                raise ConfigError(key, f"whitening shrinkage must be in [0, 1], got {params[k]}")
+
+
+def _check_data(d: DataConfig) -> None:
+    from ncssl_tune.data import DATASETS, SYNTHETIC_DEFAULTS, AugmentConfig
+
+    if d.dataset not in DATASETS:
+        raise ConfigError("data.dataset",
+                          f"unknown dataset {d.dataset!r}; choose from: {', '.join(sorted(DATASETS))}")
+    _positive("data.seed", d.seed, allow_zero=True)
+    if d.synthetic and d.dataset != "synthetic":
+        raise ConfigError("data.synthetic", f"options of the synthetic generator, but data.dataset is "
+                          f"{d.dataset!r}; remove them or set data.dataset: synthetic")
+    unknown = sorted(set(d.synthetic) - set(SYNTHETIC_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"data.synthetic.{unknown[0]}",
+                          f"unknown option; allowed: {', '.join(SYNTHETIC_DEFAULTS)}")
+    try:
+        AugmentConfig.from_dict(d.augment)
+    except (TypeError, ValueError) as e:
+        raise ConfigError("data.augment", str(e).removeprefix("augment: ").removeprefix("augment.")) from None
 
 
 def _check_values(cfg: TrainConfig) -> None:
-    from ncssl_tune.data import DATASETS
     from ncssl_tune.models import BACKBONES
 
-    if cfg.data.dataset not in DATASETS:
-        raise ConfigError(
-            "data.dataset", f"unknown dataset {cfg.data.dataset!r}; choose from: {', '.join(sorted(DATASETS))}"
-        )
+    _check_data(cfg.data)
     if not 0 < cfg.data.test_fraction < 1:
         raise ConfigError("data.test_fraction", f"must be in (0, 1), got {cfg.data.test_fraction}")
     _positive("data.image_size", cfg.data.image_size)
@@ -272,6 +290,7 @@ def _check_values(cfg: TrainConfig) -> None:
     for name in ("weight_decay", "warmup_epochs", "final_lr_frac"):
         _positive(f"train.{name}", getattr(t, name), allow_zero=True)
     _positive("train.threads", t.threads)
+    _positive("train.seed", t.seed, allow_zero=True)
     if t.device != "auto" and t.device != "cpu" and not t.device.startswith("cuda"):
         raise ConfigError("train.device", f"got {t.device!r}; choose from: auto, cpu, cuda, cuda:N")
     e = cfg.eval

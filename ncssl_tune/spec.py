@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,15 @@ from ncssl_tune.config import SECTIONS, ConfigError, TrainConfig, _build, _coerc
 OBJECTIVES = {"probe_acc": "max", "knn_acc": "max", "effective_rank": "max", "effective_rank_h": "max",
               "loss": "min"}
 PARAM_TYPES = ("float", "logfloat", "int", "logint", "categorical")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` (no dot) as a string; accept it as a float, as YAML 1.2 and Python do."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
 
 
 class SpecError(ValueError):
@@ -109,9 +119,11 @@ def parse_set(items: list[str]) -> list[tuple[str, Any]]:
         if not sep or not key.strip():
             raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=5")
         try:
-            out.append((key.strip(), yaml.safe_load(value)))
+            out.append((key.strip(), yaml.load(value, Loader=_Loader)))
         except yaml.YAMLError as e:
-            raise SpecError(f"--set {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
+            problem = getattr(e, "problem", None) or e.__class__.__name__
+            raise SpecError(f"--set {item!r}: {key.strip()}: value {value!r} is not valid YAML ({problem}); "
+                            "quote strings, write lists as [a, b]") from None
     return out
 
 
@@ -121,10 +133,12 @@ def load_spec(path: str | Path, sets: list[str] | None = None, **flags: Any) -> 
     flags: num_samples, epochs, seed, name (None = keep the file's value).
     """
     p = Path(path)
+    if p.is_dir():
+        raise SpecError(f"{p}: is a directory; expected a search-space YAML file")
     if not p.is_file():
         raise SpecError(f"{p}: no such search-space file")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.load(p.read_text(), Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -135,6 +149,8 @@ def load_spec(path: str | Path, sets: list[str] | None = None, **flags: Any) -> 
         raw = {}
     if not isinstance(raw, dict):
         raise SpecError(f"{p}: expected a mapping with keys {', '.join(TOP_KEYS)}; got {type(raw).__name__}")
+    # An empty section (`search:` with nothing under it) means all defaults, and --set can fill it.
+    raw = {k: {} if v is None and k in TOP_KEYS[1:] else v for k, v in raw.items()}
     overrides = parse_set(sets or [])
     for name, key in (("num_samples", "search.num_samples"), ("epochs", "train.epochs"),
                       ("seed", "search.seed"), ("name", "name")):
@@ -163,11 +179,13 @@ def _validate(raw: dict, p: Path) -> SweepSpec:
         raise ConfigError("name", f"{name!r} cannot name a folder; use letters, digits, '-', '_'")
     base = {k: copy.deepcopy(raw[k]) for k in SECTIONS if k in raw}
     TrainConfig.from_dict(copy.deepcopy(base))
-    search = _build(SearchConfig, raw.get("search") or {}, "search.")
+    search = _build(SearchConfig, raw.get("search", {}), "search.")
     if search.metric not in OBJECTIVES:
         raise ConfigError("search.metric", f"got {search.metric!r}; choose from: {', '.join(OBJECTIVES)}")
     if search.mode not in (None, "max", "min"):
         raise ConfigError("search.mode", f"got {search.mode!r}; choose from: max, min")
+    if search.seed < 0:
+        raise ConfigError("search.seed", f"must be >= 0, got {search.seed}")
     for key in ("num_samples", "max_concurrent", "scheduler.grace_period"):
         obj = search
         for part in key.split("."):
@@ -178,19 +196,22 @@ def _validate(raw: dict, p: Path) -> SweepSpec:
         raise ConfigError("search.scheduler.reduction_factor", f"must be > 1, got {search.scheduler.reduction_factor}")
     if search.max_failures < 0:
         raise ConfigError("search.max_failures", f"must be >= 0, got {search.max_failures}")
-    resources = _build(ResourcesConfig, raw.get("resources") or {}, "resources.")
-    if resources.cpu <= 0 or resources.gpu < 0:
-        raise ConfigError("resources", f"cpu must be > 0 and gpu >= 0, got cpu={resources.cpu}, gpu={resources.gpu}")
+    resources = _build(ResourcesConfig, raw.get("resources", {}), "resources.")
+    if resources.cpu <= 0:
+        raise ConfigError("resources.cpu", f"must be > 0 (fractions allowed), got {resources.cpu:g}")
+    if resources.gpu < 0:
+        raise ConfigError("resources.gpu",
+                          f"must be >= 0 (0 = CPU only, fractions share a GPU), got {resources.gpu:g}")
     if resources.gpu > 1 and resources.gpu != int(resources.gpu):
         raise ConfigError("resources.gpu", f"above 1 must be a whole number of GPUs, got {resources.gpu}")
-    space = _parse_space(raw.get("space") or {}, base, search)
+    space = _parse_space(raw.get("space", {}), base, search)
     return SweepSpec(name=name, path=str(p), base=base, search=search, resources=resources, space=space, raw=raw)
 
 
 def _parse_space(raw_space: Any, base: dict, search: SearchConfig) -> list[Param]:
     if not isinstance(raw_space, dict):
         raise ConfigError("space", "expected a mapping of dotted config keys to distributions")
-    params = []
+    params: list[Param] = []
     for key, entry in raw_space.items():
         where = f"space.{key}"
         if not isinstance(key, str) or key.split(".")[0] not in SECTIONS:
@@ -203,15 +224,26 @@ def _parse_space(raw_space: Any, base: dict, search: SearchConfig) -> list[Param
         if param.type == "categorical":
             if not param.values:
                 raise ConfigError(f"{where}.values", "a categorical needs a non-empty list of values")
+            bad = [v for v in param.values if v is not None and not isinstance(v, (bool, int, float, str))]
+            if bad:
+                raise ConfigError(f"{where}.values", "Optuna categoricals hold scalars "
+                                  f"(str, number, bool, null), got {bad[0]!r}")
             if param.low is not None or param.high is not None:
                 raise ConfigError(where, "a categorical takes values, not low/high")
         else:
             _check_range(param, where, search)
-        for cond_key in param.when:
-            if cond_key.split(".")[0] not in SECTIONS:
-                raise ConfigError(f"{where}.when.{cond_key}", "conditions name dotted config keys")
         if param.when and search.algorithm == "grid":
             raise ConfigError(f"{where}.when", "conditional parameters need algorithm tpe or random, not grid")
+        earlier = {q.key: q for q in params if q.type == "categorical"}
+        for cond_key, cond_value in param.when.items():
+            # The define-by-run function sees only keys sampled before this one; a condition on anything else
+            # would be constant (never sampled, or a redundant condition), so it is refused.
+            if cond_key not in earlier:
+                raise ConfigError(f"{where}.when.{cond_key}", "a condition names a categorical key swept "
+                                  f"earlier in this file; swept so far: {', '.join(earlier) or '(none)'}")
+            if cond_value not in earlier[cond_key].values:
+                raise ConfigError(f"{where}.when.{cond_key}", f"{cond_value!r} is never sampled; "
+                                  f"choose from: {', '.join(map(str, earlier[cond_key].values))}")
         # Every end point must make a valid configuration: catches unknown keys, wrong types, bad values.
         for value in param.endpoints():
             d = copy.deepcopy(base)
@@ -245,6 +277,8 @@ def _check_range(param: Param, where: str, search: SearchConfig) -> None:
         param.low, param.high = int(param.low), int(param.high)
     if param.step is not None and (param.step <= 0 or param.type.startswith("log")):
         raise ConfigError(f"{where}.step", "step must be > 0 and cannot be combined with a log scale")
+    if param.step is not None and param.type == "int" and param.step != int(param.step):
+        raise ConfigError(f"{where}.step", f"an int range needs a whole step, got {param.step}")
 
 
 def resolved(spec: SweepSpec) -> dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 import ray
 from ray import tune
+from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 
@@ -96,8 +97,8 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
     if exists and not resume:
         raise SweepError(f"{out_dir} already holds sweep {spec.name!r}; pass --resume to continue it, or "
                          f"--name NEW to start another")
-    # Ray's per-trial JSON/CSV/TensorBoard loggers would duplicate what trials.csv and MLflow hold (and choke
-    # on the spectrum lists); users can turn them back on by setting the variable to 0.
+    # Ray's per-trial CSV/TensorBoard loggers would duplicate what trials.csv and MLflow hold (and mangle the
+    # spectrum lists); only its JSON log is kept (added in build_tuner), which Ray's own result tools read.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     started_ray = False
     if not ray.is_initialized():
@@ -109,7 +110,7 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
         out_dir.mkdir(parents=True, exist_ok=True)
         stopper = CollapseStopper(spec.search.collapse_stop)
         monitor = SweepMonitor(out_dir, stopper, spec.search.scheduler.name, interval_s=monitor_interval_s)
-        callbacks = [monitor, *(extra_callbacks or [])]
+        callbacks = [monitor, JsonLoggerCallback(), *(extra_callbacks or [])]
         if resume:
             fresh = build_tuner(spec, out_dir, callbacks, stopper)  # for its param_space-free run config
             tuner = tune.Tuner.restore(str(tune_path), trainable=_trainable(spec), resume_unfinished=True,

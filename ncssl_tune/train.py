@@ -53,6 +53,17 @@ def embed(model: SSLModel, x: torch.Tensor, batch: int, autocast) -> tuple[torch
     return torch.cat(hs), torch.cat(zs)
 
 
+def _to_cpu(obj: Any) -> Any:
+    """Deep copy of a (nested) state dict with every tensor cloned to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 def backbone_options(cfg: TrainConfig) -> dict:
     """Constructor options of the backbone that the config sets (only small_cnn has any)."""
     m = cfg.model
@@ -104,8 +115,9 @@ class _Run:
         self.last_probe: dict[str, float] = {}
 
     def state(self) -> dict:
-        s = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "epoch": self.epoch,
-             "cpu_rng": torch.get_rng_state(), "last_probe": self.last_probe}
+        """A snapshot, detached from the live tensors (state_dict() alone returns views that keep training)."""
+        s = {"model": _to_cpu(self.model.state_dict()), "optimizer": _to_cpu(self.opt.state_dict()),
+             "epoch": self.epoch, "cpu_rng": torch.get_rng_state(), "last_probe": dict(self.last_probe)}
         if self.device.type == "cuda":
             s["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return s
@@ -147,7 +159,7 @@ class _Run:
             loss.backward()
             self.opt.step()
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
         return {k: v / self.steps_per_epoch for k, v in sums.items()}
 
     @torch.no_grad()
@@ -224,3 +236,24 @@ def train(cfg: TrainConfig, report: Report | None = None, resume: dict | None = 
         if report:
             report(metrics, state)
     return metrics
+
+
+def reference_accuracies(cfg: TrainConfig) -> dict[str, float]:
+    """Probe accuracy of the randomly initialised encoder and of raw pixels: the floor any SSL run must beat.
+
+    Uses the same data split, backbone and probe settings as `train(cfg)`, so it is reported once per dataset
+    and backbone, not per trial.
+    """
+    run = _Run(cfg)
+    e = cfg.eval
+    run.model.eval()
+
+    def probe(train_f: torch.Tensor, test_f: torch.Tensor) -> float:
+        return linear_probe(train_f, run.train_y, test_f, run.test_y, weight_decays=e.probe_weight_decays,
+                            val_fraction=e.probe_val_fraction, seed=cfg.data.seed,
+                            num_classes=run.data.num_classes)["probe_acc"]
+
+    htr, _ = embed(run.model, run.train_x, 1024, run.autocast)
+    hte, _ = embed(run.model, run.test_x, 1024, run.autocast)
+    return {"probe_acc_random_init": probe(htr, hte),
+            "probe_acc_pixels": probe(run.train_x.flatten(1), run.test_x.flatten(1))}

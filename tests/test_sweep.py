@@ -1,0 +1,141 @@
+"""The sweep engine end to end through real Ray Tune and Optuna on the embedded digits."""
+
+from __future__ import annotations
+
+import csv
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from ncssl_tune.monitor import CollapseStopper, PruningOptunaSearch
+from ncssl_tune.space import DefineByRun
+from ncssl_tune.spec import CollapseStopConfig, load_spec
+from ncssl_tune.sweep import SweepError, optuna_storage, run_sweep
+
+FAST = ["eval.cond_views=0", "eval.eval_samples=256", "eval.probe_every=0", "eval.knn_every=1",
+        "model.projector=128-128", "search.max_concurrent=2"]
+
+
+def read_rows(out_dir) -> list[dict]:
+    with open(out_dir / "trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def study(out_dir, name):
+    return optuna.load_study(study_name=name, storage=optuna_storage(out_dir))
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(ray_session, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    spec = load_spec("search_spaces/vicreg.yaml", [*FAST, "search.scheduler.name=fifo"], num_samples=4, epochs=3,
+                     name="e2e")
+    result = run_sweep(spec, results, monitor_interval_s=1e9)
+    return spec, results, result
+
+
+def test_sweep_runs_every_trial_and_writes_trials_csv(finished_sweep):
+    spec, _, result = finished_sweep
+    assert result.num_trials == 4 and result.errors == 0
+    rows = read_rows(result.out_dir)
+    assert len(rows) == 4
+    assert len({r["trial_id"] for r in rows}) == 4
+    for r in rows:
+        assert r["status"] == "finished" and r["epoch"] == "3"
+        for key in ("effective_rank", "effective_rank_h", "knn_acc", "probe_acc", "collapse"):
+            assert r[key] != "", key
+        for p in spec.space:
+            assert r[f"param.{p.key}"] != "", p.key
+    assert result.best_metrics["probe_acc"] == max(float(r["probe_acc"]) for r in rows)
+
+
+def test_sweep_study_records_completed_trials_with_intermediate_values(finished_sweep):
+    spec, _, result = finished_sweep
+    trials = study(result.out_dir, spec.name).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert all(sorted(t.intermediate_values) == [1, 2, 3] for t in trials)
+
+
+def test_resume_of_a_finished_sweep_starts_no_new_trial(finished_sweep):
+    spec, results, first = finished_sweep
+    before = read_rows(first.out_dir)
+    again = run_sweep(spec, results, resume=True, monitor_interval_s=1e9)
+    assert again.num_trials == 4
+    assert read_rows(first.out_dir) == before
+    assert len(study(first.out_dir, spec.name).trials) == 4
+
+
+def test_existing_sweep_needs_resume_and_missing_sweep_cannot_resume(finished_sweep, tmp_path):
+    spec, results, _ = finished_sweep
+    with pytest.raises(SweepError, match="--resume"):
+        run_sweep(spec, results)
+    with pytest.raises(SweepError, match="no sweep to resume"):
+        run_sweep(spec, tmp_path, resume=True)
+
+
+def test_collapse_stopper_ends_invariance_trials_and_optuna_sees_them_pruned(ray_session, tmp_path):
+    spec = load_spec("search_spaces/vicreg.yaml",
+                     [*FAST, "loss.method=invariance", "model.norm=none", "search.scheduler.name=fifo",
+                      "search.collapse_stop.min_epoch=2", "search.algorithm=random"],
+                     num_samples=2, epochs=5, name="control")
+    result = run_sweep(spec, tmp_path, monitor_interval_s=1e9)
+    rows = read_rows(result.out_dir)
+    assert len(rows) == 2
+    for r in rows:
+        assert r["status"] == "stopped"
+        assert r["stop_reason"].startswith("collapse_total")
+        assert int(r["epoch"]) == 2 < 5
+    trials = study(result.out_dir, spec.name).trials
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 2
+    assert all(sorted(t.intermediate_values) == [1, 2] for t in trials)
+
+
+def _searcher(cls, tmp_path):
+    spec = load_spec("search_spaces/vicreg.yaml")
+    s = cls(space=DefineByRun(spec.space, spec.base), metric="probe_acc", mode="max",
+            sampler=optuna.samplers.RandomSampler(seed=0))
+    s.suggest("t1")
+    for epoch in (1, 2):
+        s.on_trial_result("t1", {"probe_acc": 0.5 + 0.1 * epoch, "training_iteration": epoch, "status": "running"})
+    s.on_trial_complete("t1", {"probe_acc": 0.7, "training_iteration": 2, "status": "running", "epoch": 2})
+    s.suggest("t2")
+    s.on_trial_result("t2", {"probe_acc": float("nan"), "training_iteration": 1, "status": "diverged"})
+    s.on_trial_complete("t2", {"probe_acc": float("nan"), "training_iteration": 1, "status": "diverged"})
+    return s._ot_study.trials
+
+
+def test_ray_optuna_search_records_early_stops_as_complete(tmp_path):
+    """The upstream behaviour the engine corrects: a stopped trial enters TPE as a finished one."""
+    trials = _searcher(OptunaSearch, tmp_path)
+    assert trials[0].state == TrialState.COMPLETE and trials[0].value == pytest.approx(0.7)
+
+
+def test_pruning_search_tells_stopped_trials_pruned_and_diverged_failed(tmp_path):
+    trials = _searcher(PruningOptunaSearch, tmp_path)
+    assert trials[0].state == TrialState.PRUNED
+    assert trials[0].intermediate_values == {1: pytest.approx(0.6), 2: pytest.approx(0.7)}
+    assert trials[1].state == TrialState.FAIL
+
+
+@pytest.mark.parametrize(
+    ("cfg", "states", "stop_at"),
+    [
+        (CollapseStopConfig(total_patience=1, min_epoch=2), ["total", "total", "total"], 2),
+        (CollapseStopConfig(total_patience=2, min_epoch=1), ["total", "none", "total", "total"], 4),
+        (CollapseStopConfig(total=False), ["total"] * 4, None),
+        (CollapseStopConfig(dimensional=True, dimensional_patience=2, min_epoch=1),
+         ["dimensional", "dimensional", "none"], 2),
+        (CollapseStopConfig(), ["dimensional"] * 4, None),
+    ],
+)
+def test_collapse_stopper_rules(cfg, states, stop_at):
+    stopper = CollapseStopper(cfg)
+    stopped = None
+    for epoch, state in enumerate(states, start=1):
+        if stopper("t", {"epoch": epoch, "collapse": state, "status": "running"}):
+            stopped = epoch
+            break
+    assert stopped == stop_at
+    assert ("t" in stopper.reasons) == (stop_at is not None)

@@ -1,0 +1,129 @@
+"""End-to-end behaviour of the plain training loop on the embedded digits (no Ray, no MLflow)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ncssl_tune.config import TrainConfig
+from ncssl_tune.optim import LARS, build_optimizer, lr_at
+from ncssl_tune.train import load_state, reference_accuracies, save_state, train
+
+# Cheap evaluation: the tests check the loop, not the probe's resolution.
+FAST_EVAL = {"probe_every": 0, "cond_views": 0, "knn_every": 5, "eval_samples": 256}
+TIMING = ("epoch_seconds", "train_seconds", "images_per_s")
+
+
+def cfg(**sections) -> TrainConfig:
+    d = {"train": {"epochs": 2, "threads": 2}, "eval": dict(FAST_EVAL)}
+    for k, v in sections.items():
+        d[k] = {**d.get(k, {}), **v}
+    return TrainConfig.from_dict(d)
+
+
+def collect(config: TrainConfig, resume: dict | None = None) -> tuple[list[dict], list[dict | None]]:
+    reports, states = [], []
+    train(config, lambda m, s: (reports.append(m), states.append(s)), resume=resume)
+    return reports, states
+
+
+def strip(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k not in TIMING}
+
+
+@pytest.fixture(scope="module")
+def control_runs():
+    """The negative control against VICReg on the same budget (5 epochs, same seed and data)."""
+    # BatchNorm is itself an implicit anti-collapse mechanism: with it, plain MSE shrinks z instead of
+    # collapsing it to a point. The control therefore runs without it (model.norm=none).
+    inv = train(cfg(model={"norm": "none"}, loss={"method": "invariance"}, train={"epochs": 5}))
+    vic = train(cfg(loss={"method": "vicreg"}, train={"epochs": 5}))
+    return inv, vic
+
+
+def test_invariance_collapses_totally(control_runs):
+    inv, _ = control_runs
+    assert inv["status"] == "finished"
+    assert inv["effective_rank"] < 2
+    assert inv["std_l2"] < 1e-3
+    assert inv["collapse"] == "total"
+
+
+def test_vicreg_does_not_collapse_and_beats_the_control(control_runs):
+    inv, vic = control_runs
+    assert vic["collapse"] == "none"
+    assert vic["effective_rank"] > 10 * inv["effective_rank"]
+    assert vic["std_l2"] > 0.2 / math.sqrt(512)
+    assert vic["knn_acc"] > inv["knn_acc"]
+
+
+def test_report_carries_every_metric_each_epoch():
+    reports, states = collect(cfg(eval={"cond_views": 2, "knn_every": 1, "probe_every": 1}))
+    assert [r["epoch"] for r in reports] == [1, 2]
+    names = ["effective_rank", "effective_rank_frac", "entropy", "avg_corr", "std_l2", "collapse"]
+    for r in reports:
+        for n in names:
+            assert n in r and n + "_h" in r
+        for n in ("loss", "loss_inv", "loss_var", "loss_cov", "entropy_cond", "knn_acc", "probe_acc",
+                  "epoch_seconds", "images_per_s"):
+            assert n in r and math.isfinite(r[n]), n
+    assert [r["status"] for r in reports] == ["running", "finished"]
+    assert "spectrum" in reports[-1] and "spectrum" not in reports[0]
+    assert len(reports[-1]["spectrum"]) == 512 and len(reports[-1]["spectrum_h"]) == 128
+    assert all(s is not None for s in states)  # checkpoint_every defaults to 1
+
+
+def test_same_seed_same_metrics_and_other_seed_differs():
+    a, _ = collect(cfg())
+    b, _ = collect(cfg())
+    c, _ = collect(cfg(train={"seed": 1}))
+    assert [strip(m) for m in a] == [strip(m) for m in b]
+    assert strip(a[-1]) != strip(c[-1])
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
+    config = cfg(train={"epochs": 3})
+    full, states = collect(config)
+    path = tmp_path / "state.pt"
+    save_state(states[0], path)  # as if the run had stopped after epoch 1
+    resumed, _ = collect(config, resume=load_state(path))
+    assert [m["epoch"] for m in resumed] == [2, 3]
+    assert [strip(m) for m in resumed] == [strip(m) for m in full[1:]]
+
+
+def test_nan_loss_ends_as_diverged_without_exception():
+    reports, _ = collect(cfg(train={"lr": 1e12, "epochs": 3, "warmup_epochs": 0}))
+    last = reports[-1]
+    assert last["status"] == "diverged"
+    assert math.isnan(last["loss"])
+    assert "non-finite" in last["error"]
+    assert last["epoch"] <= 3
+
+
+def test_lars_trains():
+    reports, _ = collect(cfg(train={"optimizer": "lars", "lr": 0.3, "epochs": 1}))
+    assert math.isfinite(reports[-1]["loss"])
+
+
+def test_lars_excludes_biases_and_norms_from_decay_and_adaptation():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    opt = build_optimizer("lars", model, lr=0.1, weight_decay=0.5)
+    assert isinstance(opt, LARS)
+    groups = {g["lars_exclude"]: g for g in opt.param_groups}
+    assert [p.shape for p in groups[False]["params"]] == [torch.Size([4, 4])]
+    assert len(groups[True]["params"]) == 3 and groups[True]["weight_decay"] == 0.0
+
+
+def test_lr_schedule_warmup_then_cosine():
+    lrs = [lr_at(s, 100, 10, 1.0, 0.01) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(0.01, abs=1e-3)
+
+
+def test_reference_accuracies_are_far_above_chance():
+    ref = reference_accuracies(cfg())
+    assert ref["probe_acc_pixels"] > 0.9  # digits are nearly linearly separable in pixel space
+    assert ref["probe_acc_random_init"] > 0.5
