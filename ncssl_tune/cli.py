@@ -18,7 +18,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so `main` owns every exit status and message."""
 
     def error(self, message: str):
-        raise _UsageError(f"{self.prog}: {message}")
+        raise _UsageError(message)
 
 
 class _UsageError(Exception):
@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     except (_UsageError, SpecError) as e:
         print(f"ncssl-sweep: error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # --help / --version print and exit through argparse
+        return int(e.code or 0)
 
 
 def entry() -> None:

@@ -179,6 +179,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(key, f"expected true or false, got {value!r}")
         return value
     if tp is str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # YAML reads a one-layer projector "64" as a number
         if not isinstance(value, str):
             raise ConfigError(key, f"expected a string, got {value!r}")
         return value

@@ -7,6 +7,7 @@ import csv
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,12 @@ class PruningOptunaSearch(OptunaSearch):
         if error or status == "diverged" or value is None or not math.isfinite(value):
             self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
         elif status == "running":
+            # Ray skips on_trial_result for the result on which a stopper fired: report it here, so the study
+            # holds the whole curve up to the stop.
+            # (Optuna ignores, with a warning, a step it already holds.)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ot_trial.report(value, result["training_iteration"])
             self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
         else:
             self._ot_study.tell(ot_trial, value, state=TrialState.COMPLETE)

@@ -1,0 +1,290 @@
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+import urllib.request
+from pathlib import Path
+
+import pytest
+from ray.tune import Callback
+
+from ncssl_tune.spec import load_spec
+from ncssl_tune.tracking import (
+    PARENT_TAG,
+    SPECTRUM_CSV,
+    MlflowTracker,
+    TrackingError,
+    check_tracking_uri,
+    default_tracking_uri,
+    read_spectrum_csv,
+    safe_key,
+    trial_outcome,
+)
+
+# Tiny trials: a small synthetic dataset keeps one epoch well under a second on a CPU core.
+FAST = ["eval.cond_views=0", "eval.eval_samples=64", "search.max_concurrent=2", "train.batch_size=64",
+        "data.dataset=synthetic", "data.synthetic={n: 400, size: 8, channels: 1, classes: 4}",
+        "eval.probe_weight_decays=[0.0]", "model.width=16"]
+MLFLOW = Path(sys.executable).parent / "mlflow"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One `mlflow server` (own SQLite store and artifact root) for this module; stopped by its handle."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    # Its own process group: the server starts a uvicorn worker and a job runner that must stop with it.
+    proc = subprocess.Popen([str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                             "--artifacts-destination", str(root / "artifacts")],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            if proc.poll() is not None:
+                break
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                pass
+        log.close()
+
+
+def client_for(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def runs_of(uri: str, experiment: str) -> tuple[list, list]:
+    c = client_for(uri)
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("run_kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("run_kind") == "trial"]
+    return parents, children
+
+
+def steps(uri: str, run_id: str, key: str = "effective_rank") -> list[int]:
+    return [m.step for m in client_for(uri).get_metric_history(run_id, key)]
+
+
+# --- check_tracking_uri
+
+def test_unreachable_server_fails_fast_with_a_clear_message():
+    uri = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match="not reachable") as e:
+        check_tracking_uri(uri, timeout_s=2)
+    assert time.monotonic() - start < 5
+    assert uri in str(e.value) and "mlflow server" in str(e.value) and "sqlite:///" in str(e.value)
+
+
+@pytest.mark.parametrize("uri", ["ftp://host/x", "results/mlruns", "databricks-uc://x"])
+def test_unknown_scheme_is_an_error(uri):
+    with pytest.raises(TrackingError, match="unsupported scheme") as e:
+        check_tracking_uri(uri)
+    assert repr(uri) in str(e.value)
+
+
+def test_sqlite_uris(tmp_path):
+    uri = default_tracking_uri(tmp_path / "a" / "b")
+    assert uri == f"sqlite:///{tmp_path.resolve()}/a/b/mlflow.db"
+    check_tracking_uri(uri)
+    assert (tmp_path / "a" / "b").is_dir()  # the folder is created; the database is left to MLflow
+    with pytest.raises(TrackingError, match="needs a file"):
+        check_tracking_uri("sqlite://")
+    (tmp_path / "bad.db").write_text("not a database " * 100)
+    with pytest.raises(TrackingError, match="not a usable SQLite database"):
+        check_tracking_uri(f"sqlite:///{tmp_path}/bad.db")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(TrackingError, match="cannot write into"):
+        check_tracking_uri(f"sqlite:///{tmp_path}/file/mlflow.db")
+
+
+def test_tracker_checks_its_uri_on_construction():
+    spec = load_spec("search_spaces/vicreg.yaml")
+    with pytest.raises(TrackingError):
+        MlflowTracker(spec, f"http://127.0.0.1:{free_port()}")
+
+
+# --- pure helpers
+
+@pytest.mark.parametrize("result, reasons, scheduler, error, expected", [
+    ({"status": "finished"}, {}, "asha", None, ("finished", "")),
+    ({"status": "diverged", "error": "non-finite loss"}, {}, "asha", None, ("diverged", "non-finite loss")),
+    ({"status": "running"}, {"t": "collapse_total (epoch 2)"}, "asha", None, ("stopped", "collapse_total (epoch 2)")),
+    ({"status": "running"}, {}, "asha", None, ("stopped", "asha")),
+    ({"status": "running"}, {}, "fifo", None, ("stopped", "stopped")),
+    ({"status": "running"}, {}, "fifo", "boom.txt", ("error", "boom.txt")),
+])
+def test_trial_outcome(result, reasons, scheduler, error, expected):
+    assert trial_outcome("t", result, reasons, scheduler, error) == expected
+
+
+def test_safe_key_keeps_valid_keys_and_shortens_long_ones_uniquely():
+    assert safe_key("loss.vicreg.lam") == "loss.vicreg.lam"
+    assert safe_key("a{b}") == "a_b_"
+    long1, long2 = safe_key("x" * 300 + "1"), safe_key("x" * 300 + "2")
+    assert len(long1) == len(long2) == 250 and long1 != long2
+
+
+# --- the callback on fake trials (no Ray): status mapping, replayed epochs, pickling
+
+def fake_trial(tid: str, config: dict | None = None):
+    return types.SimpleNamespace(trial_id=tid, config=config or {"loss.vicreg.lam": 10.0}, last_result=None,
+                                 status="RUNNING", error_file=None)
+
+
+def report(tracker, trial, epoch: int, status: str = "running", **extra):
+    result = {"epoch": epoch, "loss": 1.0 / epoch, "effective_rank": 2.0 + epoch, "effective_rank_h": 3.0,
+              "probe_acc": 0.5, "knn_acc": math.nan, "collapse": "none", "status": status, "method": "vicreg",
+              "pid": 1, "time_total_s": float(epoch), "config": dict(trial.config), **extra}
+    trial.last_result = result
+    tracker.on_trial_result(0, [], trial, result)
+
+
+def test_callback_statuses_tags_and_replayed_epochs(server):
+    spec = load_spec("search_spaces/vicreg.yaml", name="trk_fake", epochs=3)
+    tracker = MlflowTracker(spec, server, "ray://head:10001", flush_s=3600)
+    stopper = types.SimpleNamespace(reasons={})
+    tracker.setup(stop=stopper)
+    trials = {name: fake_trial(name) for name in ("fin", "div", "col", "err")}
+    for t in trials.values():
+        tracker.on_trial_start(0, [], t)
+        report(tracker, t, 1)
+        report(tracker, t, 2)
+    report(tracker, trials["fin"], 1)  # replayed after a restore from an older checkpoint: ignored
+    report(tracker, trials["fin"], 3, "finished", spectrum=[4.0, 1.0, 0.0], spectrum_h=[2.0, 1e-3])
+    report(tracker, trials["div"], 3, "diverged", error="non-finite loss 1e9")
+    stopper.reasons["col"] = "collapse_total (epoch 2)"
+    for name in ("fin", "div", "col"):
+        trials[name].status = "TERMINATED"
+        tracker.on_trial_complete(0, [], trials[name])
+    trials["err"].status, trials["err"].error_file = "ERROR", "/x/error.txt"
+    tracker.on_trial_error(0, [], trials["err"])
+    pickle.loads(pickle.dumps(tracker))  # Ray pickles callbacks with the experiment; the client stays out
+    tracker.on_experiment_end(list(trials.values()))
+
+    parents, children = runs_of(server, "trk_fake")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    p = parents[0]
+    assert p.data.tags["ray_address"] == "ray://head:10001" and p.data.tags["objective"] == "probe_acc (max)"
+    assert p.data.params["search.algorithm"] == "tpe" and p.data.params["train.epochs"] == "3"
+    assert p.data.params["space.loss.vicreg.lam.type"] == "logfloat"
+    by_id = {r.data.tags["ray_trial_id"]: r for r in children}
+    expected = {"fin": ("FINISHED", "finished", ""), "div": ("FAILED", "diverged", "non-finite loss 1e9"),
+                "col": ("KILLED", "stopped", "collapse_total (epoch 2)"), "err": ("FAILED", "error", "/x/error.txt")}
+    for name, (mlflow_status, status, reason) in expected.items():
+        run = by_id[name]
+        assert run.data.tags[PARENT_TAG] == p.info.run_id
+        assert (run.info.status, run.data.tags["status"], run.data.tags["stop_reason"]) == (mlflow_status, status, reason)
+    fin = by_id["fin"]
+    assert steps(server, fin.info.run_id) == [1, 2, 3]
+    assert math.isnan(fin.data.metrics["knn_acc"]) and "pid" not in fin.data.metrics
+    assert "collapse" not in fin.data.metrics and fin.data.tags["collapse"] == "none"
+    assert fin.data.params["loss.vicreg.lam"] == "10.0" and fin.data.params["train.threads"] == "1"
+    c = client_for(server)
+    assert {a.path for a in c.list_artifacts(fin.info.run_id)} == {"spectrum.csv", "spectrum.png"}
+    spectra = read_spectrum_csv(c.download_artifacts(fin.info.run_id, SPECTRUM_CSV))
+    assert spectra == {"z": [4.0, 1.0, 0.0], "h": [2.0, 1e-3]}
+    assert steps(server, by_id["col"].info.run_id) == [1, 2]
+
+
+# --- real sweeps through Ray Tune
+
+class Interrupt(Callback):
+    """Sends the SIGUSR1 that Ray Tune treats like Ctrl+C (save state, stop) once `after` results arrived."""
+
+    def __init__(self, after: int):
+        self.after = after
+        self.seen = 0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.seen += 1
+        if self.seen == self.after:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_sweep_parent_and_children(server, ray_session, tmp_path):
+    from ncssl_tune.sweep import run_sweep
+
+    spec = load_spec("search_spaces/vicreg.yaml", name="trk_sweep", num_samples=3, epochs=2,
+                     sets=[*FAST, "search.scheduler.name=asha", "search.scheduler.grace_period=1",
+                           "search.scheduler.reduction_factor=2"])
+    tracker = MlflowTracker(spec, server)
+    result = run_sweep(spec, tmp_path, extra_callbacks=[tracker], monitor_interval_s=1e9)
+    assert result.num_trials == 3
+
+    parents, children = runs_of(server, "trk_sweep")
+    assert [p.info.run_id for p in parents] == [tracker.parent_run_id]
+    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["git_commit"] != ""
+    assert len(children) == 3 and len({c.data.tags["ray_trial_id"] for c in children}) == 3
+    c = client_for(server)
+    assert {a.path for a in c.list_artifacts(tracker.parent_run_id)} >= {"vicreg.yaml", "sweep_effective.yaml"}
+    for run in children:
+        tags, status = run.data.tags, run.data.tags["status"]
+        assert tags[PARENT_TAG] == tracker.parent_run_id and tags["method"] == "vicreg"
+        assert set(run.data.params) >= {"loss.vicreg.lam", "loss.vicreg.gamma", "train.lr", "model.projector",
+                                        "data.dataset", "eval.eval_samples"}
+        assert {"effective_rank", "effective_rank_h", "probe_acc", "knn_acc", "loss_var"} <= set(run.data.metrics)
+        expected = {"finished": ("FINISHED", [1, 2]), "stopped": ("KILLED", [1]), "diverged": ("FAILED", None)}
+        assert status in expected, status
+        assert run.info.status == expected[status][0]
+        if status == "finished":
+            assert steps(server, run.info.run_id) == [1, 2]
+            assert SPECTRUM_CSV in {a.path for a in c.list_artifacts(run.info.run_id)}
+        elif status == "stopped":
+            assert steps(server, run.info.run_id) == [1] and tags["stop_reason"] == "asha"
+
+
+def test_resumed_sweep_reuses_its_runs(server, ray_session, tmp_path):
+    from ncssl_tune.sweep import run_sweep
+
+    spec = load_spec("search_spaces/vicreg.yaml", name="trk_resume", num_samples=3, epochs=2,
+                     sets=[*FAST, "search.scheduler.name=fifo"])
+    first = MlflowTracker(spec, server)
+    run_sweep(spec, tmp_path, extra_callbacks=[first, Interrupt(after=1)], monitor_interval_s=1e9)
+    parents, children = runs_of(server, "trk_resume")
+    assert len(parents) == 1 and parents[0].info.status == "KILLED"  # interrupted, to be resumed
+    assert any(c.data.tags["status"] == "interrupted" for c in children)
+
+    again = MlflowTracker(spec, server)
+    run_sweep(spec, tmp_path, resume=True, extra_callbacks=[again, Interrupt(after=0)], monitor_interval_s=1e9)
+    assert again.parent_run_id == first.parent_run_id
+    parents, children = runs_of(server, "trk_resume")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 3 and len({c.data.tags["ray_trial_id"] for c in children}) == 3
+    for run in children:
+        assert run.data.tags[PARENT_TAG] == first.parent_run_id
+        assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
+        assert steps(server, run.info.run_id) == [1, 2]
+        assert steps(server, run.info.run_id, "epoch") == [1, 2]
