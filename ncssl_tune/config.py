@@ -81,9 +81,10 @@ class OptimConfig:
 @dataclass
 class EvalConfig:
     eval_samples: int = 512  # M: fixed subset of the train split on which collapse metrics are computed
-    cond_views: int = 4  # K augmented views per sample for entropy_cond; 0 skips it
+    cond_views: int = 2  # K augmented views per sample for entropy_cond; 0 skips it
+    cond_samples: int = 256  # first samples of the eval subset used for entropy_cond (K x this forwards)
     knn_every: int = 1  # epochs between kNN evaluations (cheap); the last epoch always has one
-    probe_every: int = 5  # epochs between linear probes; the last epoch always has one; 0 = last only
+    probe_every: int = 5  # epochs between linear probes; the first and last epochs always have one
     knn_k: int = 20  # neighbours of the weighted cosine kNN
     knn_t: float = 0.07  # temperature of the kNN vote weights
     probe_val_fraction: float = 0.2  # share of train carved out to choose the probe's weight decay
@@ -247,7 +248,8 @@ def _check_loss_params(loss: LossConfig) -> None:
 
 
 def _check_data(d: DataConfig) -> None:
-    from ncssl_tune.data import DATASETS, SYNTHETIC_DEFAULTS, AugmentConfig
+    from ncssl_tune.augment import AugmentConfig
+    from ncssl_tune.data import DATASETS, SYNTHETIC_DEFAULTS
 
     if d.dataset not in DATASETS:
         raise ConfigError("data.dataset",
@@ -299,6 +301,7 @@ def _check_values(cfg: TrainConfig) -> None:
     _positive("eval.eval_samples", e.eval_samples)
     _positive("eval.knn_k", e.knn_k)
     _positive("eval.knn_t", e.knn_t)
+    _positive("eval.cond_samples", e.cond_samples)
     for name in ("cond_views", "knn_every", "probe_every"):
         _positive(f"eval.{name}", getattr(e, name), allow_zero=True)
     if e.cond_views == 1:

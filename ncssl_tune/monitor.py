@@ -20,7 +20,7 @@ from ncssl_tune.spec import CollapseStopConfig
 
 FINAL_COLUMNS = ("epoch", "loss", "effective_rank", "effective_rank_frac", "effective_rank_h", "entropy",
                  "entropy_cond", "avg_corr", "std_l2", "collapse", "collapse_h", "knn_acc", "probe_acc",
-                 "probe_epoch", "images_per_s")
+                 "probe_epoch", "images_per_s", "epoch_seconds", "metrics_seconds")
 
 
 class CollapseStopper(Stopper):

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from ncssl_tune.config import TrainConfig
-from ncssl_tune.data import TwoViewAugment, default_augment, load_dataset
+from ncssl_tune.augment import TwoViewAugment, default_augment
+from ncssl_tune.data import load_dataset
 from ncssl_tune.losses import LOSSES, WhiteningError
 from ncssl_tune.metrics import CollapseThresholds, collapse_metrics, entropy_cond
 from ncssl_tune.models import SSLModel, build_backbone, build_projector
@@ -164,35 +165,44 @@ class _Run:
 
     @torch.no_grad()
     def evaluate(self, final: bool) -> dict[str, Any]:
-        cfg, e = self.cfg, self.cfg.eval
+        """Collapse metrics on the fixed eval subset; kNN and probe on their schedule (always at the end)."""
+        cfg, e, ep = self.cfg, self.cfg.eval, self.epoch
         self.model.eval()
         out: dict[str, Any] = {}
+        do_knn = final or bool(e.knn_every and ep % e.knn_every == 0)
+        do_probe = final or ep == 1 or bool(e.probe_every and ep % e.probe_every == 0)
+        if do_knn or do_probe:
+            # One pass over train serves kNN, the probe and (its rows at eval_idx) the collapse metrics.
+            htr, ztr = embed(self.model, self.train_x, 1024, self.autocast)
+            hte, _ = embed(self.model, self.test_x, 1024, self.autocast)
+            h, z = htr[self.eval_idx], ztr[self.eval_idx]
+        t0 = time.perf_counter()
         x_eval = self.train_x[self.eval_idx]  # (M, C, H, W)
-        h, z = embed(self.model, x_eval, 1024, self.autocast)
+        if not (do_knn or do_probe):
+            h, z = embed(self.model, x_eval, 1024, self.autocast)
         if not (torch.isfinite(h).all() and torch.isfinite(z).all()):
-            raise FloatingPointError(f"non-finite embeddings after epoch {self.epoch}")
-        for name, rep, suffix in (("z", z, ""), ("h", h, "_h")):
+            raise FloatingPointError(f"non-finite embeddings after epoch {ep}")
+        for rep, suffix in ((z, ""), (h, "_h")):
             m = collapse_metrics(rep, self.thresholds, suffix=suffix)
             spec = m.pop(f"spectrum{suffix}")
             if final:  # the full spectrum is large; the last epoch's is what the analysis plots
                 out[f"spectrum{suffix}"] = [float(v) for v in spec]
             out.update(m)
         if e.cond_views:
-            views = self.augment.views(x_eval, e.cond_views)  # (K, M, C, H, W)
+            x_cond = x_eval[:e.cond_samples]  # (Mc, C, H, W)
+            views = self.augment.views(x_cond, e.cond_views)  # (K, Mc, C, H, W)
             k, mm = views.shape[:2]
-            zk = embed(self.model, views.flatten(0, 1), 1024, self.autocast)[1].view(k, mm, -1)  # (K, M, D)
+            zk = embed(self.model, views.flatten(0, 1), 1024, self.autocast)[1].view(k, mm, -1)  # (K, Mc, D)
             out["entropy_cond"] = float(entropy_cond(zk))
-        ep = self.epoch
-        if final or (e.knn_every and ep % e.knn_every == 0):
-            htr, _ = embed(self.model, self.train_x, 1024, self.autocast)
-            hte, _ = embed(self.model, self.test_x, 1024, self.autocast)
+        out["metrics_seconds"] = time.perf_counter() - t0  # collapse metrics incl. their own forward passes
+        if do_knn:
             out["knn_acc"] = knn_acc(htr, self.train_y, hte, self.test_y, k=e.knn_k, t=e.knn_t,
                                      num_classes=self.data.num_classes)
-            if final or ep == 1 or (e.probe_every and ep % e.probe_every == 0):
-                p = linear_probe(htr, self.train_y, hte, self.test_y, weight_decays=e.probe_weight_decays,
-                                 val_fraction=e.probe_val_fraction, seed=cfg.data.seed,
-                                 num_classes=self.data.num_classes)
-                self.last_probe = {**p, "probe_epoch": ep}
+        if do_probe:
+            p = linear_probe(htr, self.train_y, hte, self.test_y, weight_decays=e.probe_weight_decays,
+                             val_fraction=e.probe_val_fraction, seed=cfg.data.seed,
+                             num_classes=self.data.num_classes)
+            self.last_probe = {**p, "probe_epoch": ep}
         # Every report carries the latest probe so a scheduler never meets a missing metric; probe_epoch says
         # when it was measured.
         out.update(self.last_probe)

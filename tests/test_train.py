@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -13,7 +14,7 @@ from ncssl_tune.train import load_state, reference_accuracies, save_state, train
 
 # Cheap evaluation: the tests check the loop, not the probe's resolution.
 FAST_EVAL = {"probe_every": 0, "cond_views": 0, "knn_every": 5, "eval_samples": 256}
-TIMING = ("epoch_seconds", "train_seconds", "images_per_s")
+TIMING = ("epoch_seconds", "train_seconds", "images_per_s", "metrics_seconds")
 
 
 def cfg(**sections) -> TrainConfig:
@@ -119,7 +120,7 @@ def test_lars_excludes_biases_and_norms_from_decay_and_adaptation():
 def test_lr_schedule_warmup_then_cosine():
     lrs = [lr_at(s, 100, 10, 1.0, 0.01) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
     assert lrs[-1] == pytest.approx(0.01, abs=1e-3)
 
 

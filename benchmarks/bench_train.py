@@ -1,0 +1,59 @@
+"""Core training speed on 2 CPU cores: a 20-epoch VICReg run on digits, and what the collapse metrics cost.
+
+Prints, side by side in one run: wall time of the whole run, seconds per epoch split into training, collapse
+metrics and the rest of the evaluation (kNN, probe), and the ratio metrics / epoch. Writes
+results/benchmarks/train.json. `--quick` runs 2 epochs (what the test suite runs, so the script never rots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ncssl_tune.config import TrainConfig
+from ncssl_tune.train import train
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--quick", action="store_true", help="2 epochs, for the test suite")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="results/benchmarks/train.json")
+    args = p.parse_args(argv)
+    epochs = 2 if args.quick else args.epochs
+    cfg = TrainConfig.from_dict({"loss": {"method": "vicreg"}, "train": {"epochs": epochs, "threads": args.threads}})
+    reports: list[dict] = []
+    start = time.perf_counter()
+    train(cfg, lambda m, s: reports.append(m))
+    wall = time.perf_counter() - start
+    # The first epoch pays one-off costs (allocator, kornia kernels): report the steady state as the median.
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in reports)
+
+    epoch_s, train_s, metrics_s = med("epoch_seconds"), med("train_seconds"), med("metrics_seconds")
+    out = {
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__, "epochs": epochs, "wall_seconds": wall,
+        "epoch_seconds_median": epoch_s, "train_seconds_median": train_s, "metrics_seconds_median": metrics_s,
+        "metrics_over_epoch": metrics_s / epoch_s, "images_per_s_median": med("images_per_s"),
+        "final_effective_rank": reports[-1]["effective_rank"], "final_probe_acc": reports[-1]["probe_acc"],
+    }
+    print(f"VICReg, digits, small_cnn, {epochs} epochs on {args.threads} threads: {wall:.1f} s wall "
+          f"(target < 30 s for 20 epochs)")
+    print(f"per epoch (median): {epoch_s:.2f} s = train {train_s:.2f} s + collapse metrics {metrics_s:.2f} s "
+          f"+ kNN/probe {epoch_s - train_s - metrics_s:.2f} s")
+    print(f"collapse metrics / epoch = {out['metrics_over_epoch']:.1%} (target <= 5%)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
