@@ -12,7 +12,7 @@ BENCH = sorted(Path(__file__).resolve().parent.parent.glob("benchmarks/bench_*.p
 
 
 @pytest.mark.parametrize("path", BENCH, ids=[p.stem for p in BENCH])
-def test_benchmark_quick_mode_writes_its_json(path, tmp_path):
+def test_benchmark_quick_mode_writes_its_json(path, tmp_path, ray_session):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
