@@ -1,0 +1,57 @@
+"""GPU smoke test: a 2-trial CIFAR-10-shaped sweep (32x32 RGB synthetic data, ResNet-18) on one GPU.
+
+Prints images/s per trial. Where no GPU is visible it says so and exits 0 (the CPU path is covered by the
+test suite). Two trials share the GPU (resources.gpu = 0.5), so this also checks fractional GPU packing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ncssl_tune.spec import load_spec
+from ncssl_tune.sweep import run_sweep
+
+SETS = ["data.dataset=synthetic", "data.synthetic={n: 20000, size: 32, channels: 3, classes: 10}",
+        "model.backbone=resnet18", "model.projector=2048-2048-2048", "train.batch_size=512",
+        "train.optimizer=lars", "train.lr=0.3", "train.warmup_epochs=1", "eval.knn_every=1",
+        "eval.probe_every=0", "resources.gpu=0.5", "resources.cpu=2", "search.max_concurrent=2",
+        "search.scheduler.name=fifo"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="accepted for symmetry with the other benchmarks")
+    p.add_argument("--out", default="results/benchmarks/gpu_smoke.json")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_smoke: no CUDA device visible; nothing to measure (exit 0)")
+        return {"gpu": None}
+    spec = load_spec(Path(__file__).resolve().parent.parent / "search_spaces/cifar10_vicreg.yaml",
+                     [*SETS, "data.root=null"], num_samples=2, epochs=args.epochs, name="gpu-smoke")
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        result = run_sweep(spec, tmp, monitor_interval_s=30.0)
+        wall = time.perf_counter() - start
+        with open(result.out_dir / "trials.csv") as f:
+            rows = list(csv.DictReader(f))
+    out = {"gpu": torch.cuda.get_device_name(0), "wall_seconds": wall,
+           "trials": [{"trial_id": r["trial_id"], "status": r["status"], "images_per_s": float(r["images_per_s"]),
+                       "effective_rank": float(r["effective_rank"])} for r in rows]}
+    for t in out["trials"]:
+        print(f"trial {t['trial_id']}: {t['images_per_s']:.0f} images/s, status {t['status']}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)
