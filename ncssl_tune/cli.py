@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 EXAMPLES = """examples:
   ncssl-sweep search_spaces/vicreg.yaml                      run a sweep (results in ./results/vicreg)
   ncssl-sweep search_spaces/vicreg.yaml --dry-run            validate and show the space and budget
   ncssl-sweep search_spaces/vicreg.yaml --resume             continue an interrupted sweep
   ncssl-sweep validate search_spaces/*.yaml                  check files, start nothing
+  ncssl-sweep analyze --experiment vicreg                    rank vs probe accuracy report from MLflow
 """
 
 
@@ -41,6 +43,43 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved space and budget, start nothing")
     p.add_argument("--seed", type=int, help="seed of the sampler and of training (overrides search.seed, train.seed)")
     return p
+
+
+def _analyze_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ncssl-sweep analyze", description="Correlate final effective rank with probe accuracy over "
+                "a sweep's MLflow runs; write analysis.json, report.md and plots, and log them to the parent run.")
+    p.add_argument("--experiment", required=True, help="MLflow experiment = the sweep name")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///RESULTS_DIR/mlflow.db)")
+    p.add_argument("--results-dir", default="results", help="output root (default: ./results)")
+    p.add_argument("--out", help="report folder (default: RESULTS_DIR/EXPERIMENT/analysis)")
+    p.add_argument("--parent-run-id", help="the sweep's parent run (default: the latest one)")
+    p.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
+    return p
+
+
+def _analyze(args) -> int:
+    from ncssl_tune.analysis import run_analysis
+    from ncssl_tune.tracking import TrackingError, default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri(args.results_dir)
+    out = args.out or str(Path(args.results_dir) / args.experiment / "analysis")
+    try:
+        result = run_analysis(args.experiment, uri, out, log_to_parent=not args.no_log,
+                              parent_run_id=args.parent_run_id)
+    except TrackingError as e:
+        print(f"ncssl-sweep: error: {e}", file=sys.stderr)
+        return 2
+    _print_analysis(result, out)
+    return 0
+
+
+def _print_analysis(result: dict, out: str | Path) -> None:
+    for rank, c in (result.get("correlations") or {}).items():
+        sp = (c.get("overall") or {}).get("spearman")
+        if sp:
+            print(f"Spearman rho(final {rank}, probe_acc) = {sp['r']:.3f} (p = {sp['p']:.3g}, "
+                  f"95% CI {sp['ci95']}), n = {c['overall']['n']}")
+    print(f"analysis: {Path(out) / 'report.md'}")
 
 
 def _validate_parser() -> argparse.ArgumentParser:
@@ -81,16 +120,21 @@ def _dry_run(spec) -> None:
 
 
 def _sweep(args) -> int:
+    from ncssl_tune.analysis import run_analysis
     from ncssl_tune.sweep import SweepError, run_sweep
+    from ncssl_tune.tracking import TrackingError, check_tracking_uri, default_tracking_uri
 
     spec = _load(args)
+    uri = args.tracking_uri or default_tracking_uri(args.results_dir)
     if args.dry_run:
         _dry_run(spec)
+        print(f"tracking: {uri} (not contacted in a dry run)")
         return 0
     try:
-        result = run_sweep(spec, args.results_dir, resume=args.resume, address=args.address)
-    except SweepError as e:
-        print(f"ncssl-sweep: {e}", file=sys.stderr)
+        check_tracking_uri(uri)
+        result = run_sweep(spec, args.results_dir, resume=args.resume, address=args.address, tracking_uri=uri)
+    except (SweepError, TrackingError) as e:
+        print(f"ncssl-sweep: error: {e}", file=sys.stderr)
         return 2
     print(f"\n{result.num_trials} trials ({result.errors} errored); results in {result.out_dir}")
     if result.best_metrics:
@@ -98,6 +142,10 @@ def _sweep(args) -> int:
         print(f"best trial {m.get('trial_id')}: {spec.search.metric} = {m.get(spec.search.metric)}")
         print(json.dumps(result.best_config, indent=2, sort_keys=True, default=str))
     print(f"per-trial table: {result.out_dir / 'trials.csv'}")
+    print(f"MLflow: mlflow ui --host 127.0.0.1 --backend-store-uri {uri}  (experiment {spec.name!r})")
+    analysis_dir = result.out_dir / "analysis"
+    _print_analysis(run_analysis(spec.name, uri, analysis_dir, parent_run_id=result.mlflow_parent_run_id),
+                    analysis_dir)
     return 1 if result.errors == result.num_trials and result.num_trials else 0
 
 
@@ -106,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv and argv[0] == "analyze":
+            return _analyze(_analyze_parser().parse_args(argv[1:]))
         if argv and argv[0] == "validate":
             args = _validate_parser().parse_args(argv[1:])
             for path in args.spaces:

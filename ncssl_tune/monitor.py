@@ -81,6 +81,21 @@ class PruningOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
+def trial_outcome(trial_id: str, result: dict | None, reasons: dict[str, str], scheduler: str,
+                  error: str | None = None) -> tuple[str, str]:
+    """(status, stop_reason) of a trial that ended: finished, diverged, stopped (by the collapse stopper or
+    ASHA) or error. A last result still "running" means somebody stopped the trial before its last epoch."""
+    if error is not None:
+        return "error", error
+    result = result or {}
+    status = result.get("status", "")
+    if status == "running":
+        return "stopped", reasons.get(trial_id) or ("asha" if scheduler == "asha" else "stopped")
+    if status == "diverged":
+        return "diverged", str(result.get("error", ""))
+    return status or "stopped", ""
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
@@ -128,20 +143,17 @@ class SweepMonitor(Callback):
         self._row(trial, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trials, trial, None)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trials, trial, str(getattr(trial, "error_file", "") or "error"))
+
+    def _end(self, trials, trial, error: str | None) -> None:
         result = trial.last_result or {}
-        status = result.get("status", "")
-        reason = ""
-        if status == "running":  # ended before its last epoch: somebody stopped it
-            reason = self.stopper.reasons.get(trial.trial_id) or (
-                "asha" if self.scheduler == "asha" else "stopped")
-            status = "stopped"
+        status, reason = trial_outcome(trial.trial_id, result, self.stopper.reasons, self.scheduler, error)
         self._row(trial, result, status, reason)
         self.write_csv()
         self.print_table(trials, force=True)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._row(trial, trial.last_result, "error", str(getattr(trial, "error_file", "") or "error"))
-        self.write_csv()
 
     def on_step_end(self, iteration, trials, **info):
         self.print_table(trials)

@@ -17,6 +17,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ncssl_tune.monitor import CollapseStopper, PruningOptunaSearch, SweepMonitor
 from ncssl_tune.space import DefineByRun, make_sampler
 from ncssl_tune.spec import SweepSpec
+from ncssl_tune.tracking import MlflowTracker, check_tracking_uri
 from ncssl_tune.trainable import run_trial
 
 RAY_DIR = "ray"  # Ray Tune storage under the sweep folder
@@ -34,6 +35,7 @@ class SweepResult:
     best_metrics: dict | None
     num_trials: int
     errors: int
+    mlflow_parent_run_id: str | None = None
 
 
 def sweep_dir(spec: SweepSpec, results_dir: str | os.PathLike) -> Path:
@@ -86,9 +88,12 @@ def check_resources(spec: SweepSpec) -> None:
 
 
 def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, resume: bool = False,
-              address: str | None = None, extra_callbacks: list | None = None,
+              address: str | None = None, tracking_uri: str | None = None, extra_callbacks: list | None = None,
               monitor_interval_s: float = 10.0) -> SweepResult:
-    """Run (or resume) the sweep; returns where the results are and the best trial."""
+    """Run (or resume) the sweep; returns where the results are and the best trial.
+
+    tracking_uri: MLflow store for the parent/child runs (None: no MLflow). Checked before anything starts.
+    """
     out_dir = sweep_dir(spec, results_dir)
     tune_path = out_dir / RAY_DIR / TUNE_NAME
     exists = tune_path.exists()
@@ -97,6 +102,8 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
     if exists and not resume:
         raise SweepError(f"{out_dir} already holds sweep {spec.name!r}; pass --resume to continue it, or "
                          f"--name NEW to start another")
+    if tracking_uri:
+        check_tracking_uri(tracking_uri)  # an unreachable server is reported before any trial starts
     # Ray's per-trial CSV/TensorBoard loggers would duplicate what trials.csv and MLflow hold (and mangle the
     # spectrum lists); only its JSON log is kept (added in build_tuner), which Ray's own result tools read.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -110,7 +117,9 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
         out_dir.mkdir(parents=True, exist_ok=True)
         stopper = CollapseStopper(spec.search.collapse_stop)
         monitor = SweepMonitor(out_dir, stopper, spec.search.scheduler.name, interval_s=monitor_interval_s)
-        callbacks = [monitor, JsonLoggerCallback(), *(extra_callbacks or [])]
+        # Ray restores callback state by position: the tracker keeps its place on fresh and resumed runs.
+        tracker = MlflowTracker(spec, tracking_uri, address, stopper=stopper) if tracking_uri else None
+        callbacks = [monitor, JsonLoggerCallback(), *([tracker] if tracker else []), *(extra_callbacks or [])]
         if resume:
             fresh = build_tuner(spec, out_dir, callbacks, stopper)  # for its param_space-free run config
             tuner = tune.Tuner.restore(str(tune_path), trainable=_trainable(spec), resume_unfinished=True,
@@ -129,7 +138,8 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
         except RuntimeError:
             pass
         return SweepResult(out_dir=out_dir, best_config=best.config if best else None,
-                           best_metrics=best.metrics if best else None, num_trials=len(grid), errors=errors)
+                           best_metrics=best.metrics if best else None, num_trials=len(grid), errors=errors,
+                           mlflow_parent_run_id=tracker.parent_run_id if tracker else None)
     finally:
         if started_ray:
             ray.shutdown()

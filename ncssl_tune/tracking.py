@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import numbers
+import os
 import re
 import sqlite3
 import subprocess
@@ -21,14 +22,17 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from ray.tune import Callback
 
 from ncssl_tune.config import flatten
+from ncssl_tune.monitor import trial_outcome
 from ncssl_tune.spec import SweepSpec, resolved
-from ncssl_tune.trainable import build_config
+
+if TYPE_CHECKING:
+    from ncssl_tune.monitor import CollapseStopper
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +110,23 @@ def _check_server(uri: str, timeout_s: float) -> None:
                             f"/api/2.0/mlflow/experiments/search); check the host, port and path, or {fix}")
 
 
-def _check_sqlite(uri: str) -> None:
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (relative to the cwd with three slashes, absolute with four)."""
+    if urlparse(uri).scheme != "sqlite":
+        return None
     rest = uri.split("://", 1)[1]
     if not rest.startswith("/") or rest in ("/", "/:memory:"):
         raise TrackingError(f"tracking URI {uri!r}: an SQLite store needs a file, e.g. "
                             f"sqlite:///results/mlflow.db (relative) or sqlite:////abs/path/mlflow.db")
-    path = Path(rest[1:])
+    return Path(rest[1:])
+
+
+def _check_sqlite(uri: str) -> None:
+    path = sqlite_path(uri)
     _check_folder(uri, path.parent)
     if path.exists():
         try:
-            with sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=5) as conn:
+            with sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=5) as conn:
                 conn.execute("select count(*) from sqlite_master").fetchone()
         except sqlite3.Error as e:
             raise TrackingError(f"tracking URI {uri!r}: {path} is not a usable SQLite database ({e}); "
@@ -139,25 +150,10 @@ def _check_database(uri: str, timeout_s: float) -> None:
         engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(max(1, timeout_s))})
         with engine.connect():
             pass
-    except Exception as e:  # driver missing, DNS, auth, refused: all mean "fix the URI or the server"
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError) as e:  # no driver, DNS, auth, refused
         raise TrackingError(f"tracking URI {uri!r}: cannot connect to the database ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:300]}); check host, credentials and that its Python "
                             f"driver is installed") from None
-
-
-def trial_outcome(trial_id: str, result: dict | None, reasons: dict[str, str], scheduler: str,
-                  error: str | None = None) -> tuple[str, str]:
-    """(status, stop_reason) of a trial that ended: finished, diverged, stopped (by the collapse stopper or
-    ASHA) or error. A last result still "running" means somebody stopped the trial before its last epoch."""
-    if error is not None:
-        return "error", error
-    result = result or {}
-    status = result.get("status", "")
-    if status == "running":
-        return "stopped", reasons.get(trial_id) or ("asha" if scheduler == "asha" else "stopped")
-    if status == "diverged":
-        return "diverged", str(result.get("error", ""))
-    return status or "stopped", ""
 
 
 def metrics_of(result: dict) -> dict[str, float]:
@@ -191,6 +187,9 @@ def spec_params(spec: SweepSpec) -> dict[str, str]:
 
 def trial_params(spec: SweepSpec, config: dict) -> dict[str, str]:
     """The full training configuration of one trial, flattened; sampled keys keep their sampled values."""
+    # Imported here: it imports torch, which `analysis` (a reader of this module's schema) does not need.
+    from ncssl_tune.trainable import build_config
+
     cfg = build_config(spec.base, config, spec.resources.cpu, spec.resources.gpu)
     flat = {**flatten(cfg.to_dict()), **config}
     return {safe_key(k): param_value(v) for k, v in flat.items()}
@@ -199,7 +198,7 @@ def trial_params(spec: SweepSpec, config: dict) -> dict[str, str]:
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
+                             text=True, timeout=5, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return "none"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "none"
@@ -209,8 +208,7 @@ def write_spectrum_csv(path: Path, z: Sequence[float] | None, h: Sequence[float]
     z, h = list(z or []), list(h or [])
     with open(path, "w") as f:
         f.write("k,z,h\n")
-        for k in range(max(len(z), len(h))):
-            f.write(f"{k + 1},{z[k] if k < len(z) else ''},{h[k] if k < len(h) else ''}\n")
+        f.writelines(f"{k + 1},{z[k] if k < len(z) else ''},{h[k] if k < len(h) else ''}\n" for k in range(max(len(z), len(h))))
 
 
 def read_spectrum_csv(path: str | Path) -> dict[str, list[float]]:
@@ -267,9 +265,13 @@ class MlflowTracker(Callback):
     KILLED (stopped early), tags status / stop_reason / collapse, the final spectrum as CSV and PNG.
     """
 
-    def __init__(self, spec: SweepSpec, tracking_uri: str, ray_address: str | None = None, flush_s: float = 5.0):
+    def __init__(self, spec: SweepSpec, tracking_uri: str, ray_address: str | None = None, *,
+                 stopper: CollapseStopper | None = None, flush_s: float = 5.0):
         check_tracking_uri(tracking_uri)
         self.spec = spec
+        # The sweep's collapse stopper, for the reason of each early stop (Ray does not hand it to callbacks:
+        # setup(stop=...) receives only dict criteria). Without it every early stop reads as ASHA's.
+        self.stopper = stopper
         self.tracking_uri = tracking_uri
         self.ray_address = ray_address
         self.flush_s = flush_s
@@ -277,7 +279,6 @@ class MlflowTracker(Callback):
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self._client = None
-        self._reasons: dict[str, str] = {}
         self._runs: dict[str, str] = {}  # trial id -> child run id, a cache of what the tags say
         self._last_step: dict[str, int] = {}  # run id -> last epoch logged (from MLflow when re-attached)
         self._pending: dict[str, list] = {}  # run id -> Metric objects not yet sent
@@ -300,12 +301,13 @@ class MlflowTracker(Callback):
         if self._client is None:
             from mlflow import MlflowClient
 
+            # Otherwise every ended run prints its URL (and costs a get_run): hundreds of lines per sweep.
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
     # --- Ray Tune hooks
-    def setup(self, stop=None, **info) -> None:
-        self._reasons = _stopper_reasons(stop)
+    def setup(self, **info) -> None:
         self._attach_parent()
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -325,19 +327,24 @@ class MlflowTracker(Callback):
         self._finish(trial, error=str(getattr(trial, "error_file", "") or "error"))
 
     def on_experiment_end(self, trials, **info) -> None:
-        """Close every run; a trial that ended while nobody recorded it is closed from its last result, and an
-        interrupted sweep leaves its unfinished runs KILLED/"interrupted" until it is resumed."""
+        """Close every run. A trial that ended while nobody recorded it is closed from its last result. An
+        interrupted sweep (Ctrl+C) leaves its unfinished trials KILLED with status "interrupted" until resumed:
+        Ray marks them TERMINATED on the way out without calling on_trial_complete, and its saved state (written
+        before that) resumes them."""
         self._flush()
         children = {r.data.tags.get(TAG_TRIAL): r for r in self._children()}
         unfinished = 0
         for t in trials:
             run = children.get(t.trial_id)
-            if t.status in ("TERMINATED", "ERROR"):
-                if run is None or run.info.status == "RUNNING":
-                    self._finish(t, error=str(getattr(t, "error_file", "") or "error") if t.status == "ERROR" else None)
+            if run is not None and run.info.status != "RUNNING":
+                continue
+            if t.status == "ERROR":
+                self._finish(t, error=str(getattr(t, "error_file", "") or "error"))
+            elif (t.last_result or {}).get("status") in ("finished", "diverged"):
+                self._finish(t)
             else:
                 unfinished += 1
-                if run is not None and run.info.status == "RUNNING":
+                if run is not None:
                     self._set_tags(run.info.run_id, {TAG_STATUS: "interrupted"})
                     self.client.set_terminated(run.info.run_id, "KILLED")
         self._set_tags(self.parent_run_id, {"num_trials": len(trials), "num_unfinished": unfinished,
@@ -354,8 +361,8 @@ class MlflowTracker(Callback):
                                 f"sweep under another --name")
         self.experiment_id = exp.experiment_id if exp else c.create_experiment(
             self.spec.name, artifact_location=_artifact_location(self.tracking_uri, self.spec.name))
-        found = c.search_runs([self.experiment_id], f"tags.{TAG_KIND} = 'sweep' and tags.{TAG_UID} = '{self.sweep_uid}'",
-                              max_results=1)
+        found = c.search_runs([self.experiment_id],
+                              f"tags.{TAG_KIND} = 'sweep' and tags.{TAG_UID} = '{self.sweep_uid}'", max_results=1)
         s = self.spec.search
         tags = {TAG_KIND: "sweep", TAG_SWEEP: self.spec.name, TAG_UID: self.sweep_uid, TAG_STATUS: "running",
                 "search_algorithm": s.algorithm, "objective": f"{s.metric} ({self.spec.mode})",
@@ -413,17 +420,14 @@ class MlflowTracker(Callback):
         run_id = self._attach_child(trial, running=False)
         result = trial.last_result or {}
         self._buffer(run_id, result)  # no-op when this epoch was logged already
-        self._flush(run_id)
-        status, reason = trial_outcome(trial.trial_id, result, self._reasons, self.spec.search.scheduler.name, error)
+        reasons = self.stopper.reasons if self.stopper is not None else {}
+        status, reason = trial_outcome(trial.trial_id, result, reasons, self.spec.search.scheduler.name, error)
         tags = {TAG_STATUS: status, TAG_REASON: reason}
-        for key in ("collapse", "collapse_h"):
-            if isinstance(result.get(key), str):
-                tags[key] = result[key]
-        if "method" in result:
-            tags["method"] = result["method"]
-        self._set_tags(run_id, tags)
+        tags.update({k: result[k] for k in ("collapse", "collapse_h", "method") if isinstance(result.get(k), str)})
+        metrics = self._pending.pop(run_id, [])
         if "time_total_s" in result:
-            self._send(run_id, [_metric("time_total_s", result["time_total_s"], self._last_step.get(run_id, 0))])
+            metrics.append(_metric("time_total_s", result["time_total_s"], self._last_step.get(run_id, 0)))
+        self._send(run_id, metrics, tags)
         if result.get("spectrum") or result.get("spectrum_h"):
             with tempfile.TemporaryDirectory() as tmp:
                 write_spectrum_csv(Path(tmp) / SPECTRUM_CSV, result.get("spectrum"), result.get("spectrum_h"))
@@ -450,16 +454,17 @@ class MlflowTracker(Callback):
         if run_id is None:
             self._last_flush = time.monotonic()
 
-    def _send(self, run_id: str, metrics: list) -> None:
-        for chunk in _chunks(metrics, 1000):
-            self.client.log_batch(run_id, metrics=chunk, synchronous=True)
-
-    def _set_tags(self, run_id: str, tags: dict) -> None:
+    def _send(self, run_id: str, metrics: list, tags: dict | None = None) -> None:
+        """log_batch in as few calls as MLflow's limits allow (1000 metrics, 100 tags per call)."""
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, _tag(v)) for k, v in tags.items()]
-        for chunk in _chunks(items, MAX_PER_BATCH):
-            self.client.log_batch(run_id, tags=chunk, synchronous=True)
+        tag_items = [RunTag(k, _tag(v)) for k, v in (tags or {}).items()]
+        while metrics or tag_items:
+            self.client.log_batch(run_id, metrics=metrics[:1000], tags=tag_items[:MAX_PER_BATCH], synchronous=True)
+            metrics, tag_items = metrics[1000:], tag_items[MAX_PER_BATCH:]
+
+    def _set_tags(self, run_id: str, tags: dict) -> None:
+        self._send(run_id, [], tags)
 
     def _log_params(self, run_id: str, params: dict[str, str], existing: dict[str, str]) -> None:
         """Log the params the run lacks; MLflow params are immutable, so a changed value is reported, not sent."""
@@ -480,19 +485,7 @@ def _metric(key: str, value: float, step: int):
     return Metric(safe_key(key), float(value), int(time.time() * 1000), int(step))
 
 
-def _stopper_reasons(stop) -> dict[str, str]:
-    """The collapse stopper's `reasons` dict (a live reference), found inside a CombinedStopper too."""
-    if hasattr(stop, "reasons"):
-        return stop.reasons
-    for inner in getattr(stop, "_stoppers", ()):
-        if hasattr(inner, "reasons"):
-            return inner.reasons
-    return {}
-
-
 def _artifact_location(uri: str, name: str) -> str | None:
     """Artifacts of a local SQLite store go beside the database (MLflow's default is ./mlruns under the cwd)."""
-    if urlparse(uri).scheme != "sqlite":
-        return None
-    db = Path(uri.split("://", 1)[1][1:]).resolve()
-    return (db.parent / "mlartifacts" / safe_key(name)).as_uri()
+    db = sqlite_path(uri)
+    return None if db is None else (db.resolve().parent / "mlartifacts" / safe_key(name)).as_uri()

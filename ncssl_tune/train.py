@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ncssl_tune.config import TrainConfig
 from ncssl_tune.augment import TwoViewAugment, default_augment
+from ncssl_tune.config import TrainConfig
 from ncssl_tune.data import load_dataset
 from ncssl_tune.losses import LOSSES, WhiteningError
 from ncssl_tune.metrics import CollapseThresholds, collapse_metrics, entropy_cond

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from ray.tune import Callback
 
+from ncssl_tune.monitor import CollapseStopper, trial_outcome
 from ncssl_tune.spec import load_spec
 from ncssl_tune.tracking import (
     PARENT_TAG,
@@ -25,7 +26,6 @@ from ncssl_tune.tracking import (
     default_tracking_uri,
     read_spectrum_csv,
     safe_key,
-    trial_outcome,
 )
 
 # Tiny trials: a small synthetic dataset keeps one epoch well under a second on a CPU core.
@@ -46,12 +46,13 @@ def server(tmp_path_factory):
     """One `mlflow server` (own SQLite store and artifact root) for this module; stopped by its handle."""
     root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
-    log = open(root / "server.log", "w")
-    # Its own process group: the server starts a uvicorn worker and a job runner that must stop with it.
-    proc = subprocess.Popen([str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-                             "--artifacts-destination", str(root / "artifacts")],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # Own process group, so its uvicorn worker stops with it; no job runner (it starts 7 idle consumers).
+    with open(root / "server.log", "w") as log:
+        proc = subprocess.Popen(
+            [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -64,18 +65,19 @@ def server(tmp_path_factory):
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+            time.sleep(0.3)
         yield uri
     finally:
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            if proc.poll() is not None:
-                break
-            os.killpg(proc.pid, sig)
-            try:
-                proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                pass
-        log.close()
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group outlived the SIGTERM
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 def client_for(uri: str):
@@ -174,9 +176,9 @@ def report(tracker, trial, epoch: int, status: str = "running", **extra):
 
 def test_callback_statuses_tags_and_replayed_epochs(server):
     spec = load_spec("search_spaces/vicreg.yaml", name="trk_fake", epochs=3)
-    tracker = MlflowTracker(spec, server, "ray://head:10001", flush_s=3600)
-    stopper = types.SimpleNamespace(reasons={})
-    tracker.setup(stop=stopper)
+    stopper = CollapseStopper(spec.search.collapse_stop)
+    tracker = MlflowTracker(spec, server, "ray://head:10001", stopper=stopper, flush_s=3600)
+    tracker.setup(stop={}, num_samples=4, total_num_samples=4)
     trials = {name: fake_trial(name) for name in ("fin", "div", "col", "err")}
     for t in trials.values():
         tracker.on_trial_start(0, [], t)
@@ -219,10 +221,17 @@ def test_callback_statuses_tags_and_replayed_epochs(server):
     assert steps(server, by_id["col"].info.run_id) == [1, 2]
 
 
-# --- real sweeps through Ray Tune
+def test_load_runs_names_a_missing_experiment(server):
+    from ncssl_tune.analysis import load_runs
+
+    with pytest.raises(TrackingError, match="no MLflow experiment 'nope'"):
+        load_runs("nope", server)
+
+
+# --- one real sweep through Ray Tune: interrupted (as by Ctrl+C) after its first result, then resumed
 
 class Interrupt(Callback):
-    """Sends the SIGUSR1 that Ray Tune treats like Ctrl+C (save state, stop) once `after` results arrived."""
+    """Sends the SIGUSR1 that Ray Tune treats like Ctrl+C (save state, stop) when the `after`-th result arrives."""
 
     def __init__(self, after: int):
         self.after = after
@@ -234,57 +243,74 @@ class Interrupt(Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
-def test_sweep_parent_and_children(server, ray_session, tmp_path):
+@pytest.fixture(scope="module")
+def sweep(server, ray_session, tmp_path_factory):
     from ncssl_tune.sweep import run_sweep
 
     spec = load_spec("search_spaces/vicreg.yaml", name="trk_sweep", num_samples=3, epochs=2,
-                     sets=[*FAST, "search.scheduler.name=asha", "search.scheduler.grace_period=1",
-                           "search.scheduler.reduction_factor=2"])
-    tracker = MlflowTracker(spec, server)
-    result = run_sweep(spec, tmp_path, extra_callbacks=[tracker], monitor_interval_s=1e9)
-    assert result.num_trials == 3
-
-    parents, children = runs_of(server, "trk_sweep")
-    assert [p.info.run_id for p in parents] == [tracker.parent_run_id]
-    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["git_commit"] != ""
-    assert len(children) == 3 and len({c.data.tags["ray_trial_id"] for c in children}) == 3
-    c = client_for(server)
-    assert {a.path for a in c.list_artifacts(tracker.parent_run_id)} >= {"vicreg.yaml", "sweep_effective.yaml"}
-    for run in children:
-        tags, status = run.data.tags, run.data.tags["status"]
-        assert tags[PARENT_TAG] == tracker.parent_run_id and tags["method"] == "vicreg"
-        assert set(run.data.params) >= {"loss.vicreg.lam", "loss.vicreg.gamma", "train.lr", "model.projector",
-                                        "data.dataset", "eval.eval_samples"}
-        assert {"effective_rank", "effective_rank_h", "probe_acc", "knn_acc", "loss_var"} <= set(run.data.metrics)
-        expected = {"finished": ("FINISHED", [1, 2]), "stopped": ("KILLED", [1]), "diverged": ("FAILED", None)}
-        assert status in expected, status
-        assert run.info.status == expected[status][0]
-        if status == "finished":
-            assert steps(server, run.info.run_id) == [1, 2]
-            assert SPECTRUM_CSV in {a.path for a in c.list_artifacts(run.info.run_id)}
-        elif status == "stopped":
-            assert steps(server, run.info.run_id) == [1] and tags["stop_reason"] == "asha"
-
-
-def test_resumed_sweep_reuses_its_runs(server, ray_session, tmp_path):
-    from ncssl_tune.sweep import run_sweep
-
-    spec = load_spec("search_spaces/vicreg.yaml", name="trk_resume", num_samples=3, epochs=2,
                      sets=[*FAST, "search.scheduler.name=fifo"])
-    first = MlflowTracker(spec, server)
-    run_sweep(spec, tmp_path, extra_callbacks=[first, Interrupt(after=1)], monitor_interval_s=1e9)
-    parents, children = runs_of(server, "trk_resume")
-    assert len(parents) == 1 and parents[0].info.status == "KILLED"  # interrupted, to be resumed
-    assert any(c.data.tags["status"] == "interrupted" for c in children)
+    results = tmp_path_factory.mktemp("results")
+    first = run_sweep(spec, results, tracking_uri=server, extra_callbacks=[Interrupt(after=1)],
+                      monitor_interval_s=1e9)
+    interrupted = runs_of(server, spec.name)
+    # run_sweep builds a new tracker on resume, as a new process would: nothing is carried in memory
+    done = run_sweep(spec, results, resume=True, tracking_uri=server, monitor_interval_s=1e9)
+    return types.SimpleNamespace(spec=spec, first=first, interrupted=interrupted, done=done)
 
-    again = MlflowTracker(spec, server)
-    run_sweep(spec, tmp_path, resume=True, extra_callbacks=[again, Interrupt(after=0)], monitor_interval_s=1e9)
-    assert again.parent_run_id == first.parent_run_id
-    parents, children = runs_of(server, "trk_resume")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+def test_interrupted_sweep_leaves_its_runs_killed(sweep):
+    parents, children = sweep.interrupted
+    assert len(parents) == 1 and parents[0].info.status == "KILLED"
+    assert parents[0].data.tags["status"] == "interrupted"
+    stopped = [c for c in children if c.data.tags["status"] == "interrupted"]
+    assert stopped and all(c.info.status == "KILLED" for c in stopped)
+
+
+def test_resume_reuses_the_parent_and_child_runs(sweep, server):
+    assert sweep.done.num_trials == 3 and sweep.done.mlflow_parent_run_id == sweep.first.mlflow_parent_run_id
+    parents, children = runs_of(server, sweep.spec.name)
+    assert [p.info.run_id for p in parents] == [sweep.first.mlflow_parent_run_id]
+    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["status"] == "finished"
     assert len(children) == 3 and len({c.data.tags["ray_trial_id"] for c in children}) == 3
+    assert {c.info.run_id for c in sweep.interrupted[1]} <= {c.info.run_id for c in children}
     for run in children:
-        assert run.data.tags[PARENT_TAG] == first.parent_run_id
-        assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
-        assert steps(server, run.info.run_id) == [1, 2]
+        assert run.data.tags[PARENT_TAG] == sweep.first.mlflow_parent_run_id
+        assert (run.info.status, run.data.tags["status"]) == ("FINISHED", "finished")
+        assert steps(server, run.info.run_id) == [1, 2]  # a restarted trial replays epoch 1: not logged twice
         assert steps(server, run.info.run_id, "epoch") == [1, 2]
+
+
+def test_sweep_records_params_metrics_and_artifacts(sweep, server):
+    c = client_for(server)
+    parents, children = runs_of(server, sweep.spec.name)
+    p = parents[0]
+    assert p.data.tags["ray_address"] == "local" and p.data.tags["search_algorithm"] == "tpe"
+    assert len(p.data.tags["git_commit"]) == 40 or p.data.tags["git_commit"] == "none"
+    assert p.data.params["data.dataset"] == "synthetic" and p.data.params["search.num_samples"] == "3"
+    assert {a.path for a in c.list_artifacts(p.info.run_id)} >= {"vicreg.yaml", "sweep_effective.yaml"}
+    for run in children:
+        assert run.data.tags["method"] == "vicreg" and run.data.tags["collapse"] in ("none", "dimensional", "total")
+        sampled = {"loss.vicreg.lam", "loss.vicreg.mu", "loss.vicreg.nu", "loss.vicreg.gamma", "model.projector",
+                   "train.lr"}
+        assert set(run.data.params) >= sampled | {"data.dataset", "eval.eval_samples", "train.threads"}
+        assert float(run.data.params["loss.vicreg.lam"]) > 0
+        assert {"effective_rank", "effective_rank_h", "effective_rank_frac", "probe_acc", "knn_acc", "loss_var",
+                "avg_corr", "std_l2_h", "images_per_s"} <= set(run.data.metrics)
+        assert not {"collapse", "spectrum", "objective", "pid"} & set(run.data.metrics)
+        assert {a.path for a in c.list_artifacts(run.info.run_id)} == {SPECTRUM_CSV, "spectrum.png"}
+        spectra = read_spectrum_csv(c.download_artifacts(run.info.run_id, SPECTRUM_CSV))
+        assert len(spectra["z"]) == int(run.data.params["model.projector"].split("-")[-1])
+        assert len(spectra["h"]) == 16  # model.width
+
+
+def test_run_analysis_reports_into_the_parent_run(sweep, server, tmp_path):
+    from ncssl_tune.analysis import run_analysis
+
+    result = run_analysis(sweep.spec.name, server, tmp_path / "analysis")
+    assert result["n_trials"] == 3 and result["parent_run_id"] == sweep.first.mlflow_parent_run_id
+    assert result["correlations"]["effective_rank"]["overall"]["n"] == 3
+    names = {"analysis.json", "report.md", "rank_vs_probe.png", "spectra.png", "rank_over_epochs.png",
+             "collapse_map.png"}
+    assert {f.name for f in (tmp_path / "analysis").iterdir()} == names
+    logged = client_for(server).list_artifacts(sweep.first.mlflow_parent_run_id, "analysis")
+    assert {Path(a.path).name for a in logged} == names
