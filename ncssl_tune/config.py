@@ -82,7 +82,7 @@ class OptimConfig:
 class EvalConfig:
     eval_samples: int = 512  # M: fixed subset of the train split on which collapse metrics are computed
     cond_views: int = 2  # K augmented views per sample for entropy_cond; 0 skips it
-    cond_samples: int = 256  # first samples of the eval subset used for entropy_cond (K x this forwards)
+    cond_samples: int = 128  # first samples of the eval subset used for entropy_cond (K x this forwards)
     knn_every: int = 1  # epochs between kNN evaluations (cheap); the last epoch always has one
     probe_every: int = 5  # epochs between linear probes; the first and last epochs always have one
     knn_k: int = 20  # neighbours of the weighted cosine kNN
