@@ -84,7 +84,8 @@ class EvalConfig:
     cond_views: int = 2  # K augmented views per sample for entropy_cond; 0 skips it
     cond_samples: int = 128  # first samples of the eval subset used for entropy_cond (K x this forwards)
     knn_every: int = 1  # epochs between kNN evaluations (cheap); the last epoch always has one
-    probe_every: int = 5  # epochs between linear probes; the first and last epochs always have one
+    probe_every: int = 1  # epochs between linear probes (first and last always have one); ASHA on probe_acc needs
+    # a probe at every rung, and on digits a probe costs ~0.2 s
     knn_k: int = 20  # neighbours of the weighted cosine kNN
     knn_t: float = 0.07  # temperature of the kNN vote weights
     probe_val_fraction: float = 0.2  # share of train carved out to choose the probe's weight decay

@@ -205,7 +205,32 @@ def _validate(raw: dict, p: Path) -> SweepSpec:
     if resources.gpu > 1 and resources.gpu != int(resources.gpu):
         raise ConfigError("resources.gpu", f"above 1 must be a whole number of GPUs, got {resources.gpu}")
     space = _parse_space(raw.get("space", {}), base, search)
+    _check_rungs(TrainConfig.from_dict(copy.deepcopy(base)), search)
     return SweepSpec(name=name, path=str(p), base=base, search=search, resources=resources, space=space, raw=raw)
+
+
+def asha_rungs(search: SearchConfig, epochs: int) -> list[int]:
+    """Epochs at which ASHA compares trials (Ray compares at the first result with epoch >= each milestone)."""
+    rungs, k = [], 0
+    while search.scheduler.grace_period * search.scheduler.reduction_factor ** k < epochs:
+        rungs.append(math.ceil(search.scheduler.grace_period * search.scheduler.reduction_factor ** k))
+        k += 1
+    return rungs
+
+
+def _check_rungs(cfg: TrainConfig, search: SearchConfig) -> None:
+    """ASHA must compare fresh values: a probe measured 4 epochs before the rung would rank trials on stale data."""
+    every = {"probe_acc": ("eval.probe_every", cfg.eval.probe_every),
+             "knn_acc": ("eval.knn_every", cfg.eval.knn_every)}.get(search.metric)
+    if search.scheduler.name != "asha" or every is None:
+        return
+    key, n = every
+    rungs = asha_rungs(search, cfg.train.epochs)
+    stale = [r for r in rungs if not (n and r % n == 0) and not (search.metric == "probe_acc" and r == 1)]
+    if stale:
+        raise ConfigError(key, f"ASHA compares {search.metric} at epochs {rungs} but {key}={n} does not measure it "
+                               f"at epoch(s) {stale}; use a {key} that divides every rung (e.g. 1), change "
+                               f"search.scheduler.grace_period, or use scheduler fifo")
 
 
 def _parse_space(raw_space: Any, base: dict, search: SearchConfig) -> list[Param]:

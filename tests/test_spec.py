@@ -10,7 +10,8 @@ from ncssl_tune.config import TrainConfig
 from ncssl_tune.space import DefineByRun
 from ncssl_tune.spec import SpecError, SweepSpec, load_spec
 
-SPACE_FILES = sorted((Path(__file__).resolve().parent.parent / "search_spaces").glob("*.yaml"))
+SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+SPACE_FILES = sorted(SPACES.glob("*.yaml"))
 COMPARE = next(p for p in SPACE_FILES if p.name == "compare.yaml")
 VICREG = next(p for p in SPACE_FILES if p.name == "vicreg.yaml")
 
@@ -145,3 +146,21 @@ def test_define_by_run_same_seed_same_params():
     first = _sample(objective, seed=11, n=12)
     assert _sample(objective, seed=11, n=12) == first
     assert _sample(objective, seed=12, n=12) != first
+
+
+@pytest.mark.parametrize(
+    ("sets", "ok"),
+    [
+        (["eval.probe_every=5", "search.scheduler.grace_period=3"], False),  # rungs 3, 9: probe at 1, 5, 10
+        (["eval.probe_every=3", "search.scheduler.grace_period=3"], True),
+        (["eval.probe_every=5", "search.scheduler.name=fifo"], True),  # no rungs to compare at
+        (["eval.knn_every=2", "search.metric=knn_acc", "search.scheduler.grace_period=3"], False),
+        (["eval.probe_every=5", "search.metric=effective_rank"], True),  # measured every epoch
+    ],
+)
+def test_asha_rungs_must_see_a_fresh_objective(sets, ok):
+    if ok:
+        load_spec(SPACES / "vicreg.yaml", sets, epochs=10)
+    else:
+        with pytest.raises(SpecError, match="ASHA compares"):
+            load_spec(SPACES / "vicreg.yaml", sets, epochs=10)
