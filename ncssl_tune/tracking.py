@@ -4,6 +4,13 @@ Trials never talk to MLflow; `MlflowTracker` is a Ray Tune callback on the drive
 per-epoch results and sends them with `log_batch` (metric names exactly as `train()` reports them, step = epoch).
 Runs are found again by their tags, so a resumed sweep re-attaches to its parent and child runs instead of
 duplicating them, and never logs an epoch twice.
+
+Outages of the store never end the sweep: writes wait in an ordered outbox and are retried (see MlflowTracker);
+what is still unsent when the sweep ends is printed and written to <sweep folder>/mlflow_unsent.json. The sweep
+process lowers MLflow's own HTTP retries when they are unset (MLFLOW_HTTP_REQUEST_MAX_RETRIES=1,
+MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=0, MLFLOW_HTTP_REQUEST_BACKOFF_JITTER=0, MLFLOW_HTTP_REQUEST_TIMEOUT=10 s) so
+that a down server costs the driver seconds, not minutes; NCSSL_MLFLOW_END_WAIT_S (default 30) bounds the wait
+for the server at the end of a sweep.
 """
 
 from __future__ import annotations
@@ -15,11 +22,14 @@ import math
 import numbers
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -256,6 +266,47 @@ def _tag(value: Any) -> str:
     return str(value)[:MAX_TAG_VALUE]
 
 
+# --- outages of the tracking server
+# MLflow's HTTP client retries a failed request 7 times with exponential backoff (minutes) and waits 120 s for an
+# answer; the tracker retries on its own schedule instead, so the sweep process lowers these (only when unset).
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+            "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+RETRY_FIRST_S, RETRY_MAX_S = 2.0, 30.0  # wait between attempts while the server is down (doubling)
+UNSENT_FILE = "mlflow_unsent.json"  # in the sweep folder: what could not be sent before the sweep ended
+UNSENT_DIR = "mlflow_unsent"  # artifacts that could not be sent, one folder per trial
+_TRANSIENT_TEXT = ("max retries exceeded", "connection", "refused", "timed out", "timeout", "temporarily unavailable",
+                   "remote end closed", "bad gateway", "service unavailable")
+
+
+def is_transient(err: BaseException) -> bool:
+    """True when `err` says the store could not be reached (retry later), False when it refused the request."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
+                        TimeoutError)):
+        return True
+    status = None
+    if isinstance(err, requests.exceptions.HTTPError) and err.response is not None:
+        status = err.response.status_code
+    elif isinstance(err, MlflowException):
+        status = err.get_http_status_code()
+    if status is not None and (status >= 500 or status == 429):
+        return True
+    return any(t in str(err).lower() for t in _TRANSIENT_TEXT)
+
+
+def _guarded(hook):
+    """Ray must never see an exception from a tracking hook: a failure is logged, the sweep goes on."""
+    def wrapper(self, *args, **kwargs):
+        try:
+            return hook(self, *args, **kwargs)
+        except Exception:  # recording must not end the sweep
+            log.exception("MLflow tracking: %s failed; the sweep continues", hook.__name__)
+    wrapper.__name__, wrapper.__doc__ = hook.__name__, hook.__doc__
+    return wrapper
+
+
 class MlflowTracker(Callback):
     """Ray Tune callback recording a sweep in MLflow (driver side only).
 
@@ -263,10 +314,21 @@ class MlflowTracker(Callback):
     trial (tag mlflow.parentRunId): sampled and full config as params, per-epoch metrics (step = epoch, sent in
     batches every `flush_s` seconds and at trial end), final status FINISHED / FAILED (diverged, error) /
     KILLED (stopped early), tags status / stop_reason / collapse, the final spectrum as CSV and PNG.
+
+    Outages: every MLflow write goes through one ordered outbox (child creation, metric batches, tags, status
+    changes, artifacts). When the store cannot be reached the outbox is kept and retried on later hooks, every
+    2 s doubling to 30 s, and at the end of the sweep for up to `end_wait_s` seconds; metrics keep their
+    timestamps, so a batch sent twice is stored once. What is still unsent then is printed and written to
+    <sweep folder>/mlflow_unsent.json (with the metric values; artifacts moved to mlflow_unsent/<trial>/).
+    No hook raises: Ray never sees a tracking failure.
     """
 
+    end_wait_s = float(os.environ.get("NCSSL_MLFLOW_END_WAIT_S", "30"))
+
     def __init__(self, spec: SweepSpec, tracking_uri: str, ray_address: str | None = None, *,
-                 stopper: CollapseStopper | None = None, flush_s: float = 5.0):
+                 stopper: CollapseStopper | None = None, flush_s: float = 5.0, out_dir: str | Path | None = None):
+        for key, value in HTTP_ENV.items():
+            os.environ.setdefault(key, value)
         check_tracking_uri(tracking_uri)
         self.spec = spec
         # The sweep's collapse stopper, for the reason of each early stop (Ray does not hand it to callbacks:
@@ -275,13 +337,24 @@ class MlflowTracker(Callback):
         self.tracking_uri = tracking_uri
         self.ray_address = ray_address
         self.flush_s = flush_s
+        self.out_dir = Path(out_dir) if out_dir else None  # else found from Ray's storage path (<out>/ray/tune)
         self.sweep_uid = uuid.uuid4().hex  # replaced by the saved one when Ray restores a sweep (set_state)
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self._client = None
-        self._runs: dict[str, str] = {}  # trial id -> child run id, a cache of what the tags say
-        self._last_step: dict[str, int] = {}  # run id -> last epoch logged (from MLflow when re-attached)
-        self._pending: dict[str, list] = {}  # run id -> Metric objects not yet sent
+        self._runs: dict[str, str] = {}  # trial id -> child run id, once created or found
+        self._known: set[str] = set()  # trial ids whose child run is created or queued for creation
+        self._closed: set[str] = set()  # trial ids whose final status is sent or queued
+        self._last_step: dict[str, int] = {}  # trial id -> last epoch buffered
+        self._floor: dict[str, int] = {}  # trial id -> last epoch MLflow held when the run was found again
+        self._pending: dict[str, list] = {}  # trial id -> Metric objects not yet queued
+        self._outbox: deque = deque()  # (kind, trial id or None for the parent, payload), sent in order
+        self._rejected: list[tuple] = []  # (op, error): operations the store refused (not an outage)
+        self._parent_new = False
+        self._down_since: float | None = None
+        self._retry_at = 0.0
+        self._retry_wait = RETRY_FIRST_S
+        self._last_error = ""
         self._last_flush = time.monotonic()
 
     # --- pickling (Ray stores callbacks in the experiment state) and Ray's saved state
@@ -306,50 +379,152 @@ class MlflowTracker(Callback):
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
+    @property
+    def unsent(self) -> int:
+        """Operations queued (not yet sent) or refused by the store."""
+        return len(self._outbox) + len(self._rejected) + sum(map(len, self._pending.values()))
+
     # --- Ray Tune hooks
     def setup(self, **info) -> None:
-        self._attach_parent()
+        self._outbox.append(("parent", None, None))
+        self._outbox.append(("parent_files", None, None))
+        self._drain()  # a deleted experiment raises TrackingError here: the sweep must not start
 
+    @_guarded
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._attach_child(trial, running=True)
+        self._child(trial, running=True)
+        self._drain()
 
+    @_guarded
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        self._buffer(self._attach_child(trial, running=True), result)
+        self._child(trial, running=True)
+        self._buffer(trial.trial_id, result)
         self._maybe_flush()
 
+    @_guarded
     def on_step_end(self, iteration, trials, **info) -> None:
         self._maybe_flush()
 
+    @_guarded
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._finish(trial)
 
+    @_guarded
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._finish(trial, error=str(getattr(trial, "error_file", "") or "error"))
 
+    @_guarded
     def on_experiment_end(self, trials, **info) -> None:
         """Close every run. A trial that ended while nobody recorded it is closed from its last result. An
         interrupted sweep (Ctrl+C) leaves its unfinished trials KILLED with status "interrupted" until resumed:
         Ray marks them TERMINATED on the way out without calling on_trial_complete, and its saved state (written
-        before that) resumes them."""
+        before that) resumes them. Then what could not be sent is retried for up to `end_wait_s` seconds, and
+        what is left is reported (stderr and mlflow_unsent.json in the sweep folder)."""
         self._flush()
-        children = {r.data.tags.get(TAG_TRIAL): r for r in self._children()}
+        statuses = None  # trial id -> MLflow status of its child run, when the store answers
+        if not self._outbox:
+            try:
+                statuses = {r.data.tags.get(TAG_TRIAL): r.info.status for r in self._children()}
+            except Exception as e:  # noqa: BLE001 - classified below / recorded
+                self._note_failure(e)
         unfinished = 0
         for t in trials:
-            run = children.get(t.trial_id)
-            if run is not None and run.info.status != "RUNNING":
+            tid = t.trial_id
+            if tid in self._closed:
                 continue
+            if statuses is not None and statuses.get(tid, "RUNNING") != "RUNNING":
+                continue  # closed by an earlier session
+            if statuses is None and tid not in self._known:
+                continue  # store unreachable: a trial this session never saw was closed before
             if t.status == "ERROR":
                 self._finish(t, error=str(getattr(t, "error_file", "") or "error"))
             elif (t.last_result or {}).get("status") in ("finished", "diverged"):
                 self._finish(t)
             else:
                 unfinished += 1
-                if run is not None:
-                    self._set_tags(run.info.run_id, {TAG_STATUS: "interrupted"})
-                    self.client.set_terminated(run.info.run_id, "KILLED")
-        self._set_tags(self.parent_run_id, {"num_trials": len(trials), "num_unfinished": unfinished,
-                                            TAG_STATUS: "interrupted" if unfinished else "finished"})
-        self.client.set_terminated(self.parent_run_id, "KILLED" if unfinished else "FINISHED")
+                if tid in self._known or (statuses is not None and tid in statuses):
+                    self._child(t, running=False)
+                    self._outbox.append(("batch", tid, {"metrics": [], "tags": {TAG_STATUS: "interrupted"}}))
+                    self._outbox.append(("terminate", tid, "KILLED"))
+                    self._closed.add(tid)
+        self._outbox.append(("batch", None, {"metrics": [], "tags": {
+            "num_trials": len(trials), "num_unfinished": unfinished,
+            TAG_STATUS: "interrupted" if unfinished else "finished"}}))
+        self._outbox.append(("terminate", None, "KILLED" if unfinished else "FINISHED"))
+        deadline = time.monotonic() + self.end_wait_s
+        while not self._drain(force=True) and time.monotonic() < deadline:
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+        if self._outbox or self._rejected:
+            self._report_unsent()
+
+    # --- the outbox
+    def _drain(self, force: bool = False) -> bool:
+        """Send queued operations in order until one fails; True when the outbox is empty. While the store is
+        down, nothing is tried before the retry time (unless `force`)."""
+        if not self._outbox:
+            return True
+        if not force and time.monotonic() < self._retry_at:
+            return False
+        sent = 0
+        while self._outbox:
+            op = self._outbox[0]
+            try:
+                self._execute(*op)
+            except TrackingError:
+                raise
+            except Exception as e:  # noqa: BLE001 - classified below / recorded
+                if is_transient(e):
+                    self._note_failure(e)
+                    return False
+                log.warning("MLflow refused %s for %s: %s", op[0], op[1] or "the parent run", e)
+                self._rejected.append((op, f"{type(e).__name__}: {str(e)[:500]}"))
+            self._outbox.popleft()
+            sent += 1
+        if self._down_since is not None:
+            log.warning("MLflow tracking server %s is back after %.0f s; %d queued operations sent",
+                        self.tracking_uri, time.monotonic() - self._down_since, sent)
+        self._down_since, self._retry_wait, self._retry_at = None, RETRY_FIRST_S, 0.0
+        return True
+
+    def _note_failure(self, err: BaseException) -> None:
+        now = time.monotonic()
+        self._last_error = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        if self._down_since is None:
+            self._down_since = now
+            log.warning("MLflow tracking server %s unreachable (%s); keeping %d operations and retrying",
+                        self.tracking_uri, self._last_error, len(self._outbox))
+        else:
+            self._retry_wait = min(RETRY_MAX_S, self._retry_wait * 2)
+        self._retry_at = now + self._retry_wait
+
+    def _run_id(self, tid: str | None) -> str:
+        run_id = self.parent_run_id if tid is None else self._runs.get(tid)
+        if run_id is None:
+            raise KeyError(f"no MLflow run for {tid or 'the parent'} (its creation failed)")
+        return run_id
+
+    def _execute(self, kind: str, tid: str | None, payload: Any) -> None:
+        if kind == "parent":
+            self._attach_parent()
+        elif kind == "parent_files":
+            if self._parent_new:
+                if Path(self.spec.path).is_file():
+                    self.client.log_artifact(self._run_id(None), self.spec.path)
+                # the file after --set overrides
+                self.client.log_dict(self._run_id(None), self.spec.raw, "sweep_effective.yaml")
+        elif kind == "child":
+            self._attach_child(tid, payload["config"], payload["running"])
+        elif kind == "batch":
+            floor = self._floor.get(tid, 0) if tid else 0
+            metrics = [m for m in payload["metrics"] if m.step > floor or m.key == "time_total_s"]
+            self._send(self._run_id(tid), metrics, payload["tags"])
+        elif kind == "artifacts":
+            self.client.log_artifacts(self._run_id(tid), payload)
+            shutil.rmtree(payload, ignore_errors=True)
+        elif kind == "terminate":
+            self.client.set_terminated(self._run_id(tid), payload)
+        else:
+            raise ValueError(f"unknown outbox operation {kind!r}")
 
     # --- runs
     def _attach_parent(self) -> None:
@@ -375,10 +550,8 @@ class MlflowTracker(Callback):
             self._log_params(self.parent_run_id, spec_params(self.spec), found[0].data.params)
             return
         self.parent_run_id = c.create_run(self.experiment_id, tags=tags, run_name=self.spec.name).info.run_id
+        self._parent_new = True
         self._log_params(self.parent_run_id, spec_params(self.spec), {})
-        if Path(self.spec.path).is_file():
-            c.log_artifact(self.parent_run_id, self.spec.path)
-        c.log_dict(self.parent_run_id, self.spec.raw, "sweep_effective.yaml")  # the file after --set overrides
 
     def _children(self) -> list:
         out, token = [], None
@@ -390,69 +563,82 @@ class MlflowTracker(Callback):
             if not token:
                 return out
 
-    def _attach_child(self, trial, running: bool) -> str:
+    def _child(self, trial, running: bool) -> None:
+        """Queue the creation (or re-attachment) of the trial's child run, once per trial and session."""
+        if self.out_dir is None:
+            self.out_dir = _sweep_folder(trial)
         tid = trial.trial_id
-        if tid in self._runs:
-            return self._runs[tid]
+        if tid in self._known:
+            return
+        self._known.add(tid)
+        self._last_step.setdefault(tid, 0)
+        self._outbox.append(("child", tid, {"config": dict(trial.config), "running": running}))
+
+    def _attach_child(self, tid: str, config: dict, running: bool) -> None:
         c = self.client
-        found = c.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and "
+        parent = self._run_id(None)
+        found = c.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{parent}' and "
                                                     f"tags.{TAG_TRIAL} = '{tid}'", max_results=1)
-        params = trial_params(self.spec, trial.config)
+        params = trial_params(self.spec, config)
         if found:
             run_id = found[0].info.run_id
             history = c.get_metric_history(run_id, STEP_METRIC)
-            self._last_step[run_id] = max((m.step for m in history), default=0)
+            self._floor[tid] = max((m.step for m in history), default=0)
+            self._last_step[tid] = max(self._last_step.get(tid, 0), self._floor[tid])
             self._log_params(run_id, params, found[0].data.params)
             if running and found[0].info.status != "RUNNING":  # a resumed trial runs again
                 c.update_run(run_id, status="RUNNING")
                 self._set_tags(run_id, {TAG_STATUS: "running"})
         else:
-            tags = {PARENT_TAG: self.parent_run_id, TAG_KIND: "trial", TAG_SWEEP: self.spec.name,
+            tags = {PARENT_TAG: parent, TAG_KIND: "trial", TAG_SWEEP: self.spec.name,
                     TAG_UID: self.sweep_uid, TAG_TRIAL: tid, TAG_STATUS: "running",
-                    "method": params.get("loss.method", ""), TAG_SAMPLED: json.dumps(sorted(trial.config))}
+                    "method": params.get("loss.method", ""), TAG_SAMPLED: json.dumps(sorted(config))}
             run_id = c.create_run(self.experiment_id, tags=tags, run_name=tid).info.run_id
-            self._last_step[run_id] = 0
             self._log_params(run_id, params, {})
         self._runs[tid] = run_id
-        return run_id
 
     def _finish(self, trial, error: str | None = None) -> None:
-        run_id = self._attach_child(trial, running=False)
+        tid = trial.trial_id
+        self._child(trial, running=False)
         result = trial.last_result or {}
-        self._buffer(run_id, result)  # no-op when this epoch was logged already
+        self._buffer(tid, result)  # no-op when this epoch was buffered already
         reasons = self.stopper.reasons if self.stopper is not None else {}
-        status, reason = trial_outcome(trial.trial_id, result, reasons, self.spec.search.scheduler.name, error)
+        status, reason = trial_outcome(tid, result, reasons, self.spec.search.scheduler.name, error)
         tags = {TAG_STATUS: status, TAG_REASON: reason}
         tags.update({k: result[k] for k in ("collapse", "collapse_h", "method") if isinstance(result.get(k), str)})
-        metrics = self._pending.pop(run_id, [])
+        metrics = self._pending.pop(tid, [])
         if "time_total_s" in result:
-            metrics.append(_metric("time_total_s", result["time_total_s"], self._last_step.get(run_id, 0)))
-        self._send(run_id, metrics, tags)
+            metrics.append(_metric("time_total_s", result["time_total_s"], self._last_step.get(tid, 0)))
+        self._outbox.append(("batch", tid, {"metrics": metrics, "tags": tags}))
         if result.get("spectrum") or result.get("spectrum_h"):
-            with tempfile.TemporaryDirectory() as tmp:
-                write_spectrum_csv(Path(tmp) / SPECTRUM_CSV, result.get("spectrum"), result.get("spectrum_h"))
-                save_spectrum_png(Path(tmp) / SPECTRUM_PNG, result.get("spectrum"), result.get("spectrum_h"),
-                                  f"{self.spec.name} trial {trial.trial_id}, epoch {result.get('epoch')}")
-                self.client.log_artifacts(run_id, tmp)
-        self.client.set_terminated(run_id, RUN_STATUS.get(status, "KILLED"))
+            tmp = tempfile.mkdtemp(prefix="ncssl_spectrum_")  # removed once sent
+            write_spectrum_csv(Path(tmp) / SPECTRUM_CSV, result.get("spectrum"), result.get("spectrum_h"))
+            save_spectrum_png(Path(tmp) / SPECTRUM_PNG, result.get("spectrum"), result.get("spectrum_h"),
+                              f"{self.spec.name} trial {tid}, epoch {result.get('epoch')}")
+            self._outbox.append(("artifacts", tid, tmp))
+        self._outbox.append(("terminate", tid, RUN_STATUS.get(status, "KILLED")))
+        self._closed.add(tid)
+        self._drain()
 
     # --- batched logging
-    def _buffer(self, run_id: str, result: dict) -> None:
+    def _buffer(self, tid: str, result: dict) -> None:
         step = result.get("epoch", result.get("training_iteration"))
-        if not isinstance(step, int) or step <= self._last_step.get(run_id, 0):
+        if not isinstance(step, int) or step <= self._last_step.get(tid, 0):
             return  # an epoch replayed after a restore from an older checkpoint: MLflow holds it already
-        self._last_step[run_id] = step
-        self._pending.setdefault(run_id, []).extend(_metric(k, v, step) for k, v in metrics_of(result).items())
+        self._last_step[tid] = step
+        self._pending.setdefault(tid, []).extend(_metric(k, v, step) for k, v in metrics_of(result).items())
 
     def _maybe_flush(self) -> None:
         if time.monotonic() - self._last_flush >= self.flush_s:
             self._flush()
+        elif self._outbox:
+            self._drain()  # retries when due
 
-    def _flush(self, run_id: str | None = None) -> None:
-        for rid in [run_id] if run_id else list(self._pending):
-            self._send(rid, self._pending.pop(rid, []))
-        if run_id is None:
-            self._last_flush = time.monotonic()
+    def _flush(self) -> None:
+        for tid in list(self._pending):
+            self._outbox.append(("batch", tid, {"metrics": self._pending.pop(tid), "tags": {}}))
+        self._last_flush = time.monotonic()
+        self._drain()
 
     def _send(self, run_id: str, metrics: list, tags: dict | None = None) -> None:
         """log_batch in as few calls as MLflow's limits allow (1000 metrics, 100 tags per call)."""
@@ -477,6 +663,92 @@ class MlflowTracker(Callback):
         items = [Param(k, v) for k, v in params.items() if k not in existing]
         for chunk in _chunks(items, MAX_PER_BATCH):
             self.client.log_batch(run_id, params=chunk, synchronous=True)
+
+    # --- what could not be sent
+    def _report_unsent(self) -> Path | None:
+        """Print a summary of the operations never sent and write them (metric values included) to
+        <sweep folder>/mlflow_unsent.json; unsent artifacts move to <sweep folder>/mlflow_unsent/<trial>/."""
+        folder = self.out_dir or Path("results").resolve() / self.spec.name
+        entries: dict[str, dict] = {}
+
+        def entry(tid: str | None) -> dict:
+            key = tid or "(parent)"
+            if key not in entries:
+                entries[key] = {"trial_id": tid, "run_id": self._runs.get(tid) if tid else self.parent_run_id,
+                                "run_created": bool(self._runs.get(tid) if tid else self.parent_run_id),
+                                "epochs": set(), "metrics": [], "tags": {}, "final_status": None,
+                                "artifacts": [], "errors": []}
+            return entries[key]
+
+        ops = [(op, None) for op in self._outbox] + list(self._rejected)
+        for (kind, tid, payload), error in ops:
+            e = entry(tid)
+            if error:
+                e["errors"].append(f"{kind}: {error}")
+            if kind == "batch":
+                e["metrics"] += [[m.key, m.value if math.isfinite(m.value) else str(m.value), m.step, m.timestamp]
+                                 for m in payload["metrics"]]
+                e["epochs"].update(m.step for m in payload["metrics"] if m.key != "time_total_s")
+                e["tags"].update({k: _tag(v) for k, v in payload["tags"].items()})
+            elif kind == "terminate":
+                e["final_status"] = payload
+            elif kind == "artifacts":
+                dest = folder / UNSENT_DIR / (tid or "parent")
+                try:
+                    dest.mkdir(parents=True, exist_ok=True)
+                    for f in Path(payload).iterdir():
+                        shutil.move(str(f), dest / f.name)
+                        e["artifacts"].append(str(dest / f.name))
+                    shutil.rmtree(payload, ignore_errors=True)
+                except OSError as err:
+                    e["errors"].append(f"artifacts kept in {payload}: {err}")
+                    e["artifacts"].append(str(payload))
+            elif kind in ("child", "parent", "parent_files"):
+                e.setdefault("pending", []).append(kind)
+        for e in entries.values():
+            e["epochs"] = sorted(e["epochs"])
+        report = {"tracking_uri": self.tracking_uri, "experiment": self.spec.name, "sweep_uid": self.sweep_uid,
+                  "parent_run_id": self.parent_run_id, "last_error": self._last_error,
+                  "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": list(entries.values())}
+        path = folder / UNSENT_FILE
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=1, default=str))
+        except OSError as err:
+            log.error("cannot write %s (%s)", path, err)
+            path = None
+        lines = [(f"MLflow: {len(ops)} operations could not be recorded at {self.tracking_uri} "
+                  f"({self._last_error or 'refused'}):")]
+        for key, e in entries.items():
+            epochs = f"epochs {_ranges(e['epochs'])}" if e["epochs"] else "no epochs"
+            what = ", ".join(x for x in (epochs, f"status {e['final_status']}" if e["final_status"] else "",
+                                         f"{len(e['artifacts'])} artifacts" if e["artifacts"] else "",
+                                         f"tags {sorted(e['tags'])}" if e["tags"] and not e["epochs"] else "") if x)
+            lines.append(f"  {'trial ' + key if e['trial_id'] else key}: run {e['run_id'] or '(not created)'}: {what}")
+        lines.append(f"  details (metric values included): {path}" if path else "  (no file could be written)")
+        print("\n".join(lines), file=sys.stderr)
+        log.warning("MLflow: %d operations unsent; see %s", len(ops), path)
+        return path
+
+
+def _ranges(steps: list[int]) -> str:
+    """[1, 2, 3, 5] -> '1-3, 5'."""
+    out: list[str] = []
+    for s in steps:
+        if out and s == int(out[-1].split("-")[-1]) + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{s}"
+        else:
+            out.append(str(s))
+    return ", ".join(out)
+
+
+def _sweep_folder(trial) -> Path | None:
+    """The sweep folder from Ray's experiment path (<sweep folder>/ray/tune, see sweep.py)."""
+    try:
+        path = Path(trial.remote_experiment_path)
+    except Exception:  # noqa: BLE001 - a fake trial in tests, or another Ray layout
+        return None
+    return path.parent.parent if path.parent.name == "ray" and "://" not in str(path) else None
 
 
 def _metric(key: str, value: float, step: int):

@@ -298,3 +298,51 @@ def test_dry_run_shows_conditions(tmp_path, capsys):
     assert "loss.vicreg.gamma: float [0.05, 2.0] when loss.method=vicreg" in out
     assert "budget: 16 trials x 10 epochs" in out
     assert not list(tmp_path.iterdir())
+
+
+# --- bad tracking URIs on the real path (no --dry-run): rejected before Ray or any trial starts
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again on return: nothing listens there
+
+
+TRACKING_CASES = [
+    pytest.param(lambda: "ftp://x", ["tracking URI 'ftp://x': unsupported scheme 'ftp'", "sqlite:///"],
+                 id="tracking-uri-ftp"),
+    pytest.param(lambda: f"http://127.0.0.1:{_closed_port()}",
+                 ["MLflow tracking server http://127.0.0.1:", "is not reachable (connection refused)",
+                  "mlflow server"], id="tracking-uri-closed-port"),
+]
+
+
+@pytest.mark.parametrize("make_uri, expected", TRACKING_CASES)
+def test_bad_tracking_uri_is_rejected_before_anything_starts(tmp_path, capsys, monkeypatch, make_uri, expected):
+    import time
+
+    import ncssl_tune.sweep
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("run_sweep (and with it Ray) must not start for a bad tracking URI")
+
+    monkeypatch.setattr(ncssl_tune.sweep, "run_sweep", no_sweep)
+    path = tmp_path / "space.yaml"
+    path.write_text(BASE)
+    results = tmp_path / "results"
+    uri = make_uri()
+    before = sorted(tmp_path.rglob("*"))
+    start = time.monotonic()
+
+    status = main([str(path), "--results-dir", str(results), "--tracking-uri", uri])
+
+    assert time.monotonic() - start < 10
+    out, err = capsys.readouterr()
+    assert status == 2, (out, err)
+    assert len(err.splitlines()) == 1 and err.startswith("ncssl-sweep: error: ") and "Traceback" not in out + err
+    assert uri in err
+    for want in expected:
+        assert want in err
+    assert sorted(tmp_path.rglob("*")) == before and not results.exists()  # no results folder, no mlflow.db

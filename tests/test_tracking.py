@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import csv
+import json
+import logging
 import math
 import os
 import pickle
@@ -20,6 +23,7 @@ from ncssl_tune.spec import load_spec
 from ncssl_tune.tracking import (
     PARENT_TAG,
     SPECTRUM_CSV,
+    UNSENT_FILE,
     MlflowTracker,
     TrackingError,
     check_tracking_uri,
@@ -41,43 +45,74 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """One `mlflow server` (own SQLite store and artifact root) for this module; stopped by its handle."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    # Own process group, so its uvicorn worker stops with it; no job runner (it starts 7 idle consumers).
-    with open(root / "server.log", "w") as log:
-        proc = subprocess.Popen(
-            [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
+class MlflowServer:
+    """An `mlflow server` on 127.0.0.1 with its own SQLite store and artifact folder. start() and stop() (by the
+    Popen handle) can repeat: it comes back on the same port with the same store, as after a server restart."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 120) -> None:
+        # Own process group, so its uvicorn worker stops with it; no job runner (it starts 7 idle consumers).
+        with open(self.root / "server.log", "a") as log:
+            self.proc = subprocess.Popen(
+                [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                 "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+                 "--artifacts-destination", str(self.root / "artifacts")],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
                     if r.status == 200:
-                        break
+                        return
             except OSError:
                 pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server did not start:\n{(self.root / 'server.log').read_text()[-3000:]}")
             time.sleep(0.3)
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
         try:
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(10)
-        except subprocess.TimeoutExpired:
+        except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group outlived the SIGTERM
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One `mlflow server` (own SQLite store and artifact root) for this module; stopped by its handle."""
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    try:
+        srv.start()
+        yield srv.uri
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def own_server(tmp_path_factory):
+    """A server of the test's own, which the test may stop and restart."""
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_own"))
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
 
 
 def client_for(uri: str):
@@ -314,3 +349,106 @@ def test_run_analysis_reports_into_the_parent_run(sweep, server, tmp_path):
     assert {f.name for f in (tmp_path / "analysis").iterdir()} == names
     logged = client_for(server).list_artifacts(sweep.first.mlflow_parent_run_id, "analysis")
     assert {Path(a.path).name for a in logged} == names
+
+
+# --- the tracking server goes down mid-sweep
+
+OUTAGE_SPACE = """\
+model: {projector: 64-64}
+loss: {method: vicreg}
+search: {algorithm: random, num_samples: 3, scheduler: {name: fifo}}
+space:
+  train.lr: {type: logfloat, low: 1.0e-3, high: 1.0e-2}
+"""
+
+
+class ServerOutage(Callback):
+    """Stops the server (by its handle) at the first trial result; starts it again, same port and store, when
+    `restart_after` trials have completed since (None: it stays down). Runs after the tracker in every hook."""
+
+    def __init__(self, server: MlflowServer, restart_after: int | None):
+        self.server, self.restart_after = server, restart_after
+        self.stopped_at_epoch = None
+        self.completed_while_down = 0
+        self.restarted = False
+
+    def __getstate__(self) -> dict:  # Ray may pickle callbacks; the process handle stays here
+        return {**self.__dict__, "server": None}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.stopped_at_epoch is None:
+            self.stopped_at_epoch = result.get("epoch")
+            self.server.stop()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if self.stopped_at_epoch is None or self.restarted or self.restart_after is None:
+            return
+        self.completed_while_down += 1
+        if self.completed_while_down >= self.restart_after:
+            self.server.start()
+            self.restarted = True
+
+
+def outage_sweep(tmp_path, server: MlflowServer, name: str, restart_after: int | None):
+    from ncssl_tune.sweep import run_sweep
+
+    path = tmp_path / "outage.yaml"
+    path.write_text(OUTAGE_SPACE)
+    spec = load_spec(str(path), name=name, epochs=3, sets=[*FAST, "eval.probe_every=0"])
+    outage = ServerOutage(server, restart_after)
+    result = run_sweep(spec, tmp_path / "results", tracking_uri=server.uri, extra_callbacks=[outage],
+                       monitor_interval_s=1e9)
+    with open(result.out_dir / "trials.csv") as f:
+        trial_ids = [r["trial_id"] for r in csv.DictReader(f)]
+    return spec, outage, result, trial_ids
+
+
+def test_server_restart_mid_sweep_loses_nothing(own_server, ray_session, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="ncssl_tune.tracking")
+    start = time.monotonic()
+    spec, outage, result, trial_ids = outage_sweep(tmp_path, own_server, "trk_restart", restart_after=1)
+
+    assert outage.stopped_at_epoch == 1 and outage.restarted and result.num_trials == 3 and result.errors == 0
+    assert time.monotonic() - start < 240
+    text = caplog.text
+    assert "unreachable" in text and "is back after" in text  # the outage was met, and recovered from
+    assert not (result.out_dir / UNSENT_FILE).exists()
+    parents, children = runs_of(own_server.uri, spec.name)
+    assert [p.info.run_id for p in parents] == [result.mlflow_parent_run_id]
+    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["status"] == "finished"
+    assert sorted(c.data.tags["ray_trial_id"] for c in children) == sorted(trial_ids) and len(trial_ids) == 3
+    c = client_for(own_server.uri)
+    for run in children:
+        assert (run.info.status, run.data.tags["status"]) == ("FINISHED", "finished")
+        assert steps(own_server.uri, run.info.run_id) == [1, 2, 3]  # every epoch, none twice
+        assert steps(own_server.uri, run.info.run_id, "epoch") == [1, 2, 3]
+        assert len(c.get_metric_history(run.info.run_id, "time_total_s")) == 1
+        assert {a.path for a in c.list_artifacts(run.info.run_id)} == {SPECTRUM_CSV, "spectrum.png"}
+
+
+def test_server_down_until_the_end_reports_what_was_not_sent(own_server, ray_session, tmp_path, monkeypatch,
+                                                             capsys):
+    monkeypatch.setattr(MlflowTracker, "end_wait_s", 2.0)
+    start = time.monotonic()
+    _, outage, result, trial_ids = outage_sweep(tmp_path, own_server, "trk_down", restart_after=None)
+
+    assert outage.stopped_at_epoch == 1 and result.num_trials == 3 and result.errors == 0
+    assert time.monotonic() - start < 240
+    report_path = result.out_dir / UNSENT_FILE
+    report = json.loads(report_path.read_text())
+    assert report["tracking_uri"] == own_server.uri and report["last_error"]
+    runs = {r["trial_id"]: r for r in report["runs"]}
+    assert runs[None]["final_status"] == "FINISHED" and runs[None]["run_id"] == result.mlflow_parent_run_id
+    assert set(runs) - {None} == set(trial_ids)
+    for tid in trial_ids:
+        r = runs[tid]
+        assert r["final_status"] == "FINISHED" and r["tags"]["status"] == "finished"
+        assert r["epochs"] and set(r["epochs"]) <= {1, 2, 3} and r["epochs"][-1] == 3
+        assert {m[2] for m in r["metrics"] if m[0] == "effective_rank"} == set(r["epochs"])
+        assert sorted(Path(a).name for a in r["artifacts"]) == [SPECTRUM_CSV, "spectrum.png"]
+        assert all(Path(a).is_file() and str(result.out_dir) in a for a in r["artifacts"])
+    assert sum(r["run_created"] for r in runs.values() if r["trial_id"]) >= 1  # started before the outage
+    err = capsys.readouterr().err
+    assert f"could not be recorded at {own_server.uri}" in err and str(report_path) in err
+    for tid in trial_ids:
+        assert f"trial {tid}: run " in err

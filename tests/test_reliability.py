@@ -1,0 +1,112 @@
+"""Reliability: a diverging trial inside a sweep, and W-MSE whitening that cannot succeed."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from ncssl_tune.config import TrainConfig
+from ncssl_tune.losses import WhiteningError, whiten
+from ncssl_tune.spec import load_spec
+from ncssl_tune.train import train
+
+SMALL = {"data": {"dataset": "synthetic", "synthetic": {"n": 400, "size": 8, "channels": 1, "classes": 4}},
+         "model": {"projector": "64-32", "width": 16},
+         "eval": {"cond_views": 0, "probe_every": 0, "eval_samples": 64, "probe_weight_decays": [0.0]},
+         "train": {"epochs": 2, "batch_size": 128, "threads": 1}}
+
+DIVERGING_SWEEP = """\
+name: rel_diverge
+data: {dataset: synthetic, synthetic: {n: 400, size: 8, channels: 1, classes: 4}}
+model: {projector: 64-64, width: 16}
+loss: {method: vicreg}
+train: {epochs: 2, batch_size: 64}
+eval: {cond_views: 0, probe_every: 0, eval_samples: 64, probe_weight_decays: [0.0]}
+search: {algorithm: grid, num_samples: 3, max_concurrent: 2, scheduler: {name: fifo}}
+resources: {cpu: 1, gpu: 0}
+space:
+  train.lr: {type: categorical, values: [2.0e-3, 3.0e-3, 1.0e+12, 1.0e+13]}
+"""
+
+
+def small(method: str, **train_over) -> TrainConfig:
+    return TrainConfig.from_dict({**SMALL, "loss": {"method": method}, "train": {**SMALL["train"], **train_over}})
+
+
+def test_diverging_trial_does_not_stop_the_sweep_and_is_excluded_from_the_analysis(tmp_path, ray_session):
+    from ncssl_tune.analysis import analyze, load_runs
+    from ncssl_tune.sweep import run_sweep
+    from ncssl_tune.tracking import default_tracking_uri
+
+    path = tmp_path / "diverge.yaml"
+    path.write_text(DIVERGING_SWEEP)
+    spec = load_spec(str(path))
+    results = tmp_path / "results"
+    uri = default_tracking_uri(results)
+
+    result = run_sweep(spec, results, tracking_uri=uri, monitor_interval_s=1e9)
+
+    # Any 3 of the 4 grid points hold at least one learning rate that diverges and one that does not. (Not all
+    # 4: Optuna's GridSampler calls study.stop() when its grid is used up, which fails outside study.optimize.)
+    assert result.num_trials == 3 and result.errors == 0
+    with open(result.out_dir / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    diverged = {r["trial_id"] for r in rows if float(r["param.train.lr"]) >= 1e12}
+    assert 1 <= len(diverged) <= 2 and len(rows) == 3
+    for r in rows:
+        if r["trial_id"] in diverged:
+            assert r["status"] == "diverged" and "non-finite" in r["stop_reason"], r
+        else:
+            assert r["status"] == "finished", r
+    assert float(result.best_config["train.lr"]) < 1e12
+
+    df = load_runs(spec.name, uri, parent_run_id=result.mlflow_parent_run_id)
+    assert len(df) == 3
+    for _, r in df.iterrows():
+        expected = ("FAILED", "diverged") if r["trial_id"] in diverged else ("FINISHED", "finished")
+        assert (r["run_status"], r["status"]) == expected
+    analysis = analyze(df, n_boot=20)
+    assert analysis["n_trials"] == 3 and analysis["status_counts"]["diverged"] == len(diverged)
+    assert analysis["excluded"]["diverged_or_failed"] == len(diverged)
+    assert analysis["correlations"]["effective_rank"]["overall"]["n"] == 3 - len(diverged)  # finished ones only
+
+
+def test_wmse_with_exploding_learning_rate_ends_as_diverged():
+    reports = []
+    last = train(small("wmse", lr=1.0e12), report=lambda m, s: reports.append((m, s)))
+    assert last["status"] == "diverged" and last["collapse"] == "diverged"
+    assert "Cholesky whitening" in last["error"] or "non-finite" in last["error"]
+    assert [m["status"] for m, _ in reports][-1] == "diverged" and reports[-1][1] is None
+
+
+@pytest.fixture
+def cholesky_always_fails(monkeypatch):
+    """torch.linalg.cholesky_ex reports failure for every matrix; the shrinkage of each attempt is recorded."""
+    eps_seen: list[float] = []
+    real = torch.linalg.cholesky_ex
+
+    def failing(sigma, *args, **kwargs):
+        eps_seen.append(float(sigma.detach()[0, 0]))  # cov is zero below, so sigma = eps * I
+        chol, info = real(sigma, *args, **kwargs)
+        return chol, torch.ones_like(info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
+    return eps_seen
+
+
+def test_whiten_retries_with_growing_shrinkage_before_raising(cholesky_always_fails):
+    z = torch.ones(16, 4, dtype=torch.float64)  # zero covariance: sigma = eps * I at every attempt
+    with pytest.raises(WhiteningError, match=r"failed after 6 retries \(last eps=0.1"):
+        whiten(z, eps=0.0)
+    assert cholesky_always_fails == pytest.approx([0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1])
+
+
+def test_whitening_failure_inside_train_ends_as_diverged(cholesky_always_fails):
+    reports = []
+    last = train(small("wmse", lr=1.0e-3), report=lambda m, s: reports.append(m))
+    assert last["status"] == "diverged" and last["epoch"] == 1
+    assert "failed after 6 retries" in last["error"]
+    assert [m["status"] for m in reports] == ["diverged"]
+    assert len(cholesky_always_fails) >= 7  # eps 0, 1e-6, ..., 0.1 for the first sub-batch
