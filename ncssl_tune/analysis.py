@@ -18,18 +18,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ncssl_tune.tracking import (
-    PARENT_TAG,
-    SPECTRUM_CSV,
-    TAG_KIND,
-    TAG_REASON,
-    TAG_STATUS,
-    TAG_TRIAL,
-    TrackingError,
-    check_tracking_uri,
-    plot_spectra,
-    sqlite_path,
-)
+from ncssl_tune.mlflow_store import TrackingError, check_tracking_uri, sqlite_path
+from ncssl_tune.spectra import plot_spectra, read_spectrum_csv
+from ncssl_tune.tracking import PARENT_TAG, SPECTRUM_CSV, TAG_KIND, TAG_REASON, TAG_STATUS, TAG_TRIAL
 
 RANKS = ("effective_rank", "effective_rank_h")  # label-free predictors, of z and of h
 TARGET = "probe_acc"
@@ -463,7 +454,6 @@ def _markdown(result: dict, df: pd.DataFrame, plots: dict[str, str | None]) -> s
 def fetch_spectra(tracking_uri: str, run_ids: list[str]) -> dict[str, dict]:
     from mlflow.exceptions import MlflowException
 
-    from ncssl_tune.tracking import read_spectrum_csv
 
     c, out = _client(tracking_uri), {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -59,7 +59,7 @@ def _analyze_parser() -> argparse.ArgumentParser:
 
 def _analyze(args) -> int:
     from ncssl_tune.analysis import run_analysis
-    from ncssl_tune.tracking import TrackingError, default_tracking_uri
+    from ncssl_tune.mlflow_store import TrackingError, default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri(args.results_dir)
     out = args.out or str(Path(args.results_dir) / args.experiment / "analysis")
@@ -121,8 +121,8 @@ def _dry_run(spec) -> None:
 
 def _sweep(args) -> int:
     from ncssl_tune.analysis import run_analysis
+    from ncssl_tune.mlflow_store import TrackingError, check_tracking_uri, default_tracking_uri
     from ncssl_tune.sweep import SweepError, run_sweep
-    from ncssl_tune.tracking import TrackingError, check_tracking_uri, default_tracking_uri
 
     spec = _load(args)
     uri = args.tracking_uri or default_tracking_uri(args.results_dir)
