@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import optuna
 from optuna.trial import TrialState
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
@@ -60,12 +61,47 @@ class PruningOptunaSearch(OptunaSearch):
     trial or a non-finite objective is told FAIL.
     """
 
+    def restore(self, checkpoint_path: str) -> None:
+        """Reconcile the restored searcher with the study. The searcher state Ray saved with the experiment
+        lags the study's journal when the driver died: a trial may have been told COMPLETE since (Ray reruns it
+        from its checkpoint; its results must not be reported to the finished Optuna trial, which raises
+        UpdateFinishedTrialError), and a trial may have been asked for by a Ray trial Ray never saved (it would
+        stay RUNNING in the study for ever, beside a fresh one): such orphans are handed to the next new trials."""
+        super().restore(checkpoint_path)
+        by_number = {t.number: t for t in self._ot_study.get_trials(deepcopy=False)}
+        known = set()
+        for trial_id, ot_trial in self._ot_trials.items():
+            known.add(ot_trial.number)
+            frozen = by_number.get(ot_trial.number)
+            if frozen is not None and frozen.state.is_finished():
+                self._completed_trials.add(trial_id)
+        self._orphans = [t._trial_id for n, t in sorted(by_number.items())
+                         if n not in known and t.state == TrialState.RUNNING]
+
+    def suggest(self, trial_id: str) -> dict | None:
+        orphans = getattr(self, "_orphans", None)
+        if orphans and callable(self._space) and trial_id not in self._ot_trials:
+            # Optuna's Trial returns the values an orphan already holds and samples only what it lacks.
+            self._ot_trials[trial_id] = optuna.Trial(self._ot_study, orphans.pop(0))
+        return super().suggest(trial_id)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial = self._ot_trials[trial_id]
         value = (result or {}).get(self.metric)
         status = (result or {}).get("status")
+        # Mark first: if tell raises after storing the trial, Ray's second call must not tell it again.
+        self._completed_trials.add(trial_id)
+        try:
+            self._tell(ot_trial, value, status, error, result)
+        except RuntimeError as e:
+            # GridSampler stops the study once its grid is used up; outside study.optimize that stop raises, after
+            # the trial was stored. There is nothing to stop here: Ray's num_samples bounds the sweep.
+            if "Study.stop" not in str(e):
+                raise
+
+    def _tell(self, ot_trial, value, status, error: bool, result: dict | None) -> None:
         if error or status == "diverged" or value is None or not math.isfinite(value):
             self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
         elif status == "running":
@@ -78,7 +114,6 @@ class PruningOptunaSearch(OptunaSearch):
             self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
         else:
             self._ot_study.tell(ot_trial, value, state=TrialState.COMPLETE)
-        self._completed_trials.add(trial_id)
 
 
 def trial_outcome(trial_id: str, result: dict | None, reasons: dict[str, str], scheduler: str,

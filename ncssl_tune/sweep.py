@@ -118,7 +118,10 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
         stopper = CollapseStopper(spec.search.collapse_stop)
         monitor = SweepMonitor(out_dir, stopper, spec.search.scheduler.name, interval_s=monitor_interval_s)
         # Ray restores callback state by position: the tracker keeps its place on fresh and resumed runs.
-        tracker = MlflowTracker(spec, tracking_uri, address, stopper=stopper) if tracking_uri else None
+        # flush_s=0: each result's metrics (one log_batch per epoch) reach MLflow in on_trial_result, which Ray
+        # calls before it registers that result's checkpoint and saves the experiment state. A driver killed
+        # with epochs still buffered would otherwise resume the trial past them and leave a gap in MLflow.
+        tracker = MlflowTracker(spec, tracking_uri, address, stopper=stopper, flush_s=0.0) if tracking_uri else None
         callbacks = [monitor, JsonLoggerCallback(), *([tracker] if tracker else []), *(extra_callbacks or [])]
         if resume:
             fresh = build_tuner(spec, out_dir, callbacks, stopper)  # for its param_space-free run config

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
@@ -16,6 +18,16 @@ from ncssl_tune.sweep import SweepError, optuna_storage, run_sweep
 
 FAST = ["eval.cond_views=0", "eval.eval_samples=256", "eval.probe_every=0", "eval.knn_every=1",
         "model.projector=128-128", "search.max_concurrent=2"]
+
+
+def space_without(tmp_path, *keys: str):
+    """search_spaces/vicreg.yaml with some swept keys removed, so --set can fix them for a test."""
+    raw = yaml.safe_load(Path("search_spaces/vicreg.yaml").read_text())
+    for k in keys:
+        raw["space"].pop(k)
+    path = tmp_path / "vicreg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
 
 
 def read_rows(out_dir) -> list[dict]:
@@ -30,8 +42,9 @@ def study(out_dir, name):
 @pytest.fixture(scope="module")
 def finished_sweep(ray_session, tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
-    spec = load_spec("search_spaces/vicreg.yaml", [*FAST, "search.scheduler.name=fifo"], num_samples=4, epochs=3,
-                     name="e2e")
+    # BatchNorm kept on: without it some trials would collapse and be stopped, which another test covers.
+    space = space_without(tmp_path_factory.mktemp("space"), "model.norm")
+    spec = load_spec(space, [*FAST, "search.scheduler.name=fifo"], num_samples=4, epochs=3, name="e2e")
     result = run_sweep(spec, results, monitor_interval_s=1e9)
     return spec, results, result
 
@@ -76,7 +89,7 @@ def test_existing_sweep_needs_resume_and_missing_sweep_cannot_resume(finished_sw
 
 
 def test_collapse_stopper_ends_invariance_trials_and_optuna_sees_them_pruned(ray_session, tmp_path):
-    spec = load_spec("search_spaces/vicreg.yaml",
+    spec = load_spec(space_without(tmp_path, "model.norm"),
                      [*FAST, "loss.method=invariance", "model.norm=none", "search.scheduler.name=fifo",
                       "search.collapse_stop.min_epoch=2", "search.algorithm=random"],
                      num_samples=2, epochs=5, name="control")
@@ -139,3 +152,15 @@ def test_collapse_stopper_rules(cfg, states, stop_at):
             break
     assert stopped == stop_at
     assert ("t" in stopper.reasons) == (stop_at is not None)
+
+
+def test_a_used_up_grid_does_not_crash_the_searcher():
+    """GridSampler stops the study when its grid is used up, which raises outside study.optimize."""
+    spec = load_spec("search_spaces/vicreg.yaml", ["search.algorithm=grid"])
+    grid = {p.key: [p.values[0]] if p.values else [p.low] for p in spec.space}
+    s = PruningOptunaSearch(space=DefineByRun(spec.space, spec.base), metric="probe_acc", mode="max",
+                            sampler=optuna.samplers.GridSampler(grid, seed=0))
+    s.suggest("t1")
+    s.on_trial_complete("t1", {"probe_acc": 0.9, "training_iteration": 1, "status": "finished"})
+    s.on_trial_complete("t1", {"probe_acc": 0.9, "training_iteration": 1, "status": "finished"})
+    assert [t.state for t in s._ot_study.trials] == [TrialState.COMPLETE]

@@ -1,0 +1,257 @@
+"""Fault injection through real Ray Tune, Optuna and MLflow: a trial's worker process killed mid-trial (Ray
+retries it from its last checkpoint) and the sweep driver killed mid-sweep (`--resume` continues it)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+from ray.tune import Callback
+
+from ncssl_tune.mlflow_store import default_tracking_uri
+from ncssl_tune.spec import load_spec
+from ncssl_tune.sweep import RAY_DIR, TUNE_NAME, optuna_storage, run_sweep
+from ncssl_tune.tracking import PARENT_TAG, TAG_KIND, TAG_TRIAL
+
+
+def _psutil():
+    """Ray's bundled psutil (ray/thirdparty_files, on sys.path once ray is imported): the project itself does
+    not depend on psutil."""
+    import psutil
+
+    return psutil
+
+SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "vicreg.yaml"
+# Tiny trials (a small synthetic dataset, no conditional views, probe only at the first and last epoch), a
+# FIFO scheduler and no collapse stopper, so every trial is meant to run to its last epoch.
+FAST = ["eval.cond_views=0", "eval.probe_every=0", "eval.eval_samples=256", "model.projector=64-64",
+        "train.batch_size=64", "data.dataset=synthetic", "data.synthetic={n: 400, size: 8, channels: 1, classes: 4}",
+        "eval.probe_weight_decays=[0.0]", "model.width=16", "search.max_concurrent=2",
+        "search.scheduler.name=fifo", "search.collapse_stop.total=false", "search.max_failures=1"]
+
+
+def small_space(tmp_path: Path) -> Path:
+    """vicreg.yaml without its projector dimension (the wide projectors would triple a trial's time here)."""
+    raw = yaml.safe_load(SPACE.read_text())
+    del raw["space"]["model.projector"]
+    path = tmp_path / "vicreg_small.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def read_rows(out_dir: Path) -> list[dict]:
+    with open(out_dir / "trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def children(client: MlflowClient, experiment: str) -> tuple[list, list]:
+    """(parent runs, child runs) of the sweep's MLflow experiment."""
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get(TAG_KIND) == "sweep"]
+    kids = [r for r in runs if PARENT_TAG in r.data.tags]
+    return parents, kids
+
+
+def steps(client: MlflowClient, run_id: str, key: str = "effective_rank") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+class KillWorkerOnce(Callback):
+    """Driver-side: SIGKILLs the worker process of the first trial that reports epoch `at`, once, and records
+    what Ray did next (its recovery and the epochs that trial reported afterwards)."""
+
+    def __init__(self, at: int):
+        self.at = at
+        self.killed: tuple[str, int] | None = None  # (trial id, pid)
+        self.recovered: list[str] = []
+        self.after: list[tuple[int, int]] = []  # (epoch, iterations_since_restore) reported after the kill
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.killed is None and result.get("epoch") == self.at:
+            self.killed = (trial.trial_id, result["pid"])
+            os.kill(result["pid"], signal.SIGKILL)
+        elif self.killed and trial.trial_id == self.killed[0]:
+            self.after.append((result["epoch"], result["iterations_since_restore"]))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.recovered.append(trial.trial_id)
+
+
+def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_session, tmp_path):
+    epochs = 4
+    spec = load_spec(small_space(tmp_path), FAST, num_samples=2, epochs=epochs, name="killtrial")
+    killer = KillWorkerOnce(at=2)
+    uri = default_tracking_uri(tmp_path)
+    result = run_sweep(spec, tmp_path, tracking_uri=uri, extra_callbacks=[killer], monitor_interval_s=1e9)
+
+    assert killer.killed is not None, "no trial reached epoch 2"
+    tid, pid = killer.killed
+    psutil = _psutil()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert killer.recovered == [tid]  # Ray saw the crash and retried the trial (max_failures=1)
+    # Restored from a checkpoint (every epoch): the retry went on from epoch 2 (or 3, when the epoch-2 result
+    # came after the checkpoint was saved), not from epoch 1, and ran to the last epoch.
+    assert killer.after, "the retried trial reported nothing"
+    first_epoch, since_restore = killer.after[0]
+    assert first_epoch in (2, 3) and since_restore == 1, killer.after
+    assert killer.after[-1][0] == epochs
+
+    assert result.errors == 0 and result.num_trials == 2
+    rows = {r["trial_id"]: r for r in read_rows(result.out_dir)}
+    assert len(rows) == 2
+    for r in rows.values():
+        assert r["status"] == "finished" and int(r["epoch"]) == epochs, r
+
+    client = MlflowClient(uri)
+    parents, kids = children(client, spec.name)
+    assert len(parents) == 1
+    by_trial = {k.data.tags[TAG_TRIAL]: k for k in kids}
+    assert sorted(by_trial) == sorted(rows) and len(kids) == 2
+    for t, run in by_trial.items():
+        assert steps(client, run.info.run_id) == list(range(1, epochs + 1)), t  # none missing, none twice
+        assert run.info.status == "FINISHED"
+    trials = optuna.load_study(study_name=spec.name, storage=optuna_storage(result.out_dir)).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+
+
+# --- the driver killed mid-sweep, then --resume
+
+CLI = ["-c", "import sys; from ncssl_tune.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
+def _cli(results: Path, *extra: str, num_samples: int, epochs: int) -> list[str]:
+    args = [sys.executable, *CLI, str(small_space(results)), "--results-dir", str(results), "--name", "killdriver",
+            "--num-samples", str(num_samples), "--epochs", str(epochs)]
+    for s in FAST:
+        args += ["--set", s]
+    return [*args, *extra]
+
+
+def _progress(out_dir: Path) -> tuple[int, int]:
+    """(finished trials in trials.csv, trials whose Ray result log has at least one epoch)."""
+    finished = 0
+    if (out_dir / "trials.csv").exists():
+        try:
+            finished = sum(r["status"] == "finished" for r in read_rows(out_dir))
+        except (OSError, KeyError, csv.Error):
+            pass
+    started = sum(1 for p in (out_dir / RAY_DIR / TUNE_NAME).glob("*/result.json") if p.stat().st_size > 0)
+    return finished, started
+
+
+def _end_all(procs: list) -> None:
+    psutil = _psutil()
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=20)
+
+
+def test_resume_after_the_driver_is_killed_mid_sweep(tmp_path):
+    num_samples, epochs = 3, 4
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    cwd = Path(__file__).resolve().parent.parent
+    out_dir = tmp_path / "killdriver"
+    cmd = _cli(tmp_path, num_samples=num_samples, epochs=epochs)
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    psutil = _psutil()
+    tree: list = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert driver.poll() is None, f"the sweep ended before it could be killed: {(tmp_path / 'first.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no trial finished within 120 s"
+            finished, started = _progress(out_dir)
+            if 1 <= finished < num_samples and started > finished:
+                break
+            time.sleep(0.2)
+        tree = psutil.Process(driver.pid).children(recursive=True)  # recorded before the kill
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(timeout=30)
+        time.sleep(1)  # what dies with the driver (fate sharing) gets a moment; the rest is ended by pid
+        _end_all([p for p in tree if p.is_running()])
+
+    killed_at = read_rows(out_dir)
+    assert sum(r["status"] == "finished" for r in killed_at) < num_samples
+
+    resumed = subprocess.run([*cmd, "--resume"], cwd=cwd, env=env, capture_output=True, text=True,
+                             timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+
+    rows = read_rows(out_dir)
+    assert len(rows) == num_samples, rows
+    for r in rows:
+        assert r["status"] in ("finished", "stopped"), r
+    ids = sorted(r["trial_id"] for r in rows)
+
+    study = optuna.load_study(study_name="killdriver", storage=optuna_storage(out_dir))
+    trials = study.trials
+    assert [t.state for t in trials if t.state == TrialState.RUNNING] == []
+    assert len(trials) == num_samples, [(t.number, t.state) for t in trials]
+    done = [json.dumps(t.params, sort_keys=True) for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == len(set(done)), "a finished trial's parameters were sampled again"
+
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    parents, kids = children(client, "killdriver")
+    assert len(parents) == 1
+    assert sorted(k.data.tags[TAG_TRIAL] for k in kids) == ids  # one child per trial, none twice
+    epoch_of = {r["trial_id"]: int(r["epoch"]) for r in rows}
+    for k in kids:
+        assert steps(client, k.info.run_id) == list(range(1, epoch_of[k.data.tags[TAG_TRIAL]] + 1))
+        assert k.info.status in ("FINISHED", "KILLED")
+
+
+
+def test_restored_searcher_reconciles_with_a_study_that_moved_on(tmp_path):
+    """What the driver-kill test meets by chance, made certain: Ray saved the searcher state (t1 running), then
+    the study moved on before the driver died (t1 told COMPLETE; t2 asked for but never saved by Ray)."""
+    from ncssl_tune.monitor import PruningOptunaSearch
+    from ncssl_tune.space import DefineByRun
+
+    spec = load_spec(SPACE)
+
+    def searcher():
+        return PruningOptunaSearch(space=DefineByRun(spec.space, spec.base), metric="probe_acc", mode="max",
+                                   sampler=optuna.samplers.RandomSampler(seed=0), storage=optuna_storage(tmp_path),
+                                   study_name="stale")
+
+    s = searcher()
+    s.suggest("t1")
+    s.on_trial_result("t1", {"probe_acc": 0.5, "training_iteration": 1, "status": "running"})
+    s.save(str(tmp_path / "searcher.pkl"))  # Ray's last experiment checkpoint before the kill
+    orphan = s.suggest("t2")
+    s.on_trial_result("t1", {"probe_acc": 0.6, "training_iteration": 2, "status": "finished"})
+    s.on_trial_complete("t1", {"probe_acc": 0.6, "training_iteration": 2, "status": "finished"})
+
+    r = searcher()
+    r.restore(str(tmp_path / "searcher.pkl"))
+    # Ray reruns t1 from its checkpoint: its results must not reach the finished Optuna trial.
+    r.on_trial_result("t1", {"probe_acc": 0.6, "training_iteration": 2, "status": "running"})
+    r.on_trial_complete("t1", {"probe_acc": 0.6, "training_iteration": 2, "status": "finished"})
+    # The next new Ray trial takes over the orphan instead of leaving it RUNNING beside a fresh one.
+    assert r.suggest("t3") == orphan
+    r.on_trial_complete("t3", {"probe_acc": 0.7, "training_iteration": 2, "status": "finished"})
+    r.suggest("t4")
+    trials = optuna.load_study(study_name="stale", storage=optuna_storage(tmp_path)).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.RUNNING]
+    assert trials[0].value == pytest.approx(0.6) and trials[1].value == pytest.approx(0.7)
