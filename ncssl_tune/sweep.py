@@ -14,10 +14,11 @@ from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 
+from ncssl_tune.mlflow_store import check_tracking_uri
 from ncssl_tune.monitor import CollapseStopper, PruningOptunaSearch, SweepMonitor
 from ncssl_tune.space import DefineByRun, make_sampler
 from ncssl_tune.spec import SweepSpec
-from ncssl_tune.tracking import MlflowTracker, check_tracking_uri
+from ncssl_tune.tracking import MlflowTracker
 from ncssl_tune.trainable import run_trial
 
 RAY_DIR = "ray"  # Ray Tune storage under the sweep folder

@@ -18,7 +18,7 @@ from ncssl_tune.analysis import (
     swept_params,
     write_report,
 )
-from ncssl_tune.tracking import TrackingError
+from ncssl_tune.mlflow_store import TrackingError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

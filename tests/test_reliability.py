@@ -37,8 +37,8 @@ def small(method: str, **train_over) -> TrainConfig:
 
 def test_diverging_trial_does_not_stop_the_sweep_and_is_excluded_from_the_analysis(tmp_path, ray_session):
     from ncssl_tune.analysis import analyze, load_runs
+    from ncssl_tune.mlflow_store import default_tracking_uri
     from ncssl_tune.sweep import run_sweep
-    from ncssl_tune.tracking import default_tracking_uri
 
     path = tmp_path / "diverge.yaml"
     path.write_text(DIVERGING_SWEEP)
