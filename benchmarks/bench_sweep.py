@@ -8,16 +8,14 @@ Writes results/benchmarks/sweep.json. `--quick` runs 2 trials x 1 epoch (what th
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 from ncssl_tune.spec import load_spec
-from ncssl_tune.sweep import run_sweep
+from ncssl_tune.sweep import timed_sweep
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -28,12 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     quick = {"num_samples": 2, "epochs": 1} if args.quick else {}
     spec = load_spec(args.space, **quick)
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        result = run_sweep(spec, tmp, monitor_interval_s=30.0)
-        wall = time.perf_counter() - start
-        with open(result.out_dir / "trials.csv") as f:
-            rows = list(csv.DictReader(f))
+    wall, rows = timed_sweep(spec)
     ranks = sorted(float(r["effective_rank"]) for r in rows if r.get("effective_rank"))
     statuses = {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})}
     out = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",

@@ -7,17 +7,14 @@ test suite). Two trials share the GPU (resources.gpu = 0.5), so this also checks
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from ncssl_tune.spec import load_spec
-from ncssl_tune.sweep import run_sweep
+from ncssl_tune.sweep import timed_sweep
 
 SETS = ["data.dataset=synthetic", "data.synthetic={n: 20000, size: 32, channels: 3, classes: 10}",
         "model.backbone=resnet18", "model.projector=2048-2048-2048", "train.batch_size=512",
@@ -37,12 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {"gpu": None}
     spec = load_spec(Path(__file__).resolve().parent.parent / "search_spaces/cifar10_vicreg.yaml",
                      [*SETS, "data.root=null"], num_samples=2, epochs=args.epochs, name="gpu-smoke")
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        result = run_sweep(spec, tmp, monitor_interval_s=30.0)
-        wall = time.perf_counter() - start
-        with open(result.out_dir / "trials.csv") as f:
-            rows = list(csv.DictReader(f))
+    wall, rows = timed_sweep(spec)
     out = {"gpu": torch.cuda.get_device_name(0), "wall_seconds": wall,
            "trials": [{"trial_id": r["trial_id"], "status": r["status"], "images_per_s": float(r["images_per_s"]),
                        "effective_rank": float(r["effective_rank"])} for r in rows]}

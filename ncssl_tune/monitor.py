@@ -137,6 +137,12 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def read_trials(out_dir: str | Path) -> list[dict]:
+    """The rows of <sweep folder>/trials.csv, as strings (what SweepMonitor wrote)."""
+    with open(Path(out_dir) / "trials.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 class SweepMonitor(Callback):
     """Live table on stdout and results/<sweep>/trials.csv, one row per trial, rewritten as trials end.
 

@@ -4,6 +4,8 @@ per-trial resources, restore. Output lands in <results_dir>/<sweep name>/."""
 from __future__ import annotations
 
 import os
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from ncssl_tune.mlflow_store import check_tracking_uri
-from ncssl_tune.monitor import CollapseStopper, PruningOptunaSearch, SweepMonitor
+from ncssl_tune.monitor import CollapseStopper, PruningOptunaSearch, SweepMonitor, read_trials
 from ncssl_tune.space import DefineByRun, make_sampler
 from ncssl_tune.spec import SweepSpec
 from ncssl_tune.tracking import MlflowTracker
@@ -147,3 +149,11 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def timed_sweep(spec: SweepSpec, **kwargs) -> tuple[float, list[dict]]:
+    """Run a sweep in a throwaway results folder; returns (wall seconds, trials.csv rows). For benchmarks."""
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        result = run_sweep(spec, tmp, monitor_interval_s=30.0, **kwargs)
+        return time.perf_counter() - start, read_trials(result.out_dir)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import optuna
@@ -11,7 +10,7 @@ import yaml
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from ncssl_tune.monitor import CollapseStopper, PruningOptunaSearch
+from ncssl_tune.monitor import CollapseStopper, PruningOptunaSearch, read_trials
 from ncssl_tune.space import DefineByRun
 from ncssl_tune.spec import CollapseStopConfig, load_spec
 from ncssl_tune.sweep import SweepError, optuna_storage, run_sweep
@@ -30,9 +29,7 @@ def space_without(tmp_path, *keys: str):
     return path
 
 
-def read_rows(out_dir) -> list[dict]:
-    with open(out_dir / "trials.csv") as f:
-        return list(csv.DictReader(f))
+read_rows = read_trials
 
 
 def study(out_dir, name):
