@@ -39,6 +39,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default="results", help="output root (default: ./results)")
     p.add_argument("--address", help="Ray cluster to join: auto, host:port or ray://host:port (default: local)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///RESULTS_DIR/mlflow.db)")
+    p.add_argument("--storage", help="Ray Tune storage every node can reach: s3://BUCKET/PATH, gs://BUCKET/PATH or "
+                   "an absolute shared path (default: RESULTS_DIR/NAME/ray); trials.csv and optuna.log stay local")
     p.add_argument("--resume", action="store_true", help="continue the sweep stored under RESULTS_DIR/NAME")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved space and budget, start nothing")
     p.add_argument("--seed", type=int, help="seed of the sampler and of training (overrides search.seed, train.seed)")
@@ -122,17 +124,26 @@ def _dry_run(spec) -> None:
 def _sweep(args) -> int:
     from ncssl_tune.analysis import run_analysis
     from ncssl_tune.mlflow_store import TrackingError, check_tracking_uri, default_tracking_uri
-    from ncssl_tune.sweep import SweepError, run_sweep
+    from ncssl_tune.sweep import SweepError, check_storage, run_sweep
 
     spec = _load(args)
+    if args.storage is not None:
+        try:
+            check_storage(args.storage)
+        except SweepError as e:
+            print(f"ncssl-sweep: error: {e}", file=sys.stderr)
+            return 2
     uri = args.tracking_uri or default_tracking_uri(args.results_dir)
     if args.dry_run:
         _dry_run(spec)
         print(f"tracking: {uri} (not contacted in a dry run)")
+        if args.storage:
+            print(f"ray tune storage: {args.storage.rstrip('/')}/{spec.name} (not contacted in a dry run)")
         return 0
     try:
         check_tracking_uri(uri)
-        result = run_sweep(spec, args.results_dir, resume=args.resume, address=args.address, tracking_uri=uri)
+        result = run_sweep(spec, args.results_dir, resume=args.resume, address=args.address, tracking_uri=uri,
+                           storage=args.storage)
     except (SweepError, TrackingError) as e:
         print(f"ncssl-sweep: error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import optuna
 import ray
@@ -29,6 +30,44 @@ TUNE_NAME = "tune"
 
 class SweepError(RuntimeError):
     """A sweep that cannot start or continue as asked (exit status 2: nothing was run)."""
+
+
+STORAGE_SCHEMES = ("s3", "gs")
+
+
+def check_storage(storage: str) -> None:
+    """Raise SweepError unless `storage` is a Ray Tune storage every node can reach: s3://BUCKET/..,
+    gs://BUCKET/.. or an absolute path on a filesystem shared by all nodes (NFS, EFS, ...)."""
+    parsed = urlparse(storage)
+    if parsed.scheme in STORAGE_SCHEMES:
+        if not parsed.netloc:
+            raise SweepError(f"--storage {storage!r}: no bucket; use {parsed.scheme}://BUCKET/PATH")
+        return
+    if parsed.scheme and not (len(parsed.scheme) == 1 and os.name == "nt"):  # C:\ is a drive, not a scheme
+        raise SweepError(f"--storage {storage!r}: unsupported scheme {parsed.scheme!r}; use s3://BUCKET/PATH, "
+                         f"gs://BUCKET/PATH or an absolute path on a filesystem shared by all nodes")
+    if not os.path.isabs(storage):
+        raise SweepError(f"--storage {storage!r}: a relative path; every node resolves it against its own "
+                         f"working folder. Use an absolute path on a shared filesystem, s3:// or gs://")
+
+
+def tune_storage(spec: SweepSpec, out_dir: Path, storage: str | None) -> str:
+    """Ray Tune's storage_path: the sweep folder's ray/ (default) or STORAGE/<sweep name>."""
+    if storage is None:
+        return str(out_dir / RAY_DIR)
+    return f"{storage.rstrip('/')}/{spec.name}"
+
+
+def _tune_exists(path: str) -> bool:
+    if "://" not in path:
+        return Path(path).exists()
+    import pyarrow.fs
+
+    try:
+        fs, sub = pyarrow.fs.FileSystem.from_uri(path)
+        return fs.get_file_info(sub).type != pyarrow.fs.FileType.NotFound
+    except Exception as e:  # noqa: BLE001 - credentials, network, missing bucket: all reported the same way
+        raise SweepError(f"--storage: cannot read {path}: {e}") from None
 
 
 @dataclass
@@ -56,7 +95,8 @@ def _trainable(spec: SweepSpec):
     return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
-def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: CollapseStopper) -> tune.Tuner:
+def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: CollapseStopper,
+                storage: str | None = None) -> tune.Tuner:
     s = spec.search
     searcher = PruningOptunaSearch(space=DefineByRun(spec.space, spec.base), metric=s.metric, mode=spec.mode,
                                    sampler=make_sampler(spec), storage=optuna_storage(out_dir),
@@ -73,7 +113,8 @@ def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: Collap
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
                                     scheduler=scheduler, num_samples=s.num_samples, reuse_actors=False),
         run_config=tune.RunConfig(
-            name=TUNE_NAME, storage_path=str(out_dir / RAY_DIR), stop=stopper, callbacks=callbacks, verbose=0,
+            name=TUNE_NAME, storage_path=tune_storage(spec, out_dir, storage), stop=stopper, callbacks=callbacks,
+            verbose=0,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         ),
@@ -92,14 +133,20 @@ def check_resources(spec: SweepSpec) -> None:
 
 def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, resume: bool = False,
               address: str | None = None, tracking_uri: str | None = None, extra_callbacks: list | None = None,
-              monitor_interval_s: float = 10.0) -> SweepResult:
+              monitor_interval_s: float = 10.0, storage: str | None = None) -> SweepResult:
     """Run (or resume) the sweep; returns where the results are and the best trial.
+
+    storage: Ray Tune's storage (checkpoints, result logs) for a multi-node cluster: s3://, gs:// or an absolute
+    path on a shared filesystem; the sweep's Tune folder is STORAGE/<sweep name>/tune. None: the sweep folder's
+    ray/. trials.csv, the Optuna journal and the default MLflow store stay in the local sweep folder.
 
     tracking_uri: MLflow store for the parent/child runs (None: no MLflow). Checked before anything starts.
     """
     out_dir = sweep_dir(spec, results_dir)
-    tune_path = out_dir / RAY_DIR / TUNE_NAME
-    exists = tune_path.exists()
+    if storage is not None:
+        check_storage(storage)
+    tune_path = f"{tune_storage(spec, out_dir, storage)}/{TUNE_NAME}"
+    exists = _tune_exists(tune_path)
     if resume and not exists:
         raise SweepError(f"--resume: no sweep to resume at {tune_path}; run without --resume to start it")
     if exists and not resume:
@@ -116,7 +163,10 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
                  **({} if address else {"num_cpus": os.cpu_count()}))
         started_ray = True
     try:
-        check_resources(spec)
+        if started_ray:
+            # Only a Ray this process started is known to be all there is: a cluster joined with --address may
+            # have an autoscaler that adds GPU nodes once trials ask for them (sweeps/README.md).
+            check_resources(spec)
         out_dir.mkdir(parents=True, exist_ok=True)
         stopper = CollapseStopper(spec.search.collapse_stop)
         monitor = SweepMonitor(out_dir, stopper, spec.search.scheduler.name, interval_s=monitor_interval_s)
@@ -127,13 +177,13 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
         tracker = MlflowTracker(spec, tracking_uri, address, stopper=stopper, flush_s=0.0) if tracking_uri else None
         callbacks = [monitor, JsonLoggerCallback(), *([tracker] if tracker else []), *(extra_callbacks or [])]
         if resume:
-            fresh = build_tuner(spec, out_dir, callbacks, stopper)  # for its param_space-free run config
-            tuner = tune.Tuner.restore(str(tune_path), trainable=_trainable(spec), resume_unfinished=True,
+            fresh = build_tuner(spec, out_dir, callbacks, stopper, storage)  # for its param_space-free run config
+            tuner = tune.Tuner.restore(tune_path, trainable=_trainable(spec), resume_unfinished=True,
                                        resume_errored=True)
             tuner._local_tuner._run_config.callbacks = fresh._local_tuner._run_config.callbacks
             tuner._local_tuner._run_config.stop = stopper
         else:
-            tuner = build_tuner(spec, out_dir, callbacks, stopper)
+            tuner = build_tuner(spec, out_dir, callbacks, stopper, storage)
         grid = tuner.fit()
         monitor.write_csv()
         errors = sum(1 for r in grid if r.error is not None)

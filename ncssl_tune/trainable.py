@@ -11,6 +11,7 @@ import math
 import os
 import tempfile
 
+import ray
 from ray import tune
 
 from ncssl_tune.config import set_dotted
@@ -45,7 +46,8 @@ def run_trial(config: dict, *, base: dict, objective: str, cpus: float, gpus: fl
 
     def report(metrics: dict, state: dict | None) -> None:
         # Ray's schedulers and searchers need the objective in every result, diverged ones included.
-        out = {**metrics, "method": method, "objective": metrics.get(objective, math.nan)}
+        out = {**metrics, "method": method, "objective": metrics.get(objective, math.nan),
+               "node_id": ray.get_runtime_context().get_node_id()}  # which node ran it (multi-node sweeps)
         out.setdefault(objective, math.nan)
         if state is None:
             tune.report(out)
