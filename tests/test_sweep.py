@@ -161,3 +161,11 @@ def test_a_used_up_grid_does_not_crash_the_searcher():
     s.on_trial_complete("t1", {"probe_acc": 0.9, "training_iteration": 1, "status": "finished"})
     s.on_trial_complete("t1", {"probe_acc": 0.9, "training_iteration": 1, "status": "finished"})
     assert [t.state for t in s._ot_study.trials] == [TrialState.COMPLETE]
+
+
+def test_gpus_the_cluster_lacks_fail_at_once(ray_session):
+    from ncssl_tune.sweep import check_resources
+
+    with pytest.raises(SweepError, match=r"gpu=1.*0 GPU.*resources.gpu"):
+        check_resources(load_spec("search_spaces/vicreg.yaml", ["resources.gpu=1"]))
+    check_resources(load_spec("search_spaces/vicreg.yaml"))  # 1 cpu per trial fits the 2-cpu test cluster
