@@ -177,10 +177,11 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
         tracker = MlflowTracker(spec, tracking_uri, address, stopper=stopper, flush_s=0.0) if tracking_uri else None
         callbacks = [monitor, JsonLoggerCallback(), *([tracker] if tracker else []), *(extra_callbacks or [])]
         if resume:
-            fresh = build_tuner(spec, out_dir, callbacks, stopper, storage)  # for its param_space-free run config
             tuner = tune.Tuner.restore(tune_path, trainable=_trainable(spec), resume_unfinished=True,
                                        resume_errored=True)
-            tuner._local_tuner._run_config.callbacks = fresh._local_tuner._run_config.callbacks
+            # Tuner.restore brings back the pickled callbacks and stopper of the first run; this process's own
+            # (fresh stdout, tracker connection, stopper) replace them. Ray offers no public way to do this.
+            tuner._local_tuner._run_config.callbacks = callbacks
             tuner._local_tuner._run_config.stop = stopper
         else:
             tuner = build_tuner(spec, out_dir, callbacks, stopper, storage)
