@@ -9,6 +9,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from conftest import start_local_ray
 
 from ncssl_tune import cli
 from ncssl_tune.spec import load_spec
@@ -41,7 +42,8 @@ def test_sweep_runs_trials_on_more_than_one_node(tmp_path):
     from ncssl_tune.monitor import read_trials
     from ncssl_tune.sweep import RAY_DIR, TUNE_NAME, run_sweep
 
-    if ray.is_initialized():  # the session's local Ray (conftest); its own later shutdown is harmless
+    session_ray = ray.is_initialized()  # the session's local Ray (conftest): restored afterwards
+    if session_ray:
         ray.shutdown()
     cluster = Cluster(initialize_head=True, connect=True,
                       head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -67,6 +69,8 @@ def test_sweep_runs_trials_on_more_than_one_node(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+        if session_ray:
+            start_local_ray()
 
 
 @pytest.mark.parametrize("storage, message", [
