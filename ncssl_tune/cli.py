@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -27,7 +28,19 @@ class _UsageError(Exception):
     pass
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
 def _run_parser() -> argparse.ArgumentParser:
+    from ncssl_tune.sweep import RESOURCE_WAIT_S
+
     p = _Parser(prog="ncssl-sweep", description="Run a hyperparameter sweep that measures collapse in "
                 "non-contrastive SSL.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("space", help="search-space YAML file (see search_spaces/vicreg.yaml for the format)")
@@ -41,6 +54,9 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///RESULTS_DIR/mlflow.db)")
     p.add_argument("--storage", help="Ray Tune storage every node can reach: s3://BUCKET/PATH, gs://BUCKET/PATH or "
                    "an absolute shared path (default: RESULTS_DIR/NAME/ray); trials.csv and optuna.log stay local")
+    p.add_argument("--resource-wait", type=_seconds, default=RESOURCE_WAIT_S, metavar="SECONDS",
+                   help="on a cluster joined with --address that has no node fitting one trial (e.g. no GPU yet): "
+                        f"how long to wait for its autoscaler before failing (default {RESOURCE_WAIT_S:g})")
     p.add_argument("--resume", action="store_true", help="continue the sweep stored under RESULTS_DIR/NAME")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved space and budget, start nothing")
     p.add_argument("--seed", type=int, help="seed of the sampler and of training (overrides search.seed, train.seed)")
@@ -143,7 +159,7 @@ def _sweep(args) -> int:
     try:
         check_tracking_uri(uri)
         result = run_sweep(spec, args.results_dir, resume=args.resume, address=args.address, tracking_uri=uri,
-                           storage=args.storage)
+                           storage=args.storage, resource_wait_s=args.resource_wait)
     except (SweepError, TrackingError) as e:
         print(f"ncssl-sweep: error: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ per-trial resources, restore. Output lands in <results_dir>/<sweep name>/."""
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -121,19 +122,44 @@ def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: Collap
     )
 
 
-def check_resources(spec: SweepSpec) -> None:
-    """Fail at once, instead of waiting forever, when no node could ever run one trial."""
+RESOURCE_WAIT_S = 600.0  # how long a sweep on a joined cluster waits for its autoscaler to fit one trial
+
+
+def _lacking(spec: SweepSpec) -> list[str]:
     total = ray.cluster_resources()
-    for key, need in (("CPU", spec.resources.cpu), ("GPU", spec.resources.gpu)):
-        if need > total.get(key, 0.0):
-            raise SweepError(f"each trial asks for {key.lower()}={need} (resources.{key.lower()}) but the Ray "
-                             f"cluster has {total.get(key, 0.0):g} {key}; lower resources.{key.lower()} "
-                             f"(e.g. --set resources.gpu=0 to run on CPU)")
+    return [f"{key.lower()}={need:g} (resources.{key.lower()}) but the Ray cluster has {total.get(key, 0.0):g} {key}"
+            for key, need in (("CPU", spec.resources.cpu), ("GPU", spec.resources.gpu)) if need > total.get(key, 0.0)]
+
+
+def check_resources(spec: SweepSpec, wait_s: float = 0.0) -> None:
+    """Fail instead of waiting forever when no node can run one trial. On a joined cluster (wait_s > 0) the
+    autoscaler is first asked for one trial's resources and given wait_s seconds to add a node that has them."""
+    lacking = _lacking(spec)
+    if lacking and wait_s > 0:
+        from ray.autoscaler.sdk import request_resources
+
+        bundle = {k: v for k, v in (("CPU", spec.resources.cpu), ("GPU", spec.resources.gpu)) if v > 0}
+        print(f"ncssl-sweep: each trial asks for {'; '.join(lacking)}; waiting up to {wait_s:g} s for the "
+              f"autoscaler to add a node (--resource-wait)", file=sys.stderr, flush=True)
+        request_resources(bundles=[bundle])
+        try:
+            deadline = time.monotonic() + wait_s
+            while lacking and time.monotonic() < deadline:
+                time.sleep(1.0)
+                lacking = _lacking(spec)
+        finally:
+            request_resources(bundles=[])  # the request is persistent: withdraw it, trials make their own demand
+        if lacking:
+            lacking[-1] += f" after waiting {wait_s:g} s for its autoscaler"
+    if lacking:
+        raise SweepError(f"each trial asks for {'; '.join(lacking)}; lower the request (e.g. --set "
+                         f"resources.gpu=0 to run on CPU) or add nodes that have it")
 
 
 def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, resume: bool = False,
               address: str | None = None, tracking_uri: str | None = None, extra_callbacks: list | None = None,
-              monitor_interval_s: float = 10.0, storage: str | None = None) -> SweepResult:
+              monitor_interval_s: float = 10.0, storage: str | None = None,
+              resource_wait_s: float = RESOURCE_WAIT_S) -> SweepResult:
     """Run (or resume) the sweep; returns where the results are and the best trial.
 
     storage: Ray Tune's storage (checkpoints, result logs) for a multi-node cluster: s3://, gs:// or an absolute
@@ -141,6 +167,9 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
     ray/. trials.csv, the Optuna journal and the default MLflow store stay in the local sweep folder.
 
     tracking_uri: MLflow store for the parent/child runs (None: no MLflow). Checked before anything starts.
+
+    resource_wait_s: on a cluster joined with `address`, how long to wait for the autoscaler to add a node that
+    fits one trial before failing (a Ray this process starts is all there is: checked at once).
     """
     out_dir = sweep_dir(spec, results_dir)
     if storage is not None:
@@ -164,9 +193,7 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
         started_ray = True
     try:
         if started_ray:
-            # Only a Ray this process started is known to be all there is: a cluster joined with --address may
-            # have an autoscaler that adds GPU nodes once trials ask for them (sweeps/README.md).
-            check_resources(spec)
+            check_resources(spec, wait_s=resource_wait_s if address else 0.0)
         out_dir.mkdir(parents=True, exist_ok=True)
         stopper = CollapseStopper(spec.search.collapse_stop)
         monitor = SweepMonitor(out_dir, stopper, spec.search.scheduler.name, interval_s=monitor_interval_s)

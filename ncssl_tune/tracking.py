@@ -54,6 +54,7 @@ TAG_TRIAL = "ray_trial_id"
 TAG_STATUS = "status"  # finished | diverged | stopped | error | running | interrupted
 TAG_REASON = "stop_reason"
 TAG_SAMPLED = "sampled_params"  # JSON list of the keys Optuna sampled for this trial
+TAG_NODE = "node_id"  # Ray node that produced the trial's latest result (multi-node and autoscaling sweeps)
 PARENT_TAG = "mlflow.parentRunId"
 
 SPECTRUM_CSV = "spectrum.csv"  # columns k, z, h: eigenvalues of the final epoch's covariance (descending)
@@ -210,6 +211,8 @@ class MlflowTracker(Callback):
         self._last_step: dict[str, int] = {}  # trial id -> last epoch buffered
         self._floor: dict[str, int] = {}  # trial id -> last epoch MLflow held when the run was found again
         self._pending: dict[str, list] = {}  # trial id -> Metric objects not yet queued
+        self._pending_tags: dict[str, dict] = {}  # trial id -> tags not yet queued (sent with the metrics)
+        self._node: dict[str, str] = {}  # trial id -> Ray node id of its latest result (tag TAG_NODE)
         self._outbox: deque = deque()  # (kind, trial id or None for the parent, payload), sent in order
         self._rejected: list[tuple] = []  # (op, error): operations the store refused (not an outage)
         self._parent_new = False
@@ -244,7 +247,8 @@ class MlflowTracker(Callback):
     @property
     def unsent(self) -> int:
         """Operations queued (not yet sent) or refused by the store."""
-        return len(self._outbox) + len(self._rejected) + sum(map(len, self._pending.values()))
+        return (len(self._outbox) + len(self._rejected) + sum(map(len, self._pending.values()))
+                + sum(map(len, self._pending_tags.values())))
 
     # --- Ray Tune hooks
     def setup(self, **info) -> None:
@@ -466,7 +470,7 @@ class MlflowTracker(Callback):
         self._buffer(tid, result)  # no-op when this epoch was buffered already
         reasons = self.stopper.reasons if self.stopper is not None else {}
         status, reason = trial_outcome(tid, result, reasons, self.spec.search.scheduler.name, error)
-        tags = {TAG_STATUS: status, TAG_REASON: reason}
+        tags = {**self._pending_tags.pop(tid, {}), TAG_STATUS: status, TAG_REASON: reason}
         tags.update({k: result[k] for k in ("collapse", "collapse_h", "method") if isinstance(result.get(k), str)})
         metrics = self._pending.pop(tid, [])
         if "time_total_s" in result:
@@ -489,6 +493,10 @@ class MlflowTracker(Callback):
             return  # an epoch replayed after a restore from an older checkpoint: MLflow holds it already
         self._last_step[tid] = step
         self._pending.setdefault(tid, []).extend(_metric(k, v, step) for k, v in metrics_of(result).items())
+        node = result.get(TAG_NODE)
+        if isinstance(node, str) and node != self._node.get(tid):  # a trial restored elsewhere moves node
+            self._node[tid] = node
+            self._pending_tags.setdefault(tid, {})[TAG_NODE] = node
 
     def _maybe_flush(self) -> None:
         if time.monotonic() - self._last_flush >= self.flush_s:
@@ -497,8 +505,9 @@ class MlflowTracker(Callback):
             self._drain()  # retries when due
 
     def _flush(self) -> None:
-        for tid in list(self._pending):
-            self._outbox.append(("batch", tid, {"metrics": self._pending.pop(tid), "tags": {}}))
+        for tid in list(self._pending.keys() | self._pending_tags.keys()):
+            self._outbox.append(("batch", tid, {"metrics": self._pending.pop(tid, []),
+                                                "tags": self._pending_tags.pop(tid, {})}))
         self._last_flush = time.monotonic()
         self._drain()
 
