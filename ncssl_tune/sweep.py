@@ -17,6 +17,7 @@ from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
+from ray.tune.stopper import Stopper
 
 from ncssl_tune.mlflow_store import check_tracking_uri
 from ncssl_tune.monitor import CollapseStopper, PruningOptunaSearch, SweepMonitor, read_trials
@@ -71,6 +72,20 @@ def _tune_exists(path: str) -> bool:
         raise SweepError(f"--storage: cannot read {path}: {e}") from None
 
 
+class AllStoppers(Stopper):
+    """Stops a trial (or the sweep) when any stopper says so. Unlike Ray's CombinedStopper, whose any() stops
+    asking at the first yes, every stopper sees every result: counters such as the collapse stopper's stay whole."""
+
+    def __init__(self, *stoppers: Stopper):
+        self.stoppers = stoppers
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return any([s(trial_id, result) for s in self.stoppers])  # a list: no short-circuit
+
+    def stop_all(self) -> bool:
+        return any([s.stop_all() for s in self.stoppers])
+
+
 @dataclass
 class SweepResult:
     out_dir: Path
@@ -96,7 +111,7 @@ def _trainable(spec: SweepSpec):
     return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
-def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: CollapseStopper,
+def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: Stopper,
                 storage: str | None = None) -> tune.Tuner:
     s = spec.search
     searcher = PruningOptunaSearch(space=DefineByRun(spec.space, spec.base), metric=s.metric, mode=spec.mode,
@@ -159,7 +174,7 @@ def check_resources(spec: SweepSpec, wait_s: float = 0.0) -> None:
 def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, resume: bool = False,
               address: str | None = None, tracking_uri: str | None = None, extra_callbacks: list | None = None,
               monitor_interval_s: float = 10.0, storage: str | None = None,
-              resource_wait_s: float = RESOURCE_WAIT_S) -> SweepResult:
+              resource_wait_s: float = RESOURCE_WAIT_S, stoppers: list | None = None) -> SweepResult:
     """Run (or resume) the sweep; returns where the results are and the best trial.
 
     storage: Ray Tune's storage (checkpoints, result logs) for a multi-node cluster: s3://, gs:// or an absolute
@@ -167,6 +182,8 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
     ray/. trials.csv, the Optuna journal and the default MLflow store stay in the local sweep folder.
 
     tracking_uri: MLflow store for the parent/child runs (None: no MLflow). Checked before anything starts.
+
+    stoppers: more Ray Tune stoppers beside the collapse stopper (e.g. a budget of trial-epochs, benchmarks/).
 
     resource_wait_s: on a cluster joined with `address`, how long to wait for the autoscaler to add a node that
     fits one trial before failing (a Ray this process starts is all there is: checked at once).
@@ -203,15 +220,16 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
         # with epochs still buffered would otherwise resume the trial past them and leave a gap in MLflow.
         tracker = MlflowTracker(spec, tracking_uri, address, stopper=stopper, flush_s=0.0) if tracking_uri else None
         callbacks = [monitor, JsonLoggerCallback(), *([tracker] if tracker else []), *(extra_callbacks or [])]
+        stop = AllStoppers(stopper, *stoppers) if stoppers else stopper
         if resume:
             tuner = tune.Tuner.restore(tune_path, trainable=_trainable(spec), resume_unfinished=True,
                                        resume_errored=True)
             # Tuner.restore brings back the pickled callbacks and stopper of the first run; this process's own
             # (fresh stdout, tracker connection, stopper) replace them. Ray offers no public way to do this.
             tuner._local_tuner._run_config.callbacks = callbacks
-            tuner._local_tuner._run_config.stop = stopper
+            tuner._local_tuner._run_config.stop = stop
         else:
-            tuner = build_tuner(spec, out_dir, callbacks, stopper, storage)
+            tuner = build_tuner(spec, out_dir, callbacks, stop, storage)
         grid = tuner.fit()
         monitor.write_csv()
         errors = sum(1 for r in grid if r.error is not None)

@@ -169,3 +169,26 @@ def test_gpus_the_cluster_lacks_fail_at_once(ray_session):
     with pytest.raises(SweepError, match=r"gpu=1.*0 GPU.*resources.gpu"):
         check_resources(load_spec("search_spaces/vicreg.yaml", ["resources.gpu=1"]))
     check_resources(load_spec("search_spaces/vicreg.yaml"))  # 1 cpu per trial fits the 2-cpu test cluster
+
+
+def test_all_stoppers_asks_every_stopper_even_after_a_yes():
+    from ray.tune.stopper import Stopper
+
+    from ncssl_tune.sweep import AllStoppers
+
+    class Count(Stopper):
+        def __init__(self, answer: bool):
+            self.answer, self.calls = answer, 0
+
+        def __call__(self, trial_id, result):
+            self.calls += 1
+            return self.answer
+
+        def stop_all(self):
+            return self.calls >= 2
+
+    yes, no = Count(True), Count(False)
+    both = AllStoppers(yes, no)
+    assert both("t", {}) is True and (yes.calls, no.calls) == (1, 1)  # Ray's CombinedStopper would skip `no`
+    assert not both.stop_all()
+    assert both("t", {}) is True and both.stop_all()

@@ -1,0 +1,231 @@
+"""Search efficiency and label-free selection on the VICReg digits space (search_spaces/vicreg.yaml), issue 7.
+
+Two strategies, same space, same training seed, same budget of B trial-epochs (one trial-epoch = one epoch
+result of one trial), for each seed:
+  tpe    TPE + ASHA + collapse stopper (the file's settings), num_samples = ceil(B / 4)
+  random random search + FIFO, no collapse stopper, num_samples = B // epochs trials that all run to the end
+The equal budget: a stopper ends the sweep once B results (trial-epochs) have arrived, and a callback records
+every result in arrival order (max_concurrent 2); the few results of trials already running when the sweep
+stops are discarded from both curves. ASHA spends ~3-6 epochs per trial, so B/4 trials usually reach B; when
+a TPE sweep ends short of B that only handicaps TPE (`spent` says how many it used).
+
+Per seed and objective (probe_acc, the one both searchers optimise, and knn_acc read from the same curves):
+  best       the highest value of any result (any trial, any epoch) within B, per strategy
+  reference  the higher of the two strategies' bests: the common target
+  to_within  cumulative trial-epochs at the first result whose running best is >= reference - 0.01;
+             null when never reached within B
+  ratio      random.to_within / tpe.to_within; a strategy that never got there is charged B (then the ratio
+             is a bound, flagged in `censored`). Medians are over seeds.
+Target: median probe_acc ratio >= 2 at equal or better best probe_acc (median of tpe.best - random.best >= 0).
+
+Label-free selection: over every trial the sweeps ran (not truncated; diverged trials excluded), regret =
+best final probe_acc - final probe_acc of the trial with the highest final effective_rank (RankMe-style
+selection, no labels); also for knn_acc, for effective_rank_h, and the regret of a uniformly random pick for
+scale. Per seed (both strategies' trials pooled) and over all seeds pooled.
+
+Writes results/benchmarks/search.json. `--quick`: 1 seed, B = 2, 1 epoch per trial: 2 trials per strategy (what
+the test suite runs; it checks the plumbing, its numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+from ray.tune import Callback
+from ray.tune.stopper import Stopper
+
+from ncssl_tune.spec import load_spec
+from ncssl_tune.sweep import run_sweep
+
+KEYS = ("probe_acc", "knn_acc", "effective_rank", "effective_rank_h")
+OBJECTIVES = ("probe_acc", "knn_acc")
+TOL = 0.01  # "within 1 point"
+
+
+class BudgetStopper(Stopper):
+    """Ends the whole sweep once `budget` trial-epochs have been reported, so no compute is spent past B."""
+
+    def __init__(self, budget: int):
+        self.budget, self.seen = budget, 0
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        self.seen += 1
+        return False
+
+    def stop_all(self) -> bool:
+        return self.seen >= self.budget
+
+
+class ResultLog(Callback):
+    """Every result Ray sees, in arrival order (Ray calls callbacks for the result a stopper fires on too)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.rows.append({"trial": trial.trial_id, "epoch": result.get("epoch"), "status": result.get("status"),
+                          **{k: _num(result.get(k)) for k in KEYS}})
+
+
+def _num(v) -> float | None:
+    """A finite float or None (diverged trials report NaN; JSON must hold none)."""
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def _median(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def run_strategy(space: str, seed: int, epochs: int, budget: int, tpe: bool, metric: str, tmp: str) -> dict:
+    sets = ["train.threads=1", f"search.metric={metric}"]  # one torch thread per trial: 2 trials on 2 cores
+    if tpe:
+        num_samples = max(2, math.ceil(budget / 4))
+        sets += ["search.algorithm=tpe", "search.scheduler.name=asha", "search.collapse_stop.total=true"]
+    else:
+        num_samples = max(1, budget // epochs)
+        sets += ["search.algorithm=random", "search.scheduler.name=fifo", "search.collapse_stop.total=false"]
+    name = f"{'tpe' if tpe else 'random'}-s{seed}"
+    spec = load_spec(space, sets, num_samples=num_samples, epochs=epochs, seed=seed, name=name)
+    log = ResultLog()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # the live table is noise here; our summary follows
+        run_sweep(spec, tmp, extra_callbacks=[log], monitor_interval_s=1e9, stoppers=[BudgetStopper(budget)])
+    rows = log.rows
+    kept = rows[:budget]
+    out = {"num_samples": num_samples, "wall_seconds": time.perf_counter() - start, "spent": len(kept),
+           "discarded": len(rows) - len(kept), "trials_within_budget": len({r["trial"] for r in kept})}
+    out["best"] = {m: max((r[m] for r in kept if r[m] is not None), default=None) for m in OBJECTIVES}
+    out["_rows"], out["_kept"] = rows, kept
+    return out
+
+
+def to_within(kept: list[dict], metric: str, target: float) -> int | None:
+    # The running best first reaches the target at the first single result that does.
+    return next((i for i, r in enumerate(kept, 1) if r[metric] is not None and r[metric] >= target - 1e-9), None)
+
+
+def final_trials(rows: list[dict]) -> list[dict]:
+    last = {}
+    for r in rows:
+        last[r["trial"]] = r
+    return [r for r in last.values() if r["status"] != "diverged"]
+
+
+def regret(trials: list[dict], by: str, metric: str) -> dict:
+    pool = [t for t in trials if t[by] is not None and t[metric] is not None]
+    if not pool:
+        return {"regret": None, "random_pick_regret": None, "trials": 0}
+    best = max(t[metric] for t in pool)
+    pick = max(pool, key=lambda t: t[by])
+    return {"regret": best - pick[metric], "random_pick_regret": best - statistics.fmean(t[metric] for t in pool),
+            "trials": len(pool), "best": best, "picked": pick[metric], "picked_rank": pick[by]}
+
+
+def label_free(trials: list[dict]) -> dict:
+    return {f"{by}->{m}": regret(trials, by, m) for by in ("effective_rank", "effective_rank_h") for m in OBJECTIVES}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 seed, B = 2, 1 epoch: for the test suite")
+    p.add_argument("--space", default=str(Path(__file__).resolve().parent.parent / "search_spaces/vicreg.yaml"))
+    p.add_argument("--out", default="results/benchmarks/search.json")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--budget", type=int, default=60, help="trial-epochs per strategy and seed")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the space file's)")
+    p.add_argument("--metric", default="probe_acc", choices=OBJECTIVES, help="objective both searchers optimise")
+    args = p.parse_args(argv)
+    seeds, budget = (1, 2) if args.quick else (args.seeds, args.budget)
+    epochs = 1 if args.quick else (args.epochs or load_spec(args.space).train_config().train.epochs)
+    started = not ray.is_initialized()
+    if started:  # one Ray for all sweeps (run_sweep would start and stop one per sweep, ~5 s each)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    per_seed, pooled = [], []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for seed in range(seeds):
+                s = {"seed": seed}
+                for name, tpe in (("random", False), ("tpe", True)):
+                    s[name] = run_strategy(args.space, seed, epochs, budget, tpe, args.metric, tmp)
+                s["reference"], s["ratio"], s["censored"] = {}, {}, {}
+                for m in OBJECTIVES:
+                    bests = [s[n]["best"][m] for n in ("random", "tpe") if s[n]["best"][m] is not None]
+                    s["reference"][m] = max(bests) if bests else None
+                    for n in ("random", "tpe"):
+                        s[n].setdefault("to_within", {})[m] = (
+                            None if not bests else to_within(s[n]["_kept"], m, s["reference"][m] - TOL))
+                    r, t = s["random"]["to_within"][m], s["tpe"]["to_within"][m]
+                    s["censored"][m] = r is None or t is None
+                    s["ratio"][m] = None if not bests else (r or budget) / (t or budget)
+                trials = final_trials(s["random"].pop("_rows")) + final_trials(s["tpe"].pop("_rows"))
+                s["random"].pop("_kept"), s["tpe"].pop("_kept")
+                s["label_free"] = label_free(trials)
+                pooled += trials
+                per_seed.append(s)
+    finally:
+        if started:
+            ray.shutdown()
+
+    med = {m: {"ratio": _median([s["ratio"][m] for s in per_seed]),
+               "random_best": _median([s["random"]["best"][m] for s in per_seed]),
+               "tpe_best": _median([s["tpe"]["best"][m] for s in per_seed]),
+               "best_gap_tpe_minus_random": _median([s["tpe"]["best"][m] - s["random"]["best"][m] for s in per_seed
+                                                     if None not in (s["tpe"]["best"][m], s["random"]["best"][m])]),
+               "random_to_within": _median([s["random"]["to_within"][m] for s in per_seed]),
+               "tpe_to_within": _median([s["tpe"]["to_within"][m] for s in per_seed])} for m in OBJECTIVES}
+    ratio, gap = med[args.metric]["ratio"], med[args.metric]["best_gap_tpe_minus_random"]
+    targets = {"ratio_at_least": 2.0, "ratio_met": ratio is not None and ratio >= 2.0,
+               "equal_or_better_best_met": gap is not None and gap >= 0.0}
+    out = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+           "space": Path(args.space).name,
+           "settings": {"seeds": seeds, "budget_trial_epochs": budget, "epochs_per_trial": epochs,
+                        "objective": args.metric, "tolerance": TOL, "max_concurrent": 2, "threads_per_trial": 1,
+                        "tpe": "tpe + asha (file's grace/reduction) + collapse stop, num_samples ceil(B/4)",
+                        "random": "random + fifo, no collapse stop, num_samples B // epochs",
+                        "budget_rule": "sweep stopped once B results arrived; results past the first B (arrival "
+                                       "order) discarded from both curves"},
+           "per_seed": per_seed, "medians": med, "targets": targets,
+           "label_free": {"per_seed": [s["label_free"] for s in per_seed], "pooled": label_free(pooled)}}
+    _print(out)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2, allow_nan=False))  # raises on a stray NaN
+    return out
+
+
+def _print(out: dict) -> None:
+    f = lambda v, d=3: "-" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))  # noqa: E731
+    st = out["settings"]
+    print(f"B = {st['budget_trial_epochs']} trial-epochs, {st['epochs_per_trial']} epochs/trial, "
+          f"objective {st['objective']}; to_within = trial-epochs to within {TOL} of the seed's reference")
+    for m in OBJECTIVES:
+        print(f"\n{m:9s} seed | random best  to_within spent | tpe best  to_within spent trials | ratio")
+        for s in out["per_seed"]:
+            r, t = s["random"], s["tpe"]
+            print(f"{'':9s} {s['seed']:4d} | {f(r['best'][m]):>11s} {f(r['to_within'][m]):>10s} {r['spent']:5d} "
+                  f"| {f(t['best'][m]):>8s} {f(t['to_within'][m]):>10s} {t['spent']:5d} "
+                  f"{t['trials_within_budget']:6d} | {f(s['ratio'][m], 2)}{'*' if s['censored'][m] else ''}")
+        md = out["medians"][m]
+        print(f"{'':9s} median ratio {f(md['ratio'], 2)}, best gap tpe - random {f(md['best_gap_tpe_minus_random'])}"
+              f"  (* = censored at B)")
+    tg = out["targets"]
+    print(f"\ntarget ({st['objective']}): ratio >= 2: {'met' if tg['ratio_met'] else 'NOT met'}; equal or better "
+          f"best: {'met' if tg['equal_or_better_best_met'] else 'NOT met'}")
+    for key, v in out["label_free"]["pooled"].items():
+        print(f"label-free {key:25s} regret {f(v['regret'])} (random pick {f(v['random_pick_regret'])}, "
+              f"{v['trials']} trials pooled)")
+
+
+if __name__ == "__main__":
+    main()
