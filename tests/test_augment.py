@@ -37,6 +37,18 @@ def test_augment_is_per_sample():
     assert not torch.allclose(v1[0], v1[1])
 
 
+def test_chunked_cpu_calls_keep_shape_range_and_per_sample_randomness(monkeypatch):
+    import ncssl_tune.augment
+
+    monkeypatch.setattr(ncssl_tune.augment, "CPU_CHUNK_FLOATS", 3 * 96 * 96 * 3)  # 3 images per call
+    aug = TwoViewAugment(default_augment(96, 3), 96, 3)
+    x = torch.rand(1, 3, 96, 96).expand(4, -1, -1, -1)
+    v = aug.views(x, 2)  # 8 stacked images in chunks of 3, 3, 2
+    assert v.shape == (2, 4, 3, 96, 96) and v.min() >= 0 and v.max() <= 1
+    flat = v.reshape(8, -1)
+    assert all(not torch.allclose(flat[i], flat[j]) for i in range(8) for j in range(i + 1, 8))
+
+
 def test_default_augment_per_image_size():
     digits, cifar, stl = default_augment(8, 1), default_augment(32, 3), default_augment(96, 3)
     assert digits.flip_p == 0 and digits.saturation == digits.hue == digits.grayscale_p == 0
