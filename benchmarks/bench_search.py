@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _print(out: dict) -> None:
-    f = lambda v, d=3: "-" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))  # noqa: E731
+    f = lambda v, d=3: "-" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
     st = out["settings"]
     print(f"B = {st['budget_trial_epochs']} trial-epochs, {st['epochs_per_trial']} epochs/trial, "
           f"objective {st['objective']}; to_within = trial-epochs to within {TOL} of the seed's reference")

@@ -80,10 +80,12 @@ class AllStoppers(Stopper):
         self.stoppers = stoppers
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        return any([s(trial_id, result) for s in self.stoppers])  # a list: no short-circuit
+        answers = [s(trial_id, result) for s in self.stoppers]  # all of them, before any() looks
+        return any(answers)
 
     def stop_all(self) -> bool:
-        return any([s.stop_all() for s in self.stoppers])
+        answers = [s.stop_all() for s in self.stoppers]
+        return any(answers)
 
 
 @dataclass

@@ -209,9 +209,8 @@ def _alive_nodes() -> list[dict]:
 
 def test_autoscaler_adds_worker_nodes_for_a_sweep_and_removes_them_when_idle(autoscaling_cluster, tmp_path):
     import ray
-    from ray.tune import Callback
-
     from mlflow import MlflowClient
+    from ray.tune import Callback
 
     from ncssl_tune.mlflow_store import default_tracking_uri
     from ncssl_tune.sweep import run_sweep
