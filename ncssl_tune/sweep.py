@@ -205,6 +205,9 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
     # Ray's per-trial CSV/TensorBoard loggers would duplicate what trials.csv and MLflow hold (and mangle the
     # spectrum lists); only its JSON log is kept (added in build_tuner), which Ray's own result tools read.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Trials checkpoint every epoch on purpose (exact resume); Ray then warns about frequent experiment snapshots
+    # several times a minute. The snapshot cost (~20 ms) is measured in benchmarks/bench_engine.py instead.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started_ray = False
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
