@@ -44,6 +44,7 @@ def test_cluster_yaml_passes_rays_schema_and_scales_gpu_workers_from_zero():
 
 def test_sweep_runs_trials_on_more_than_one_node(tmp_path):
     import ray
+    from mlflow import MlflowClient
     from ray.cluster_utils import Cluster
 
     from ncssl_tune.mlflow_store import default_tracking_uri
@@ -74,6 +75,9 @@ def test_sweep_runs_trials_on_more_than_one_node(tmp_path):
             for line in path.read_text().splitlines():
                 nodes.add(json.loads(line)["node_id"])
         assert len(nodes) > 1, nodes
+        client = MlflowClient(default_tracking_uri(tmp_path))
+        runs = client.search_runs([client.get_experiment_by_name("cluster").experiment_id], "tags.run_kind = 'trial'")
+        assert {r.data.tags["node_id"] for r in runs} == nodes  # each trial's node, as its MLflow tag
     finally:
         ray.shutdown()
         cluster.shutdown()
