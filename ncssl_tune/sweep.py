@@ -142,10 +142,15 @@ def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: Stoppe
 RESOURCE_WAIT_S = 600.0  # how long a sweep on a joined cluster waits for its autoscaler to fit one trial
 
 
+def _trial_bundle(spec: SweepSpec) -> dict[str, float]:
+    """One trial's resources, in Ray's names."""
+    return {"CPU": spec.resources.cpu, "GPU": spec.resources.gpu}
+
+
 def _lacking(spec: SweepSpec) -> list[str]:
     total = ray.cluster_resources()
     return [f"{key.lower()}={need:g} (resources.{key.lower()}) but the Ray cluster has {total.get(key, 0.0):g} {key}"
-            for key, need in (("CPU", spec.resources.cpu), ("GPU", spec.resources.gpu)) if need > total.get(key, 0.0)]
+            for key, need in _trial_bundle(spec).items() if need > total.get(key, 0.0)]
 
 
 def check_resources(spec: SweepSpec, wait_s: float = 0.0) -> None:
@@ -155,7 +160,7 @@ def check_resources(spec: SweepSpec, wait_s: float = 0.0) -> None:
     if lacking and wait_s > 0:
         from ray.autoscaler.sdk import request_resources
 
-        bundle = {k: v for k, v in (("CPU", spec.resources.cpu), ("GPU", spec.resources.gpu)) if v > 0}
+        bundle = {k: v for k, v in _trial_bundle(spec).items() if v > 0}
         print(f"ncssl-sweep: each trial asks for {'; '.join(lacking)}; waiting up to {wait_s:g} s for the "
               f"autoscaler to add a node (--resource-wait)", file=sys.stderr, flush=True)
         request_resources(bundles=[bundle])
