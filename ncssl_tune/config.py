@@ -90,6 +90,9 @@ class EvalConfig:
     knn_t: float = 0.07  # temperature of the kNN vote weights
     probe_val_fraction: float = 0.2  # share of train carved out to choose the probe's weight decay
     probe_weight_decays: list = field(default_factory=lambda: [0.0, 1e-4, 1e-3, 1e-2])  # probe L2 grid
+    fewshot_k: int = 5  # labels per class of the few-labels probe (fewshot_acc, on kNN's schedule); 0 skips it
+    fewshot_draws: int = 5  # independent label draws averaged in fewshot_acc (the same draws for every trial)
+    fewshot_weight_decay: float = 1e-2  # fixed L2 of the few-labels probe: k labels per class leave no validation
     collapse_total_std: float = 0.05  # total collapse when std_l2 * sqrt(D) falls below this
     collapse_dim_frac: float = 0.05  # dimensional collapse when effective_rank_frac falls below this
 
@@ -303,7 +306,9 @@ def _check_values(cfg: TrainConfig) -> None:
     _positive("eval.knn_k", e.knn_k)
     _positive("eval.knn_t", e.knn_t)
     _positive("eval.cond_samples", e.cond_samples)
-    for name in ("cond_views", "knn_every", "probe_every"):
+    _positive("eval.fewshot_draws", e.fewshot_draws)
+    _positive("eval.fewshot_weight_decay", e.fewshot_weight_decay, allow_zero=True)
+    for name in ("cond_views", "knn_every", "probe_every", "fewshot_k"):
         _positive(f"eval.{name}", getattr(e, name), allow_zero=True)
     if e.cond_views == 1:
         raise ConfigError("eval.cond_views", "needs at least 2 views (or 0 to skip entropy_cond)")

@@ -1,7 +1,9 @@
-"""Downstream quality of frozen representations: weighted kNN and a linear probe.
+"""Downstream quality of frozen representations: weighted kNN, a linear probe and a few-labels linear probe.
 
-Labels are used only here, never by the SSL loss. The probe's weight decay is chosen on a validation split
-carved from the training features; the test split is touched once, for the reported accuracy.
+Labels are used only here, never by the SSL loss. The full probe's weight decay is chosen on a validation split
+carved from the training features; the test split is touched once, for the reported accuracy. The few-labels
+probe (the semi-supervised evaluation of SimCLR / VICReg, scaled down: k labels per class) uses a fixed weight
+decay, because k labels per class leave nothing to validate on.
 """
 
 from __future__ import annotations
@@ -66,6 +68,48 @@ def _stratified_split(y: torch.Tensor, frac: float, seed: int) -> tuple[torch.Te
     return torch.cat(fit), torch.cat(val)
 
 
+def _standardize(train_h: torch.Tensor, test_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both (N, F) / (M, F) standardized with the statistics of all training features (no labels involved)."""
+    mean, std = train_h.float().mean(0), train_h.float().std(0) + 1e-6
+    return (train_h.float() - mean) / std, (test_h.float() - mean) / std
+
+
+def label_draws(y: torch.Tensor, k: int, draws: int, seed: int) -> list[torch.Tensor]:
+    """`draws` index sets of k samples of every class of y (N,), fixed by seed: every trial sees the same labels."""
+    classes, counts = torch.unique(y.cpu(), return_counts=True)
+    if k < 1 or int(counts.min()) < k:
+        raise ValueError(f"few-labels probe: k={k} labels per class, but the smallest class has {int(counts.min())}")
+    out = []
+    for d in range(draws):
+        g = torch.Generator().manual_seed(seed * 7919 + d)
+        out.append(torch.cat([torch.nonzero(y.cpu() == c).flatten()[torch.randperm(int(n), generator=g)[:k]]
+                              for c, n in zip(classes, counts)]))
+    return out
+
+
+@torch.no_grad()
+def fewshot_probe(
+    train_h: torch.Tensor, train_y: torch.Tensor, test_h: torch.Tensor, test_y: torch.Tensor,
+    k: int = 5, draws: int = 5, weight_decay: float = 1e-2, seed: int = 0, max_iter: int = 100,
+    num_classes: int | None = None,
+) -> dict[str, float]:
+    """Mean top-1 test accuracy of linear classifiers each fit on k labelled training samples per class.
+
+    train_h: (N, F), test_h: (M, F). Features are standardized with the statistics of all of train (unlabelled
+    data is available in this setting); each of `draws` label draws (fixed by seed) fits one L2-regularised
+    logistic regression. Returns fewshot_acc (mean over draws) and fewshot_acc_std (their standard deviation).
+    """
+    c = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    xtr, xte = _standardize(train_h, test_h)
+    accs = []
+    for idx in label_draws(train_y, k, draws, seed):
+        idx = idx.to(xtr.device)
+        lin = _fit_logreg(xtr[idx], train_y[idx], c, float(weight_decay), max_iter)
+        accs.append((lin(xte).argmax(1) == test_y).float().mean().item())
+    t = torch.tensor(accs, dtype=torch.float64)
+    return {"fewshot_acc": float(t.mean()), "fewshot_acc_std": float(t.std()) if len(accs) > 1 else 0.0}
+
+
 @torch.no_grad()
 def linear_probe(
     train_h: torch.Tensor, train_y: torch.Tensor, test_h: torch.Tensor, test_y: torch.Tensor,
@@ -79,8 +123,7 @@ def linear_probe(
     train and scored once on test. Returns probe_acc, probe_val_acc and probe_wd.
     """
     c = num_classes or int(max(train_y.max(), test_y.max())) + 1
-    mean, std = train_h.float().mean(0), train_h.float().std(0) + 1e-6
-    xtr, xte = (train_h.float() - mean) / std, (test_h.float() - mean) / std
+    xtr, xte = _standardize(train_h, test_h)
     fit, val = _stratified_split(train_y, val_fraction, seed)
     fit, val = fit.to(xtr.device), val.to(xtr.device)
     best_wd, best_val = None, -1.0

@@ -18,7 +18,7 @@ import yaml
 
 from ncssl_tune.config import SECTIONS, ConfigError, TrainConfig, _build, _coerce, set_dotted
 
-OBJECTIVES = {"probe_acc": "max", "knn_acc": "max", "effective_rank": "max", "effective_rank_h": "max",
+OBJECTIVES = {"fewshot_acc": "max", "probe_acc": "max", "knn_acc": "max", "effective_rank": "max", "effective_rank_h": "max",
               "loss": "min"}
 PARAM_TYPES = ("float", "logfloat", "int", "logint", "categorical")
 
@@ -54,7 +54,7 @@ class CollapseStopConfig:
 
 @dataclass
 class SearchConfig:
-    metric: str = "probe_acc"  # objective: probe_acc, knn_acc or the label-free effective_rank
+    metric: str = "fewshot_acc"  # objective: fewshot_acc, probe_acc, knn_acc or a label-free metric
     mode: str | None = None  # max or min; None takes the objective's natural direction
     num_samples: int = 12  # trials to run
     algorithm: Literal["tpe", "random", "grid"] = "tpe"  # Optuna sampler
@@ -221,7 +221,8 @@ def asha_rungs(search: SearchConfig, epochs: int) -> list[int]:
 def _check_rungs(cfg: TrainConfig, search: SearchConfig) -> None:
     """ASHA must compare fresh values: a probe measured 4 epochs before the rung would rank trials on stale data."""
     every = {"probe_acc": ("eval.probe_every", cfg.eval.probe_every),
-             "knn_acc": ("eval.knn_every", cfg.eval.knn_every)}.get(search.metric)
+             "knn_acc": ("eval.knn_every", cfg.eval.knn_every),
+             "fewshot_acc": ("eval.knn_every", cfg.eval.knn_every)}.get(search.metric)
     if search.scheduler.name != "asha" or every is None:
         return
     key, n = every

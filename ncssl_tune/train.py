@@ -22,7 +22,7 @@ from ncssl_tune.losses import LOSSES, WhiteningError
 from ncssl_tune.metrics import CollapseThresholds, collapse_metrics, entropy_cond
 from ncssl_tune.models import SSLModel, build_backbone, build_projector
 from ncssl_tune.optim import build_optimizer, lr_at
-from ncssl_tune.probe import knn_acc, linear_probe
+from ncssl_tune.probe import fewshot_probe, knn_acc, linear_probe
 
 Report = Callable[[dict, "dict | None"], None]
 
@@ -163,6 +163,22 @@ class _Run:
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
         return {k: v / self.steps_per_epoch for k, v in sums.items()}
 
+    def downstream(self, train_f: torch.Tensor, test_f: torch.Tensor, knn: bool = True,
+                   probes: bool = True) -> dict[str, float]:
+        """knn_acc and fewshot_acc (knn=True), probe_acc (probes=True) of frozen train_f (N, F), test_f (M, F)."""
+        e, out = self.cfg.eval, {}
+        kw = {"num_classes": self.data.num_classes, "seed": self.cfg.data.seed}
+        if knn:  # the few-labels probe (~0.1 s on digits) is as cheap as kNN, so it shares kNN's schedule
+            out["knn_acc"] = knn_acc(train_f, self.train_y, test_f, self.test_y, k=e.knn_k, t=e.knn_t,
+                                     num_classes=self.data.num_classes)
+            if e.fewshot_k:
+                out.update(fewshot_probe(train_f, self.train_y, test_f, self.test_y, k=e.fewshot_k,
+                                         draws=e.fewshot_draws, weight_decay=e.fewshot_weight_decay, **kw))
+        if probes:
+            out.update(linear_probe(train_f, self.train_y, test_f, self.test_y, weight_decays=e.probe_weight_decays,
+                                    val_fraction=e.probe_val_fraction, **kw))
+        return out
+
     @torch.no_grad()
     def evaluate(self, final: bool) -> dict[str, Any]:
         """Collapse metrics on the fixed eval subset; kNN and probe on their schedule (always at the end)."""
@@ -196,13 +212,9 @@ class _Run:
             out["entropy_cond"] = float(entropy_cond(zk))
         out["metrics_seconds"] = time.perf_counter() - t0  # collapse metrics incl. their own forward passes
         if do_knn:
-            out["knn_acc"] = knn_acc(htr, self.train_y, hte, self.test_y, k=e.knn_k, t=e.knn_t,
-                                     num_classes=self.data.num_classes)
+            out.update(self.downstream(htr, hte, probes=False))
         if do_probe:
-            p = linear_probe(htr, self.train_y, hte, self.test_y, weight_decays=e.probe_weight_decays,
-                             val_fraction=e.probe_val_fraction, seed=cfg.data.seed,
-                             num_classes=self.data.num_classes)
-            self.last_probe = {**p, "probe_epoch": ep}
+            self.last_probe = {**self.downstream(htr, hte, knn=False), "probe_epoch": ep}
         # Every report carries the latest probe so a scheduler never meets a missing metric; probe_epoch says
         # when it was measured.
         out.update(self.last_probe)
@@ -248,22 +260,15 @@ def train(cfg: TrainConfig, report: Report | None = None, resume: dict | None = 
     return metrics
 
 
-def reference_accuracies(cfg: TrainConfig) -> dict[str, float]:
-    """Probe accuracy of the randomly initialised encoder and of raw pixels: the floor any SSL run must beat.
+def reference_scores(cfg: TrainConfig) -> dict[str, dict[str, float]]:
+    """Downstream scores of the randomly initialised encoder and of raw pixels: the floor any SSL run must beat.
 
-    Uses the same data split, backbone and probe settings as `train(cfg)`, so it is reported once per dataset
-    and backbone, not per trial.
+    Same data split, backbone and probes as `train(cfg)`, so one call per sweep serves every trial of its base
+    configuration. Returns {"random_init": {knn_acc, probe_acc, fewshot_acc, ...}, "pixels": {...}}.
     """
     run = _Run(cfg)
-    e = cfg.eval
     run.model.eval()
-
-    def probe(train_f: torch.Tensor, test_f: torch.Tensor) -> float:
-        return linear_probe(train_f, run.train_y, test_f, run.test_y, weight_decays=e.probe_weight_decays,
-                            val_fraction=e.probe_val_fraction, seed=cfg.data.seed,
-                            num_classes=run.data.num_classes)["probe_acc"]
-
     htr, _ = embed(run.model, run.train_x, 1024, run.autocast)
     hte, _ = embed(run.model, run.test_x, 1024, run.autocast)
-    return {"probe_acc_random_init": probe(htr, hte),
-            "probe_acc_pixels": probe(run.train_x.flatten(1), run.test_x.flatten(1))}
+    return {"random_init": run.downstream(htr, hte),
+            "pixels": run.downstream(run.train_x.flatten(1), run.test_x.flatten(1))}

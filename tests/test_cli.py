@@ -107,7 +107,7 @@ CASES = [
     case("unknown-algorithm", "search: {algorithm: cmaes}\n",
          "search.algorithm: got 'cmaes'; choose from: tpe, random, grid"),
     case("unknown-objective", "search: {metric: accuracy}\n",
-         "search.metric: got 'accuracy'; choose from: probe_acc, knn_acc, effective_rank"),
+         "search.metric: got 'accuracy'; choose from: fewshot_acc, probe_acc, knn_acc, effective_rank"),
     case("unknown-mode", "search: {mode: maximize}\n", "search.mode: got 'maximize'; choose from: max, min"),
     case("unknown-loss-hyperparameter", "loss: {method: vicreg, vicreg: {bogus: 1}}\n",
          "loss.vicreg.bogus: unknown parameter; allowed: lam, mu, nu, gamma"),

@@ -151,10 +151,12 @@ def test_define_by_run_same_seed_same_params():
 @pytest.mark.parametrize(
     ("sets", "ok"),
     [
-        (["eval.probe_every=5", "search.scheduler.grace_period=3"], False),  # rungs 3, 9: probe at 1, 5, 10
-        (["eval.probe_every=3", "search.scheduler.grace_period=3"], True),
-        (["eval.probe_every=5", "search.scheduler.name=fifo"], True),  # no rungs to compare at
+        (["eval.probe_every=5", "search.metric=probe_acc"], False),  # rungs 3, 9: probe at 1, 5, 10
+        (["eval.probe_every=3", "search.metric=probe_acc"], True),
+        (["eval.probe_every=5", "search.metric=probe_acc", "search.scheduler.name=fifo"], True),  # no rungs
         (["eval.knn_every=2", "search.metric=knn_acc", "search.scheduler.grace_period=3"], False),
+        (["eval.knn_every=2", "search.metric=fewshot_acc"], False),  # the few-labels probe runs with kNN
+        (["eval.probe_every=5"], True),  # the shipped objective, fewshot_acc, does not wait for the full probe
         (["eval.probe_every=5", "search.metric=effective_rank"], True),  # measured every epoch
     ],
 )

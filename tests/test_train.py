@@ -10,7 +10,7 @@ import torch
 
 from ncssl_tune.config import TrainConfig
 from ncssl_tune.optim import LARS, build_optimizer, lr_at
-from ncssl_tune.train import load_state, reference_accuracies, save_state, train
+from ncssl_tune.train import load_state, reference_scores, save_state, train
 
 # Cheap evaluation: the tests check the loop, not the probe's resolution.
 FAST_EVAL = {"probe_every": 0, "cond_views": 0, "knn_every": 5, "eval_samples": 256}
@@ -124,7 +124,13 @@ def test_lr_schedule_warmup_then_cosine():
     assert lrs[-1] == pytest.approx(0.01, abs=1e-3)
 
 
-def test_reference_accuracies_are_far_above_chance():
-    ref = reference_accuracies(cfg())
-    assert ref["probe_acc_pixels"] > 0.9  # digits are nearly linearly separable in pixel space
-    assert ref["probe_acc_random_init"] > 0.5
+def test_reference_scores_of_random_init_and_pixels():
+    ref = reference_scores(cfg(eval={"knn_every": 1}))
+    assert set(ref) == {"random_init", "pixels"}
+    for scores in ref.values():
+        assert {"knn_acc", "probe_acc", "fewshot_acc", "fewshot_acc_std"} <= set(scores)
+    assert ref["pixels"]["probe_acc"] > 0.9  # digits are nearly linearly separable in pixel space
+    assert ref["random_init"]["probe_acc"] > 0.5
+    # 5 labels per class see far less than the full train split, on either representation
+    for scores in ref.values():
+        assert 0.1 < scores["fewshot_acc"] < scores["probe_acc"]
