@@ -182,7 +182,7 @@ class _Run:
     @torch.no_grad()
     def evaluate(self, final: bool) -> dict[str, Any]:
         """Collapse metrics on the fixed eval subset; kNN and probe on their schedule (always at the end)."""
-        cfg, e, ep = self.cfg, self.cfg.eval, self.epoch
+        e, ep = self.cfg.eval, self.epoch
         self.model.eval()
         out: dict[str, Any] = {}
         do_knn = final or bool(e.knn_every and ep % e.knn_every == 0)
