@@ -41,11 +41,14 @@ COLUMNS = ("collapse", "effective_rank", "effective_rank_h", "effective_rank_fra
            "entropy", "std_l2", "fewshot_acc", "fewshot_acc_std", "knn_acc", "probe_acc")
 
 
-def base_config(space: str, overrides: dict, epochs: int | None = None) -> TrainConfig:
-    """The base training configuration of search_spaces/<space>.yaml with dotted overrides applied."""
+def base_config(space: str, overrides: dict, epochs: int | None = None, threads: int = 1) -> TrainConfig:
+    """The base training configuration of search_spaces/<space>.yaml with dotted overrides applied.
+
+    One torch thread by default: on a busy 2-core machine two OpenMP threads spin against each other and a run
+    takes 10-50x longer; this benchmark measures collapse and accuracy, not speed."""
     raw = yaml.safe_load((ROOT / "search_spaces" / f"{space}.yaml").read_text())
     d = {k: raw[k] for k in SECTIONS if k in raw}
-    for key, value in {**overrides, **({"train.epochs": epochs} if epochs else {})}.items():
+    for key, value in {**overrides, "train.threads": threads, **({"train.epochs": epochs} if epochs else {})}.items():
         set_dotted(d, key, value)
     return TrainConfig.from_dict(d)
 
@@ -65,11 +68,11 @@ def fmt(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1 epoch per row, no JSON: plumbing only")
+    ap.add_argument("--quick", action="store_true", help="1 epoch per row, one seed: plumbing only")
     ap.add_argument("--seeds", type=int, default=3, help="training seeds of the default VICReg (noise floor)")
-    ap.add_argument("--only", nargs="*", help="run only these rows (by name); no JSON")
+    ap.add_argument("--only", nargs="*", help="run only these rows (by name)")
     ap.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "ablations.json"))
     args = ap.parse_args(argv)
     epochs = 1 if args.quick else None
@@ -91,13 +94,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{min(seeds):.3f}-{max(seeds):.3f} (range {max(seeds) - min(seeds):.3f})")
     missed = [r["name"] for r in rows if not r["as_predicted"]]
     print("all rows as predicted" if not missed else f"not as predicted: {', '.join(missed)}")
-    if not (args.quick or args.only):
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(
-            {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "rows": rows, "reference": ref,
-             "seed_range": max(seeds) - min(seeds) if len(seeds) > 1 else None}, indent=2))
-    return 0
+    out = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+           "rows": rows, "reference": ref, "seed_range": max(seeds) - min(seeds) if len(seeds) > 1 else None}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    return out
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main(sys.argv[1:])

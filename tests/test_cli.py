@@ -296,7 +296,7 @@ def test_dry_run_shows_conditions(tmp_path, capsys):
 
     out = capsys.readouterr().out
     assert "loss.vicreg.gamma: float [0.05, 2.0] when loss.method=vicreg" in out
-    assert "budget: 16 trials x 10 epochs" in out
+    assert "budget: 16 trials x 20 epochs" in out
     assert not list(tmp_path.iterdir())
 
 
