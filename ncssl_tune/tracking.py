@@ -38,6 +38,22 @@ from ray.tune import Callback
 from ncssl_tune.config import flatten
 from ncssl_tune.mlflow_store import TrackingError, check_tracking_uri, sqlite_path
 from ncssl_tune.monitor import trial_outcome
+from ncssl_tune.schema import (
+    NOT_METRICS,
+    PARENT_TAG,
+    RUN_STATUS,
+    SPECTRUM_CSV,
+    SPECTRUM_PNG,
+    STEP_METRIC,
+    TAG_KIND,
+    TAG_NODE,
+    TAG_REASON,
+    TAG_SAMPLED,
+    TAG_STATUS,
+    TAG_SWEEP,
+    TAG_TRIAL,
+    TAG_UID,
+)
 from ncssl_tune.spec import SweepSpec, resolved
 from ncssl_tune.spectra import save_spectrum_png, write_spectrum_csv
 
@@ -46,26 +62,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Tags: the schema `analysis` reads back.
-TAG_KIND = "run_kind"  # "sweep" (parent) or "trial" (child)
-TAG_SWEEP = "sweep"
-TAG_UID = "sweep_uid"  # tells a resumed sweep (same uid) from a new sweep of the same name
-TAG_TRIAL = "ray_trial_id"
-TAG_STATUS = "status"  # finished | diverged | stopped | error | running | interrupted
-TAG_REASON = "stop_reason"
-TAG_SAMPLED = "sampled_params"  # JSON list of the keys Optuna sampled for this trial
-TAG_NODE = "node_id"  # Ray node that produced the trial's latest result (multi-node and autoscaling sweeps)
-PARENT_TAG = "mlflow.parentRunId"
-
-SPECTRUM_CSV = "spectrum.csv"  # columns k, z, h: eigenvalues of the final epoch's covariance (descending)
-SPECTRUM_PNG = "spectrum.png"
-STEP_METRIC = "epoch"  # its history tells which epochs a child already holds
-
-RUN_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "error": "FAILED", "stopped": "KILLED"}
-# Bookkeeping Ray adds to every result, and the trainable's copy of the objective: not metrics of the trial.
-NOT_METRICS = frozenset({"objective", "timestamp", "training_iteration", "time_this_iter_s", "time_total_s",
-                         "time_since_restore", "iterations_since_restore", "timesteps_since_restore",
-                         "timesteps_total", "episodes_total", "pid", "done", "should_checkpoint"})
 MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_VALUE = 8000
 MAX_KEY = 250

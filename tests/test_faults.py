@@ -20,9 +20,9 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 
 from ncssl_tune.mlflow_store import default_tracking_uri
+from ncssl_tune.schema import PARENT_TAG, TAG_KIND, TAG_TRIAL
 from ncssl_tune.spec import load_spec
 from ncssl_tune.sweep import RAY_DIR, TUNE_NAME, optuna_storage, run_sweep
-from ncssl_tune.tracking import PARENT_TAG, TAG_KIND, TAG_TRIAL
 
 
 def _psutil():

@@ -20,9 +20,10 @@ from ray.tune import Callback
 
 from ncssl_tune.mlflow_store import TrackingError, check_tracking_uri, default_tracking_uri
 from ncssl_tune.monitor import CollapseStopper, trial_outcome
+from ncssl_tune.schema import PARENT_TAG, SPECTRUM_CSV
 from ncssl_tune.spec import load_spec
 from ncssl_tune.spectra import read_spectrum_csv
-from ncssl_tune.tracking import PARENT_TAG, SPECTRUM_CSV, UNSENT_FILE, MlflowTracker, safe_key
+from ncssl_tune.tracking import UNSENT_FILE, MlflowTracker, safe_key
 
 # Tiny trials: a small synthetic dataset keeps one epoch well under a second on a CPU core.
 FAST = ["eval.cond_views=0", "eval.eval_samples=64", "search.max_concurrent=2", "train.batch_size=64",
