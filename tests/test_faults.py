@@ -23,6 +23,7 @@ from ncssl_tune.mlflow_store import default_tracking_uri
 from ncssl_tune.schema import PARENT_TAG, TAG_KIND, TAG_TRIAL
 from ncssl_tune.spec import load_spec
 from ncssl_tune.sweep import RAY_DIR, TUNE_NAME, optuna_storage, run_sweep
+from ncssl_tune.tracking import OUTBOX_DIR, OUTBOX_FILE
 
 
 def _psutil():
@@ -255,3 +256,74 @@ def test_restored_searcher_reconciles_with_a_study_that_moved_on(tmp_path):
     trials = optuna.load_study(study_name="stale", storage=optuna_storage(tmp_path)).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.RUNNING]
     assert trials[0].value == pytest.approx(0.6) and trials[1].value == pytest.approx(0.7)
+
+
+# --- the driver killed while MLflow is down, then --resume once it is back
+
+def _outbox_ops(out_dir: Path) -> list[list]:
+    try:
+        return json.loads((out_dir / OUTBOX_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def test_outbox_of_a_driver_killed_during_an_outage_is_sent_on_resume(own_server, tmp_path):
+    """Server down after the first logged epoch; the driver SIGKILLed once its outbox file holds a trial's end
+    (status and spectrum); server back, `--resume`: every epoch and artifact of every trial is there once."""
+    num_samples, epochs = 2, 4
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    cwd = Path(__file__).resolve().parent.parent
+    out_dir = tmp_path / "killdriver"
+    cmd = _cli(tmp_path, "--tracking-uri", own_server.uri, num_samples=num_samples, epochs=epochs)
+    client = MlflowClient(own_server.uri)
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    psutil = _psutil()
+    tree: list = []
+    try:
+        def wait_for(what: str, done) -> None:
+            deadline = time.monotonic() + 180
+            while not done():
+                assert driver.poll() is None, f"the sweep ended before {what}: " \
+                                              f"{(tmp_path / 'first.log').read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no {what} within 180 s"
+                time.sleep(0.2)
+
+        def epoch_logged() -> bool:
+            exp = client.get_experiment_by_name("killdriver")
+            return exp is not None and bool(client.search_runs([exp.experiment_id], "metrics.epoch >= 1"))
+
+        wait_for("epoch in MLflow", epoch_logged)
+        own_server.stop()
+        wait_for("trial end in the outbox", lambda: {"terminate", "artifacts"} <= {op[0] for op in _outbox_ops(out_dir)
+                                                                                    if op[1] is not None})
+        tree = psutil.Process(driver.pid).children(recursive=True)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(timeout=30)
+        time.sleep(1)  # what dies with the driver (fate sharing) gets a moment; the rest is ended by pid
+        _end_all([p for p in tree if p.is_running()])
+
+    left = _outbox_ops(out_dir)
+    assert any(op[0] == "batch" and op[2]["metrics"] for op in left)  # epochs the store never received
+    own_server.start()
+    resumed = subprocess.run([*cmd, "--resume"], cwd=cwd, env=env, capture_output=True, text=True,
+                             timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+
+    rows = read_rows(out_dir)
+    assert len(rows) == num_samples and all(r["status"] == "finished" for r in rows), rows
+    parents, kids = children(client, "killdriver")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(k.data.tags[TAG_TRIAL] for k in kids) == sorted(r["trial_id"] for r in rows)
+    for k in kids:
+        run_id = k.info.run_id
+        assert k.info.status == "FINISHED" and k.data.tags["status"] == "finished"
+        history = client.get_metric_history(run_id, "effective_rank")
+        assert sorted(m.step for m in history) == list(range(1, epochs + 1))  # every epoch, none twice
+        assert sorted(a.path for a in client.list_artifacts(run_id)) == ["spectrum.csv", "spectrum.png"]
+    assert not (out_dir / OUTBOX_FILE).exists()
+    assert not any((out_dir / OUTBOX_DIR).iterdir())  # each spectrum folder removed once sent
