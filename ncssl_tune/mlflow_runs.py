@@ -113,9 +113,6 @@ class SweepRuns:
         self.floor: dict[str, int] = {}
         self._client = None
 
-    def __getstate__(self) -> dict:  # Ray pickles callbacks with the experiment; the connection stays out
-        return {**self.__dict__, "_client": None}
-
     @property
     def client(self):
         if self._client is None:

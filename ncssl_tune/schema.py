@@ -19,7 +19,8 @@ STEP_METRIC = "epoch"  # its history tells which epochs a child already holds
 
 # A trial's status tag -> the MLflow run status it ends with.
 RUN_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "error": "FAILED", "stopped": "KILLED"}
-# Bookkeeping Ray adds to every result, and the trainable's copy of the objective: not metrics of the trial.
-NOT_METRICS = frozenset({"objective", "timestamp", "training_iteration", "time_this_iter_s", "time_total_s",
+# Bookkeeping Ray adds to every result, the trainable's copy of the objective and its count of epochs in the same
+# collapse state (for the collapse stopper): not metrics of the trial.
+NOT_METRICS = frozenset({"objective", "collapse_streak", "timestamp", "training_iteration", "time_this_iter_s", "time_total_s",
                          "time_since_restore", "iterations_since_restore", "timesteps_since_restore",
                          "timesteps_total", "episodes_total", "pid", "done", "should_checkpoint"})

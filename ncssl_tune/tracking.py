@@ -22,7 +22,6 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ray.tune import Callback
 
@@ -43,9 +42,6 @@ from ncssl_tune.schema import (
 from ncssl_tune.spec import SweepSpec
 from ncssl_tune.spectra import save_spectrum_png, write_spectrum_csv
 from ncssl_tune.unsent import UNSENT_FILE, report_unsent
-
-if TYPE_CHECKING:
-    from ncssl_tune.monitor import CollapseStopper
 
 __all__ = ["HTTP_ENV", "OUTBOX_FILE", "UNSENT_FILE", "MlflowTracker", "metrics_of", "safe_key"]
 
@@ -98,14 +94,11 @@ class MlflowTracker(Callback):
     end_wait_s = float(os.environ.get("NCSSL_MLFLOW_END_WAIT_S", "30"))
 
     def __init__(self, spec: SweepSpec, tracking_uri: str, ray_address: str | None = None, *,
-                 stopper: CollapseStopper | None = None, flush_s: float = 5.0, out_dir: str | Path | None = None):
+                 flush_s: float = 5.0, out_dir: str | Path | None = None):
         for key, value in HTTP_ENV.items():
             os.environ.setdefault(key, value)
         check_tracking_uri(tracking_uri)
         self.spec = spec
-        # The sweep's collapse stopper, for the reason of each early stop (Ray does not hand it to callbacks:
-        # setup(stop=...) receives only dict criteria). Without it every early stop reads as ASHA's.
-        self.stopper = stopper
         self.tracking_uri = tracking_uri
         self.flush_s = flush_s
         self.out_dir = Path(out_dir) if out_dir else None  # else found from Ray's storage path (<out>/ray/tune)
@@ -120,7 +113,7 @@ class MlflowTracker(Callback):
         self._node: dict[str, str] = {}  # trial id -> Ray node id of its latest result (tag TAG_NODE)
         self._last_flush = time.monotonic()
 
-    # --- Ray's saved state (Ray also pickles callbacks with the experiment; SweepRuns leaves its client out)
+    # --- Ray's saved state (kept with the experiment, given back on resume)
     def get_state(self) -> dict:
         return {"sweep_uid": self.sweep_uid}
 
@@ -275,8 +268,7 @@ class MlflowTracker(Callback):
         self._child(trial, running=False)
         result = trial.last_result or {}
         self._buffer(tid, result)  # no-op when this epoch was buffered already
-        reasons = self.stopper.reasons if self.stopper is not None else {}
-        status, reason = trial_outcome(tid, result, reasons, self.spec.search.scheduler.name, error)
+        status, reason = trial_outcome(result, self.spec.search.collapse_stop, self.spec.search.scheduler.name, error)
         tags = {**self._pending_tags.pop(tid, {}), TAG_STATUS: status, TAG_REASON: reason}
         tags.update({k: result[k] for k in ("collapse", "collapse_h", "method") if isinstance(result.get(k), str)})
         metrics = self._pending.pop(tid, [])

@@ -7,6 +7,7 @@ Ray made visible (CUDA_VISIBLE_DEVICES) when the trial asked for one.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import tempfile
@@ -18,6 +19,12 @@ from ncssl_tune.config import set_dotted
 from ncssl_tune.train import TrainConfig, load_state, save_state, train
 
 STATE_FILE = "state.pt"
+STREAK_FILE = "collapse_streak.json"
+
+
+def next_streak(streak: tuple[str, int], state: str) -> tuple[str, int]:
+    """(collapse state, consecutive epochs in it) after one more epoch in `state`."""
+    return (state, streak[1] + 1) if state == streak[0] else (state, 1)
 
 
 def build_config(base: dict, sampled: dict, cpus: float, gpus: float) -> TrainConfig:
@@ -38,15 +45,24 @@ def run_trial(config: dict, *, base: dict, objective: str, cpus: float, gpus: fl
     """The Tune function trainable (bound with `tune.with_parameters`)."""
     cfg = build_config(base, config, cpus, gpus)
     resume = None
+    # The collapse stopper on the driver decides from one result: the trial counts its epochs in the same
+    # collapse state (kept with each checkpoint, so a restored trial goes on counting where it was).
+    streak = ("none", 0)
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume = load_state(os.path.join(d, STATE_FILE))
+            if os.path.exists(os.path.join(d, STREAK_FILE)):
+                with open(os.path.join(d, STREAK_FILE)) as f:
+                    streak = tuple(json.load(f))
     method = cfg.loss.method
 
     def report(metrics: dict, state: dict | None) -> None:
+        nonlocal streak
+        streak = next_streak(streak, metrics.get("collapse", "none"))
         # Ray's schedulers and searchers need the objective in every result, diverged ones included.
         out = {**metrics, "method": method, "objective": metrics.get(objective, math.nan),
+               "collapse_streak": streak[1],
                "node_id": ray.get_runtime_context().get_node_id()}  # which node ran it (multi-node sweeps)
         out.setdefault(objective, math.nan)
         if state is None:
@@ -54,6 +70,8 @@ def run_trial(config: dict, *, base: dict, objective: str, cpus: float, gpus: fl
             return
         with tempfile.TemporaryDirectory() as tmp:
             save_state(state, os.path.join(tmp, STATE_FILE))
+            with open(os.path.join(tmp, STREAK_FILE), "w") as f:
+                json.dump(list(streak), f)
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     train(cfg, report, resume=resume)
