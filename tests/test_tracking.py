@@ -5,8 +5,8 @@ import json
 import logging
 import math
 import os
-import pickle
 import signal
+import subprocess
 import time
 import types
 from pathlib import Path
@@ -16,9 +16,9 @@ from conftest import MlflowServer, free_port
 from ray.tune import Callback
 
 from ncssl_tune.mlflow_store import TrackingError, check_tracking_uri, default_tracking_uri
-from ncssl_tune.monitor import CollapseStopper, trial_outcome
+from ncssl_tune.monitor import trial_outcome
 from ncssl_tune.schema import PARENT_TAG, SPECTRUM_CSV
-from ncssl_tune.spec import load_spec
+from ncssl_tune.spec import CollapseStopConfig, load_spec
 from ncssl_tune.spectra import read_spectrum_csv
 from ncssl_tune.tracking import UNSENT_FILE, MlflowTracker, safe_key
 
@@ -78,6 +78,17 @@ def test_sqlite_uris(tmp_path):
         check_tracking_uri(f"sqlite:///{tmp_path}/file/mlflow.db")
 
 
+def test_an_address_that_passed_is_not_asked_again_in_the_same_command(tmp_path):
+    """The CLI, run_sweep and the tracker each check the tracking URI; the store is asked once."""
+    uri = f"sqlite:///{tmp_path}/once/mlflow.db"
+    check_tracking_uri(uri)
+    (tmp_path / "once").rmdir()
+    (tmp_path / "once").write_text("")  # the same check would now fail: it is not made again
+    check_tracking_uri(uri)
+    with pytest.raises(TrackingError, match="cannot write into"):
+        check_tracking_uri(f"sqlite:///{tmp_path}/once/other.db")  # another address is checked
+
+
 def test_tracker_checks_its_uri_on_construction():
     spec = load_spec("search_spaces/vicreg.yaml")
     with pytest.raises(TrackingError):
@@ -86,16 +97,20 @@ def test_tracker_checks_its_uri_on_construction():
 
 # --- pure helpers
 
-@pytest.mark.parametrize("result, reasons, scheduler, error, expected", [
-    ({"status": "finished"}, {}, "asha", None, ("finished", "")),
-    ({"status": "diverged", "error": "non-finite loss"}, {}, "asha", None, ("diverged", "non-finite loss")),
-    ({"status": "running"}, {"t": "collapse_total (epoch 2)"}, "asha", None, ("stopped", "collapse_total (epoch 2)")),
-    ({"status": "running"}, {}, "asha", None, ("stopped", "asha")),
-    ({"status": "running"}, {}, "fifo", None, ("stopped", "stopped")),
-    ({"status": "running"}, {}, "fifo", "boom.txt", ("error", "boom.txt")),
+COLLAPSED = {"status": "running", "epoch": 2, "collapse": "total", "collapse_streak": 1}
+
+
+@pytest.mark.parametrize("result, scheduler, error, expected", [
+    ({"status": "finished"}, "asha", None, ("finished", "")),
+    ({"status": "diverged", "error": "non-finite loss"}, "asha", None, ("diverged", "non-finite loss")),
+    (COLLAPSED, "asha", None, ("stopped", "collapse_total (epoch 2)")),
+    ({**COLLAPSED, "epoch": 1}, "asha", None, ("stopped", "asha")),  # before min_epoch: not the collapse stopper
+    ({**COLLAPSED, "collapse": "none"}, "asha", None, ("stopped", "asha")),
+    ({"status": "running"}, "fifo", None, ("stopped", "stopped")),
+    ({"status": "running"}, "fifo", "boom.txt", ("error", "boom.txt")),
 ])
-def test_trial_outcome(result, reasons, scheduler, error, expected):
-    assert trial_outcome("t", result, reasons, scheduler, error) == expected
+def test_trial_outcome(result, scheduler, error, expected):
+    assert trial_outcome(result, CollapseStopConfig(), scheduler, error) == expected
 
 
 def test_safe_key_keeps_valid_keys_and_shortens_long_ones_uniquely():
@@ -122,24 +137,22 @@ def report(tracker, trial, epoch: int, status: str = "running", **extra):
 
 def test_callback_statuses_tags_and_replayed_epochs(server):
     spec = load_spec("search_spaces/vicreg.yaml", name="trk_fake", epochs=3)
-    stopper = CollapseStopper(spec.search.collapse_stop)
-    tracker = MlflowTracker(spec, server, "ray://head:10001", stopper=stopper, flush_s=3600)
+    tracker = MlflowTracker(spec, server, "ray://head:10001", flush_s=3600)
     tracker.setup(stop={}, num_samples=4, total_num_samples=4)
     trials = {name: fake_trial(name) for name in ("fin", "div", "col", "err")}
-    for t in trials.values():
+    for name, t in trials.items():
         tracker.on_trial_start(0, [], t)
         report(tracker, t, 1)
-        report(tracker, t, 2)
+        # "col" is where the collapse stopper fires: the reason is read from this result
+        report(tracker, t, 2, **({"collapse": "total", "collapse_streak": 1} if name == "col" else {}))
     report(tracker, trials["fin"], 1)  # replayed after a restore from an older checkpoint: ignored
     report(tracker, trials["fin"], 3, "finished", spectrum=[4.0, 1.0, 0.0], spectrum_h=[2.0, 1e-3])
     report(tracker, trials["div"], 3, "diverged", error="non-finite loss 1e9")
-    stopper.reasons["col"] = "collapse_total (epoch 2)"
     for name in ("fin", "div", "col"):
         trials[name].status = "TERMINATED"
         tracker.on_trial_complete(0, [], trials[name])
     trials["err"].status, trials["err"].error_file = "ERROR", "/x/error.txt"
     tracker.on_trial_error(0, [], trials["err"])
-    pickle.loads(pickle.dumps(tracker))  # Ray pickles callbacks with the experiment; the client stays out
     tracker.on_experiment_end(list(trials.values()))
 
     parents, children = runs_of(server, "trk_fake")
@@ -165,6 +178,7 @@ def test_callback_statuses_tags_and_replayed_epochs(server):
     spectra = read_spectrum_csv(c.download_artifacts(fin.info.run_id, SPECTRUM_CSV))
     assert spectra == {"z": [4.0, 1.0, 0.0], "h": [2.0, 1e-3]}
     assert steps(server, by_id["col"].info.run_id) == [1, 2]
+    assert "collapse_streak" not in by_id["col"].data.metrics and by_id["col"].data.tags["collapse"] == "total"
 
 
 def test_load_runs_names_a_missing_experiment(server):
@@ -231,7 +245,9 @@ def test_sweep_records_params_metrics_and_artifacts(sweep, server):
     parents, children = runs_of(server, sweep.spec.name)
     p = parents[0]
     assert p.data.tags["ray_address"] == "local" and p.data.tags["search_algorithm"] == "tpe"
-    assert len(p.data.tags["git_commit"]) == 40 or p.data.tags["git_commit"] == "none"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert p.data.tags["git_commit"] == head  # the checkout the sweep ran from
     assert p.data.params["data.dataset"] == "synthetic" and p.data.params["search.num_samples"] == "3"
     assert {a.path for a in c.list_artifacts(p.info.run_id)} >= {"vicreg.yaml", "sweep_effective.yaml"}
     for run in children:
