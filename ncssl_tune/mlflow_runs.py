@@ -64,14 +64,10 @@ def spec_params(spec: SweepSpec) -> dict[str, str]:
     return {safe_key(k): param_value(v) for k, v in flat.items()}
 
 
-def trial_params(spec: SweepSpec, config: dict) -> dict[str, str]:
-    """The full training configuration of one trial, flattened; sampled keys keep their sampled values."""
-    # Imported here: it imports torch, which `analysis` (a reader of this module's schema) does not need.
-    from ncssl_tune.trainable import build_config
-
-    cfg = build_config(spec.base, config, spec.resources.cpu, spec.resources.gpu)
-    flat = {**flatten(cfg.to_dict()), **config}
-    return {safe_key(k): param_value(v) for k, v in flat.items()}
+def trial_params(config: dict) -> dict[str, str]:
+    """MLflow params from a trial's {dotted key: value} (its sampled values, or the resolved configuration it
+    reports in its first result)."""
+    return {safe_key(k): param_value(v) for k, v in config.items()}
 
 
 def git_commit() -> str:
@@ -190,7 +186,7 @@ class SweepRuns:
         """Create the trial's child run or find it again; returns the last epoch the store holds for it."""
         c = self.client
         found = self._find_child(trial_id)
-        params = trial_params(self.spec, config)
+        params = trial_params(config)
         if found:
             run_id = found[0].info.run_id
             history = c.get_metric_history(run_id, STEP_METRIC)
@@ -202,11 +198,17 @@ class SweepRuns:
         else:
             tags = {PARENT_TAG: self.run_id(None), TAG_KIND: "trial", TAG_SWEEP: self.spec.name,
                     TAG_UID: self.sweep_uid, TAG_TRIAL: trial_id, TAG_STATUS: "running",
-                    "method": params.get("loss.method", ""), TAG_SAMPLED: json.dumps(sorted(config))}
+                    "method": str(config.get("loss.method", self.spec.base.loss.method)),
+                    TAG_SAMPLED: json.dumps(sorted(config))}
             run_id = c.create_run(self.experiment_id, tags=tags, run_name=trial_id).info.run_id
             self.log_params(run_id, params, {})
         self.runs[trial_id] = run_id
         return self.floor.get(trial_id, 0)
+
+    def log_trial_params(self, trial_id: str, params: dict[str, str]) -> None:
+        """The params of a trial's child run that it lacks (its resolved configuration, once it reports it)."""
+        run_id = self.run_id(trial_id)
+        self.log_params(run_id, params, self.client.get_run(run_id).data.params)
 
     # --- writes
     def send(self, run_id: str, metrics: list, tags: dict | None = None) -> None:

@@ -16,6 +16,7 @@ PARENT_TAG = "mlflow.parentRunId"
 SPECTRUM_CSV = "spectrum.csv"  # columns k, z, h: eigenvalues of the final epoch's covariance (descending)
 SPECTRUM_PNG = "spectrum.png"
 STEP_METRIC = "epoch"  # its history tells which epochs a child already holds
+RESOLVED_CONFIG = "resolved_config"  # key of a trial's first result: its whole configuration, {dotted key: value}
 
 # A trial's status tag -> the MLflow run status it ends with.
 RUN_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "error": "FAILED", "stopped": "KILLED"}

@@ -25,12 +25,13 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from ncssl_tune.mlflow_runs import SweepRuns, safe_key
+from ncssl_tune.mlflow_runs import SweepRuns, safe_key, trial_params
 from ncssl_tune.mlflow_store import TrackingError, check_tracking_uri
 from ncssl_tune.monitor import trial_outcome
 from ncssl_tune.outbox import Op, Outbox
 from ncssl_tune.schema import (
     NOT_METRICS,
+    RESOLVED_CONFIG,
     RUN_STATUS,
     SPECTRUM_CSV,
     SPECTRUM_PNG,
@@ -81,7 +82,7 @@ class MlflowTracker(Callback):
     """Ray Tune callback recording a sweep in MLflow (driver side only).
 
     Parent run (experiment = sweep name): the whole spec as params, tags, the YAML as artifact. Child run per
-    trial (tag mlflow.parentRunId): sampled and full config as params, per-epoch metrics (step = epoch, sent in
+    trial (tag mlflow.parentRunId): sampled and full config as params (the latter as the trial reports it), per-epoch metrics (step = epoch, sent in
     batches every `flush_s` seconds and at trial end), final status FINISHED / FAILED (diverged, error) /
     KILLED (stopped early), tags status / stop_reason / collapse, the final spectrum as CSV and PNG.
 
@@ -150,6 +151,8 @@ class MlflowTracker(Callback):
     @_guarded
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self._child(trial, running=True)
+        if isinstance(result.get(RESOLVED_CONFIG), dict):  # the first result of each start carries it
+            self.outbox.put("params", trial.trial_id, trial_params({**result[RESOLVED_CONFIG], **trial.config}))
         self._buffer(trial.trial_id, result)
         self._maybe_flush()
 
@@ -234,6 +237,8 @@ class MlflowTracker(Callback):
         elif kind == "child":
             floor = runs.attach_child(tid, payload["config"], payload["running"])
             self._last_step[tid] = max(self._last_step.get(tid, 0), floor)
+        elif kind == "params":
+            runs.log_trial_params(tid, payload)
         elif kind == "batch":
             from mlflow.entities import Metric
 
