@@ -110,3 +110,33 @@ def own_server(tmp_path_factory):
         yield srv
     finally:
         srv.stop()
+
+
+# --- tiny trials and reading back what a sweep recorded, shared by the sweep, tracking and fault tests
+
+# A small synthetic dataset and model: one epoch well under a second on a CPU core.
+TINY = ["data.dataset=synthetic", "data.synthetic={n: 400, size: 8, channels: 1, classes: 4}",
+        "eval.probe_weight_decays=[0.0]", "model.width=16", "eval.cond_views=0", "train.batch_size=64"]
+
+
+def mlflow_client(client_or_uri):
+    from mlflow import MlflowClient
+
+    return MlflowClient(client_or_uri) if isinstance(client_or_uri, str) else client_or_uri
+
+
+def runs_of(client_or_uri, experiment: str) -> tuple[list, list]:
+    """(parent runs, child runs) of a sweep's MLflow experiment."""
+    from ncssl_tune.schema import TAG_KIND
+
+    c = mlflow_client(client_or_uri)
+    exp = c.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r}"
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    return ([r for r in runs if r.data.tags.get(TAG_KIND) == "sweep"],
+            [r for r in runs if r.data.tags.get(TAG_KIND) == "trial"])
+
+
+def steps(client_or_uri, run_id: str, key: str = "effective_rank") -> list[int]:
+    """The steps (epochs) a run holds for `key`, sorted; an epoch logged twice appears twice."""
+    return sorted(m.step for m in mlflow_client(client_or_uri).get_metric_history(run_id, key))

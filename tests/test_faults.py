@@ -15,12 +15,13 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import TINY, runs_of, steps
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from ray.tune import Callback
 
 from ncssl_tune.mlflow_store import default_tracking_uri
-from ncssl_tune.schema import PARENT_TAG, TAG_KIND, TAG_TRIAL
+from ncssl_tune.schema import TAG_TRIAL
 from ncssl_tune.spec import load_spec
 from ncssl_tune.sweep import optuna_storage, run_sweep
 from ncssl_tune.tracking import OUTBOX_DIR, OUTBOX_FILE
@@ -36,9 +37,7 @@ def _psutil():
 SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "vicreg.yaml"
 # Tiny trials (a small synthetic dataset, no conditional views, probe only at the first and last epoch), a
 # FIFO scheduler and no collapse stopper, so every trial is meant to run to its last epoch.
-FAST = ["eval.cond_views=0", "eval.probe_every=0", "eval.eval_samples=256", "model.projector=64-64",
-        "train.batch_size=64", "data.dataset=synthetic", "data.synthetic={n: 400, size: 8, channels: 1, classes: 4}",
-        "eval.probe_weight_decays=[0.0]", "model.width=16", "search.max_concurrent=2",
+FAST = [*TINY, "eval.probe_every=0", "eval.eval_samples=256", "model.projector=64-64", "search.max_concurrent=2",
         "search.scheduler.name=fifo", "search.collapse_stop.total=false", "search.max_failures=1"]
 
 
@@ -54,20 +53,6 @@ def small_space(tmp_path: Path) -> Path:
 def read_rows(out_dir: Path) -> list[dict]:
     with open(out_dir / "trials.csv") as f:
         return list(csv.DictReader(f))
-
-
-def children(client: MlflowClient, experiment: str) -> tuple[list, list]:
-    """(parent runs, child runs) of the sweep's MLflow experiment."""
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get(TAG_KIND) == "sweep"]
-    kids = [r for r in runs if PARENT_TAG in r.data.tags]
-    return parents, kids
-
-
-def steps(client: MlflowClient, run_id: str, key: str = "effective_rank") -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
 class KillWorkerOnce(Callback):
@@ -115,7 +100,7 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_session, tmp_pat
         assert r["status"] == "finished" and int(r["epoch"]) == epochs, r
 
     client = MlflowClient(uri)
-    parents, kids = children(client, spec.name)
+    parents, kids = runs_of(client, spec.name)
     assert len(parents) == 1
     by_trial = {k.data.tags[TAG_TRIAL]: k for k in kids}
     assert sorted(by_trial) == sorted(rows) and len(kids) == 2
@@ -148,7 +133,7 @@ def test_resume_runs_errored_trials_again_and_records_them_once(ray_session, tmp
     config = {k: v for k, v in read_rows(first.out_dir)[0].items() if k.startswith("param.")}
     assert config in [{k: v for k, v in r.items() if k.startswith("param.")} for r in rows.values()]
     client = MlflowClient(uri)
-    parents, kids = children(client, spec.name)
+    parents, kids = runs_of(client, spec.name)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     by_trial = {k.data.tags[TAG_TRIAL]: k for k in kids}
     assert sorted(by_trial) == sorted([errored, *rows])
@@ -180,6 +165,7 @@ def _cli(results: Path, *extra: str, num_samples: int, epochs: int) -> list[str]
 # instead of polling for a moment that may pass unseen.
 FROZEN_CLI = ["-c", """
 import pathlib, sys, time
+from conftest import TINY, runs_of, steps
 from ray.tune import Callback
 import ncssl_tune.sweep as sweep
 from ncssl_tune.cli import main
@@ -254,7 +240,7 @@ def test_resume_after_the_driver_is_killed_mid_sweep(tmp_path):
     assert len(done) == len(set(done)), "a finished trial's parameters were sampled again"
 
     client = MlflowClient(default_tracking_uri(tmp_path))
-    parents, kids = children(client, "killdriver")
+    parents, kids = runs_of(client, "killdriver")
     assert len(parents) == 1
     assert sorted(k.data.tags[TAG_TRIAL] for k in kids) == ids  # one child per trial, none twice
     epoch_of = {r["trial_id"]: int(r["epoch"]) for r in rows}
@@ -359,7 +345,7 @@ def test_outbox_of_a_driver_killed_during_an_outage_is_sent_on_resume(own_server
 
     rows = read_rows(out_dir)
     assert len(rows) == num_samples and all(r["status"] == "finished" for r in rows), rows
-    parents, kids = children(client, "killdriver")
+    parents, kids = runs_of(client, "killdriver")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(k.data.tags[TAG_TRIAL] for k in kids) == sorted(r["trial_id"] for r in rows)
     for k in kids:

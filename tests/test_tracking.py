@@ -12,39 +12,20 @@ import types
 from pathlib import Path
 
 import pytest
-from conftest import MlflowServer, free_port
+from conftest import TINY, MlflowServer, free_port, mlflow_client, runs_of, steps
 from ray.tune import Callback
 
+from ncssl_tune.config import flatten
 from ncssl_tune.mlflow_store import TrackingError, check_tracking_uri, default_tracking_uri
 from ncssl_tune.monitor import trial_outcome
 from ncssl_tune.schema import PARENT_TAG, SPECTRUM_CSV
 from ncssl_tune.spec import CollapseStopConfig, load_spec
 from ncssl_tune.spectra import read_spectrum_csv
 from ncssl_tune.tracking import UNSENT_FILE, MlflowTracker, safe_key
+from ncssl_tune.trainable import build_config
 
 # Tiny trials: a small synthetic dataset keeps one epoch well under a second on a CPU core.
-FAST = ["eval.cond_views=0", "eval.eval_samples=64", "search.max_concurrent=2", "train.batch_size=64",
-        "data.dataset=synthetic", "data.synthetic={n: 400, size: 8, channels: 1, classes: 4}",
-        "eval.probe_weight_decays=[0.0]", "model.width=16"]
-def client_for(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(uri)
-
-
-def runs_of(uri: str, experiment: str) -> tuple[list, list]:
-    c = client_for(uri)
-    exp = c.get_experiment_by_name(experiment)
-    runs = c.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("run_kind") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("run_kind") == "trial"]
-    return parents, children
-
-
-def steps(uri: str, run_id: str, key: str = "effective_rank") -> list[int]:
-    return [m.step for m in client_for(uri).get_metric_history(run_id, key)]
-
-
+FAST = [*TINY, "eval.eval_samples=64", "search.max_concurrent=2"]
 # --- check_tracking_uri
 
 def test_unreachable_server_fails_fast_with_a_clear_message():
@@ -142,7 +123,8 @@ def test_callback_statuses_tags_and_replayed_epochs(server):
     trials = {name: fake_trial(name) for name in ("fin", "div", "col", "err")}
     for name, t in trials.items():
         tracker.on_trial_start(0, [], t)
-        report(tracker, t, 1)
+        # the first result carries the trial's whole configuration, as run_trial reports it
+        report(tracker, t, 1, resolved_config=flatten(build_config(spec.base, t.config, 1, 0).to_dict()))
         # "col" is where the collapse stopper fires: the reason is read from this result
         report(tracker, t, 2, **({"collapse": "total", "collapse_streak": 1} if name == "col" else {}))
     report(tracker, trials["fin"], 1)  # replayed after a restore from an older checkpoint: ignored
@@ -173,7 +155,7 @@ def test_callback_statuses_tags_and_replayed_epochs(server):
     assert math.isnan(fin.data.metrics["knn_acc"]) and "pid" not in fin.data.metrics
     assert "collapse" not in fin.data.metrics and fin.data.tags["collapse"] == "none"
     assert fin.data.params["loss.vicreg.lam"] == "10.0" and fin.data.params["train.threads"] == "1"
-    c = client_for(server)
+    c = mlflow_client(server)
     assert {a.path for a in c.list_artifacts(fin.info.run_id)} == {"spectrum.csv", "spectrum.png"}
     spectra = read_spectrum_csv(c.download_artifacts(fin.info.run_id, SPECTRUM_CSV))
     assert spectra == {"z": [4.0, 1.0, 0.0], "h": [2.0, 1e-3]}
@@ -241,7 +223,7 @@ def test_resume_reuses_the_parent_and_child_runs(sweep, server):
 
 
 def test_sweep_records_params_metrics_and_artifacts(sweep, server):
-    c = client_for(server)
+    c = mlflow_client(server)
     parents, children = runs_of(server, sweep.spec.name)
     p = parents[0]
     assert p.data.tags["ray_address"] == "local" and p.data.tags["search_algorithm"] == "tpe"
@@ -274,7 +256,7 @@ def test_run_analysis_reports_into_the_parent_run(sweep, server, tmp_path):
     names = {"analysis.json", "report.md", "rank_vs_probe.png", "spectra.png", "rank_over_epochs.png",
              "collapse_map.png"}
     assert {f.name for f in (tmp_path / "analysis").iterdir()} == names
-    logged = client_for(server).list_artifacts(sweep.first.mlflow_parent_run_id, "analysis")
+    logged = mlflow_client(server).list_artifacts(sweep.first.mlflow_parent_run_id, "analysis")
     assert {Path(a.path).name for a in logged} == names
 
 
@@ -344,7 +326,7 @@ def test_server_restart_mid_sweep_loses_nothing(own_server, ray_session, tmp_pat
     assert [p.info.run_id for p in parents] == [result.mlflow_parent_run_id]
     assert parents[0].info.status == "FINISHED" and parents[0].data.tags["status"] == "finished"
     assert sorted(c.data.tags["ray_trial_id"] for c in children) == sorted(trial_ids) and len(trial_ids) == 3
-    c = client_for(own_server.uri)
+    c = mlflow_client(own_server.uri)
     for run in children:
         assert (run.info.status, run.data.tags["status"]) == ("FINISHED", "finished")
         assert steps(own_server.uri, run.info.run_id) == [1, 2, 3]  # every epoch, none twice
