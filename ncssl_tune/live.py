@@ -3,8 +3,10 @@
 Ray pickles the run configuration (callbacks, stoppers) with the experiment, and `Tuner.restore` brings back those
 pickled objects: a resumed sweep would print to the first process's settings, carry its counters, and have no
 way to take this process's callbacks (an extra one for a test, a new budget stopper). So the Tuner is given
-`LiveCallbacks(key)` and `LiveStopper(key)`: they pickle as their key only and, in whichever process runs the
-sweep, forward every hook to what that process registered under the key with `register` (public Ray API only).
+`LiveCallbacks(key, callbacks)` and `LiveStopper(key, stoppers)`: in whichever process runs the sweep they forward
+every hook to what that process registered under the key with `register` (public Ray API only). Where nothing is
+registered (Ray Client runs the Tuner in a remote actor) they fall back to the objects they were built with,
+which is what Ray itself would have used.
 """
 
 from __future__ import annotations
@@ -34,14 +36,6 @@ def unregister(key: str) -> None:
     _STOPPERS.pop(key, None)
 
 
-def _live(table: dict[str, list], key: str) -> list:
-    try:
-        return table[key]
-    except KeyError:
-        raise RuntimeError(f"no live callbacks registered for sweep {key!r}: resume it with ncssl-sweep "
-                           f"--resume (run_sweep)") from None
-
-
 def _state_key(i: int, obj: Any) -> str:
     return f"{i}:{type(obj).__name__}"
 
@@ -49,12 +43,13 @@ def _state_key(i: int, obj: Any) -> str:
 class LiveCallbacks(Callback):
     """Forwards every Ray Tune hook, in order, to the callbacks registered under `key` in this process."""
 
-    def __init__(self, key: str):
+    def __init__(self, key: str, callbacks: list[Callback]):
         self.key = key
+        self.own = list(callbacks)
 
     @property
     def callbacks(self) -> list[Callback]:
-        return _live(_CALLBACKS, self.key)
+        return _CALLBACKS.get(self.key, self.own)
 
     def get_state(self) -> dict | None:
         state = {_state_key(i, cb): cb.get_state() for i, cb in enumerate(self.callbacks)}
@@ -82,13 +77,18 @@ class LiveStopper(Stopper):
     """Stops a trial (or the sweep) when any stopper registered under `key` says so. Unlike Ray's CombinedStopper,
     whose any() stops asking at the first yes, every stopper sees every result."""
 
-    def __init__(self, key: str):
+    def __init__(self, key: str, stoppers: list[Stopper]):
         self.key = key
+        self.own = list(stoppers)
+
+    @property
+    def stoppers(self) -> list[Stopper]:
+        return _STOPPERS.get(self.key, self.own)
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        answers = [s(trial_id, result) for s in _live(_STOPPERS, self.key)]  # all of them, before any() looks
+        answers = [s(trial_id, result) for s in self.stoppers]  # all of them, before any() looks
         return any(answers)
 
     def stop_all(self) -> bool:
-        answers = [s.stop_all() for s in _live(_STOPPERS, self.key)]
+        answers = [s.stop_all() for s in self.stoppers]
         return any(answers)

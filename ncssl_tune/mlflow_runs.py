@@ -109,6 +109,9 @@ class SweepRuns:
         self.floor: dict[str, int] = {}
         self._client = None
 
+    def __getstate__(self) -> dict:  # Ray may pickle callbacks (Ray Client); the connection stays here
+        return {**self.__dict__, "_client": None}
+
     @property
     def client(self):
         if self._client is None:

@@ -217,8 +217,9 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
         # Ray keeps (pickled) what the Tuner was given and a resumed Tuner uses that: it is given stand-ins that
         # forward to this process's callbacks and stoppers, registered under the sweep's Tune path. The saved
         # callback state is matched by position and class: the tracker keeps its place after the monitor.
-        live.register(tune_path, [monitor, *([tracker] if tracker else []), *(extra_callbacks or [])],
-                      [CollapseStopper(spec.search.collapse_stop), *(stoppers or [])])
+        session_callbacks = [monitor, *([tracker] if tracker else []), *(extra_callbacks or [])]
+        session_stoppers = [CollapseStopper(spec.search.collapse_stop), *(stoppers or [])]
+        live.register(tune_path, session_callbacks, session_stoppers)
         try:
             if resume:
                 # Errored trials start again from scratch as new trials (restart_errored): Ray keeps a trial's
@@ -227,8 +228,9 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
                 tuner = tune.Tuner.restore(tune_path, trainable=_trainable(spec), resume_unfinished=True,
                                            restart_errored=True)
             else:
-                tuner = build_tuner(spec, out_dir, [live.LiveCallbacks(tune_path), JsonLoggerCallback()],
-                                    live.LiveStopper(tune_path), storage)
+                tuner = build_tuner(spec, out_dir, [live.LiveCallbacks(tune_path, session_callbacks),
+                                                    JsonLoggerCallback()],
+                                    live.LiveStopper(tune_path, session_stoppers), storage)
             grid = tuner.fit()
         finally:
             live.unregister(tune_path)
