@@ -165,7 +165,6 @@ def _cli(results: Path, *extra: str, num_samples: int, epochs: int) -> list[str]
 # instead of polling for a moment that may pass unseen.
 FROZEN_CLI = ["-c", """
 import pathlib, sys, time
-from conftest import TINY, runs_of, steps
 from ray.tune import Callback
 import ncssl_tune.sweep as sweep
 from ncssl_tune.cli import main
