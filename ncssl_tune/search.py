@@ -106,11 +106,15 @@ class OptunaSearcher(Searcher):
 
     # --- state: Ray saves it with the experiment; `state_path` holds the latest
     def get_state(self) -> dict:
-        return {"trials": self.trials, "told": self.told, "errored": self.errored, "live": self.live}
+        # The sampler too (as Optuna's FAQ restores one): a resumed sweep otherwise restarts its random number
+        # generator from the seed and proposes the first trials' parameters again.
+        return {"trials": self.trials, "told": self.told, "errored": self.errored, "live": self.live,
+                "sampler": self.study.sampler}
 
     def set_state(self, state: dict) -> None:
         self.trials, self.live = dict(state["trials"]), set(state["live"])
         self.told, self.errored = set(state["told"]), set(state["errored"])
+        self.study.sampler = state["sampler"]
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:

@@ -241,3 +241,22 @@ def test_live_stopper_asks_every_registered_stopper_even_after_a_yes():
         live.unregister("k")
     # Nothing registered (a Tuner run by Ray Client in a remote actor): the stoppers it was built with answer.
     assert both("t", {}) is False and both.own[0].calls == 1 and yes.calls == 2
+
+
+def test_a_restored_searcher_does_not_propose_the_same_parameters_again(tmp_path):
+    """The sampler's random state is part of the searcher's state: restored from the seed instead, the resumed
+    sweep would sample the first trials' parameters again."""
+    spec = load_spec("search_spaces/vicreg.yaml")
+
+    def searcher():
+        return OptunaSearcher(DefineByRun(spec.space, spec.base), metric="probe_acc", mode="max",
+                              sampler=optuna.samplers.RandomSampler(seed=0), storage=optuna_storage(tmp_path),
+                              study_name="s", state_path=tmp_path / "state.pkl")
+
+    first = searcher()
+    proposed = [first.suggest("t1")]
+    first.on_trial_complete("t1", {"probe_acc": 0.5, "training_iteration": 1, "status": "finished"})
+    assert searcher().suggest("x") == proposed[0]  # the same seed, not restored: the same proposal
+    resumed = searcher()
+    resumed.restore(str(tmp_path / "unused.pkl"))  # the state file is newer than any snapshot of Ray's
+    assert resumed.suggest("t2") not in proposed

@@ -140,7 +140,8 @@ def test_callback_statuses_tags_and_replayed_epochs(server):
     parents, children = runs_of(server, "trk_fake")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     p = parents[0]
-    assert p.data.tags["ray_address"] == "ray://head:10001" and p.data.tags["objective"] == "probe_acc (max)"
+    assert p.data.tags["ray_address"] == "ray://head:10001"
+    assert p.data.tags["objective"] == f"{spec.search.metric} ({spec.mode})" == "fewshot_acc (max)"
     assert p.data.params["search.algorithm"] == "tpe" and p.data.params["train.epochs"] == "3"
     assert p.data.params["space.loss.vicreg.lam.type"] == "logfloat"
     by_id = {r.data.tags["ray_trial_id"]: r for r in children}
