@@ -19,8 +19,8 @@ import pandas as pd
 from scipy import stats
 
 from ncssl_tune.mlflow_store import TrackingError, check_tracking_uri, sqlite_path
+from ncssl_tune.schema import PARENT_TAG, SPECTRUM_CSV, TAG_KIND, TAG_REASON, TAG_STATUS, TAG_TRIAL
 from ncssl_tune.spectra import plot_spectra, read_spectrum_csv
-from ncssl_tune.tracking import PARENT_TAG, SPECTRUM_CSV, TAG_KIND, TAG_REASON, TAG_STATUS, TAG_TRIAL
 
 RANKS = ("effective_rank", "effective_rank_h")  # label-free predictors, of z and of h
 TARGET = "probe_acc"

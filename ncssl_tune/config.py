@@ -8,7 +8,6 @@ out-of-range values raise `ConfigError` naming the dotted key and what is allowe
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,20 +45,51 @@ class ModelConfig:
     compile: bool = False  # torch.compile the model (CUDA only; pays a start-up cost)
 
 
+# Keyword arguments of each loss in ncssl_tune.losses, with the paper defaults that the functions' own signatures
+# carry (tests/test_config.py checks that the two agree, name for name and value for value).
+@dataclass
+class VICRegParams:
+    lam: float = 25.0  # λ, weight of the invariance term (MSE between the views)
+    mu: float = 25.0  # μ, weight of the variance term (hinge on each dimension's std)
+    nu: float = 1.0  # ν, weight of the covariance term (off-diagonal covariances)
+    gamma: float = 1.0  # γ, target std of each dimension
+
+
+@dataclass
+class BarlowTwinsParams:
+    lam: float = 0.0051  # λ, weight of the off-diagonal (redundancy reduction) term
+    scale: float = 1.0  # overall factor of the loss
+
+
+@dataclass
+class WMSEParams:
+    w_size: int = 128  # rows whitened together; >= 2 x embedding width and a divisor of the batch size
+    w_iter: int = 1  # random sub-batch splits whitened per step
+    eps: float = 0.0  # shrinkage of the covariance toward I before whitening, in [0, 1]
+
+
+@dataclass
+class SimCLRParams:
+    temperature: float = 0.1  # τ of NT-Xent
+
+
+@dataclass
+class InvarianceParams:
+    pass  # the negative control has no parameter
+
+
 @dataclass
 class LossConfig:
     method: str = "vicreg"  # registry name in ncssl_tune.losses.LOSSES
-    # Per-method keyword arguments, checked against the loss function's own signature; absent keys keep
-    # the paper defaults written there.
-    vicreg: dict = field(default_factory=dict)
-    barlow_twins: dict = field(default_factory=dict)
-    wmse: dict = field(default_factory=dict)
-    simclr: dict = field(default_factory=dict)
-    invariance: dict = field(default_factory=dict)
+    vicreg: VICRegParams = field(default_factory=VICRegParams)
+    barlow_twins: BarlowTwinsParams = field(default_factory=BarlowTwinsParams)
+    wmse: WMSEParams = field(default_factory=WMSEParams)
+    simclr: SimCLRParams = field(default_factory=SimCLRParams)
+    invariance: InvarianceParams = field(default_factory=InvarianceParams)
 
     def params(self) -> dict:
         """Keyword arguments for the selected loss."""
-        return dict(getattr(self, self.method))
+        return dataclasses.asdict(getattr(self, self.method))
 
 
 @dataclass
@@ -108,15 +138,32 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, raw: dict | None) -> TrainConfig:
         """Validate a nested dict (sections data/model/loss/train/eval) into a TrainConfig."""
-        cfg = _build(cls, raw or {}, "")
+        cfg = build(cls, raw or {}, "")
         _check_values(cfg)
         return cfg
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def with_overrides(self, dotted: dict[str, Any]) -> TrainConfig:
+        """A validated copy with dotted keys set ({"loss.vicreg.lam": 3.0}): the one way the spec, the trainable
+        and tests derive a configuration from another. ConfigError names the offending key."""
+        d = self.to_dict()
+        for key, value in dotted.items():
+            set_dotted(d, key, value)
+        return TrainConfig.from_dict(d)
+
+    def get(self, dotted: str) -> Any:
+        """The value at a dotted key ("model.norm"); a key nobody set holds its default."""
+        obj: Any = self
+        for part in dotted.split("."):
+            obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+        return obj
+
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+# method -> its parameter dataclass
+LOSS_PARAMS: dict[str, type] = {k: v for k, v in typing.get_type_hints(LossConfig).items() if k != "method"}
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -150,7 +197,7 @@ def _type_name(tp: Any) -> str:
     return str(tp)
 
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
+def coerce(tp: Any, value: Any, key: str) -> Any:
     """Check `value` against annotation `tp`; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -162,7 +209,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(a, value, key)
+                return coerce(a, value, key)
             except ConfigError:
                 errors.append(_type_name(a))
         raise ConfigError(key, f"expected {' or '.join(errors)} (or null), got {value!r}")
@@ -200,13 +247,17 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} at {key}")
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def build(cls: type, raw: Any, prefix: str) -> Any:
+    """The dataclass `cls` from a mapping, every field checked against its annotation (nested dataclasses too);
+    ConfigError names the dotted key (`prefix` + field) and what is allowed."""
     where = prefix.rstrip(".") or "configuration"
     if not isinstance(raw, dict):
         raise ConfigError(where, f"expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(raw) - set(names))
+    if unknown and cls in LOSS_PARAMS.values():
+        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown parameter; allowed: {', '.join(names) or '(none)'}")
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key; allowed keys in {where}: {', '.join(names)}")
     kwargs = {}
@@ -216,9 +267,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         tp = hints[name]
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, raw[name], key + ".")
+            kwargs[name] = build(tp, raw[name], key + ".")
         else:
-            kwargs[name] = _coerce(tp, raw[name], key)
+            kwargs[name] = coerce(tp, raw[name], key)
     return cls(**kwargs)
 
 
@@ -235,20 +286,11 @@ def _check_loss_params(loss: LossConfig) -> None:
 
     if loss.method not in LOSSES:
         raise ConfigError("loss.method", f"unknown method {loss.method!r}; choose from: {', '.join(sorted(LOSSES))}")
-    for method, fn in LOSSES.items():
-        params = getattr(loss, method)
-        sig = inspect.signature(fn)
-        allowed = [p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        for k, v in params.items():
-            key = f"loss.{method}.{k}"
-            if k not in allowed:
-                raise ConfigError(key, f"unknown parameter; allowed: {', '.join(allowed) or '(none)'}")
-            default = sig.parameters[k].default
-            params[k] = _coerce(type(default), v, key)
-            if isinstance(params[k], (int, float)):
-                _positive(key, params[k], allow_zero=k in ("eps", "nu", "mu", "lam"))
-            if method == "wmse" and k == "eps" and params[k] > 1:
-                raise ConfigError(key, f"whitening shrinkage must be in [0, 1], got {params[k]}")
+    for method in LOSS_PARAMS:
+        for k, v in dataclasses.asdict(getattr(loss, method)).items():
+            _positive(f"loss.{method}.{k}", v, allow_zero=k in ("eps", "nu", "mu", "lam"))
+    if loss.wmse.eps > 1:
+        raise ConfigError("loss.wmse.eps", f"whitening shrinkage must be in [0, 1], got {loss.wmse.eps}")
 
 
 def _check_data(d: DataConfig) -> None:
@@ -319,7 +361,7 @@ def _check_values(cfg: TrainConfig) -> None:
     ):
         raise ConfigError("eval.probe_weight_decays", f"expected a non-empty list of numbers >= 0, got {e.probe_weight_decays!r}")
     if cfg.loss.method == "wmse":
-        w_size = cfg.loss.wmse.get("w_size", inspect.signature(_loss_fn("wmse")).parameters["w_size"].default)
+        w_size = cfg.loss.wmse.w_size
         if spec and w_size < 2 * int(spec.split("-")[-1]):
             raise ConfigError("loss.wmse.w_size", f"w_size {w_size} must be >= 2 x embedding width "
                               f"{spec.split('-')[-1]} (last projector layer) for a well-conditioned whitening")
@@ -327,9 +369,3 @@ def _check_values(cfg: TrainConfig) -> None:
             raise ConfigError(
                 "loss.wmse.w_size", f"batch size {t.batch_size} must be a multiple of w_size {w_size}"
             )
-
-
-def _loss_fn(name: str):
-    from ncssl_tune.losses import LOSSES
-
-    return LOSSES[name]

@@ -236,11 +236,3 @@ LOSSES: dict[str, LossFn] = {
     "simclr": simclr_loss,
     "invariance": invariance_loss,
 }
-
-
-def get_loss(name: str) -> LossFn:
-    """The loss function registered under ``name``; ValueError listing the choices otherwise."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown loss {name!r}; choose from: {', '.join(sorted(LOSSES))}") from None

@@ -1,20 +1,15 @@
-"""Driver-side pieces of a sweep that watch trials: the collapse stopper, the Optuna searcher that records early
-stops as PRUNED, and the callback that prints the live table and writes trials.csv."""
+"""Driver-side pieces of a sweep that watch trials: the collapse stopper, how a trial ended (status and reason,
+from its last result), and the callback that prints the live table and writes trials.csv."""
 
 from __future__ import annotations
 
 import csv
-import math
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-import optuna
-from optuna.trial import TrialState
 from ray.tune import Callback
-from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
 from ncssl_tune.spec import CollapseStopConfig
@@ -24,108 +19,47 @@ FINAL_COLUMNS = ("epoch", "loss", "effective_rank", "effective_rank_frac", "effe
                  "probe_epoch", "images_per_s", "epoch_seconds", "metrics_seconds")
 
 
+def collapse_stop_reason(cfg: CollapseStopConfig, result: dict[str, Any]) -> str | None:
+    """Why the collapse stopper stops a trial at this result, or None. A function of the result alone (the trial
+    reports how many consecutive epochs it has been in its collapse state, `collapse_streak`), so the stopper,
+    the live table and the tracker agree on the reason without sharing any state."""
+    epoch = result.get("epoch", 0)
+    if epoch < cfg.min_epoch or result.get("status") != "running":
+        return None
+    state, n = result.get("collapse", "none"), result.get("collapse_streak", 0)
+    if state == "total" and cfg.total and n >= cfg.total_patience:
+        return f"collapse_total (epoch {epoch})"
+    if state == "dimensional" and cfg.dimensional and n >= cfg.dimensional_patience:
+        return f"collapse_dimensional (epoch {epoch})"
+    return None
+
+
 class CollapseStopper(Stopper):
     """Stops a trial after `total_patience` consecutive epochs in total collapse (and, when enabled,
-    `dimensional_patience` epochs in dimensional collapse). `reasons[trial_id]` records why."""
+    `dimensional_patience` epochs in dimensional collapse); see `collapse_stop_reason`. Holds no state."""
 
     def __init__(self, cfg: CollapseStopConfig):
         self.cfg = cfg
-        self.streak: dict[str, tuple[str, int]] = {}
-        self.reasons: dict[str, str] = {}
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        state = result.get("collapse", "none")
-        prev, n = self.streak.get(trial_id, ("none", 0))
-        n = n + 1 if state == prev else 1
-        self.streak[trial_id] = (state, n)
-        if result.get("epoch", 0) < self.cfg.min_epoch or result.get("status") != "running":
-            return False
-        if state == "total" and self.cfg.total and n >= self.cfg.total_patience:
-            self.reasons[trial_id] = f"collapse_total (epoch {result['epoch']})"
-            return True
-        if state == "dimensional" and self.cfg.dimensional and n >= self.cfg.dimensional_patience:
-            self.reasons[trial_id] = f"collapse_dimensional (epoch {result['epoch']})"
-            return True
-        return False
+        return collapse_stop_reason(self.cfg, result) is not None
 
     def stop_all(self) -> bool:
         return False
 
 
-class PruningOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna the truth about trials that did not run to the end.
-
-    Ray's OptunaSearch tells every trial that ended with a value as COMPLETE, so a trial stopped at epoch 2 by
-    ASHA or the collapse stopper enters TPE as if its early value were final. Here a trial whose last result is
-    still "running" is told PRUNED (its intermediate values were reported per epoch already), and a diverged
-    trial or a non-finite objective is told FAIL.
-    """
-
-    def restore(self, checkpoint_path: str) -> None:
-        """Reconcile the restored searcher with the study. The searcher state Ray saved with the experiment
-        lags the study's journal when the driver died: a trial may have been told COMPLETE since (Ray reruns it
-        from its checkpoint; its results must not be reported to the finished Optuna trial, which raises
-        UpdateFinishedTrialError), and a trial may have been asked for by a Ray trial Ray never saved (it would
-        stay RUNNING in the study for ever, beside a fresh one): such orphans are handed to the next new trials."""
-        super().restore(checkpoint_path)
-        by_number = {t.number: t for t in self._ot_study.get_trials(deepcopy=False)}
-        known = set()
-        for trial_id, ot_trial in self._ot_trials.items():
-            known.add(ot_trial.number)
-            frozen = by_number.get(ot_trial.number)
-            if frozen is not None and frozen.state.is_finished():
-                self._completed_trials.add(trial_id)
-        self._orphans = [t._trial_id for n, t in sorted(by_number.items())
-                         if n not in known and t.state == TrialState.RUNNING]
-
-    def suggest(self, trial_id: str) -> dict | None:
-        orphans = getattr(self, "_orphans", None)
-        if orphans and callable(self._space) and trial_id not in self._ot_trials:
-            # Optuna's Trial returns the values an orphan already holds and samples only what it lacks.
-            self._ot_trials[trial_id] = optuna.Trial(self._ot_study, orphans.pop(0))
-        return super().suggest(trial_id)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-            return
-        ot_trial = self._ot_trials[trial_id]
-        value = (result or {}).get(self.metric)
-        status = (result or {}).get("status")
-        # Mark first: if tell raises after storing the trial, Ray's second call must not tell it again.
-        self._completed_trials.add(trial_id)
-        try:
-            self._tell(ot_trial, value, status, error, result)
-        except RuntimeError as e:
-            # GridSampler stops the study once its grid is used up; outside study.optimize that stop raises, after
-            # the trial was stored. There is nothing to stop here: Ray's num_samples bounds the sweep.
-            if "Study.stop" not in str(e):
-                raise
-
-    def _tell(self, ot_trial, value, status, error: bool, result: dict | None) -> None:
-        if error or status == "diverged" or value is None or not math.isfinite(value):
-            self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
-        elif status == "running":
-            # Ray skips on_trial_result for the result on which a stopper fired: report it here, so the study
-            # holds the whole curve up to the stop.
-            # (Optuna ignores, with a warning, a step it already holds.)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ot_trial.report(value, result["training_iteration"])
-            self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED)
-        else:
-            self._ot_study.tell(ot_trial, value, state=TrialState.COMPLETE)
-
-
-def trial_outcome(trial_id: str, result: dict | None, reasons: dict[str, str], scheduler: str,
+def trial_outcome(result: dict | None, collapse_stop: CollapseStopConfig, scheduler: str,
                   error: str | None = None) -> tuple[str, str]:
-    """(status, stop_reason) of a trial that ended: finished, diverged, stopped (by the collapse stopper or
-    ASHA) or error. A last result still "running" means somebody stopped the trial before its last epoch."""
+    """(status, stop_reason) of a trial that ended, from its last result: finished, diverged, stopped (by the
+    collapse stopper or else the scheduler) or error. A last result still "running" means somebody stopped the
+    trial before its last epoch; the collapse stopper's rule tells whether it was that."""
     if error is not None:
         return "error", error
     result = result or {}
     status = result.get("status", "")
     if status == "running":
-        return "stopped", reasons.get(trial_id) or ("asha" if scheduler == "asha" else "stopped")
+        return "stopped", (collapse_stop_reason(collapse_stop, result)
+                           or ("asha" if scheduler == "asha" else "stopped"))
     if status == "diverged":
         return "diverged", str(result.get("error", ""))
     return status or "stopped", ""
@@ -149,10 +83,10 @@ class SweepMonitor(Callback):
     Its rows are part of the experiment state (get_state/set_state), so a resumed sweep keeps them.
     """
 
-    def __init__(self, out_dir: Path, stopper: CollapseStopper, scheduler: str, interval_s: float = 10.0,
+    def __init__(self, out_dir: Path, collapse_stop: CollapseStopConfig, scheduler: str, interval_s: float = 10.0,
                  stream=None):
         self.out_dir = Path(out_dir)
-        self.stopper = stopper
+        self.collapse_stop = collapse_stop
         self.scheduler = scheduler
         self.interval_s = interval_s
         self.stream = stream  # None: sys.stdout at print time (a stream does not pickle)
@@ -191,7 +125,7 @@ class SweepMonitor(Callback):
 
     def _end(self, trials, trial, error: str | None) -> None:
         result = trial.last_result or {}
-        status, reason = trial_outcome(trial.trial_id, result, self.stopper.reasons, self.scheduler, error)
+        status, reason = trial_outcome(result, self.collapse_stop, self.scheduler, error)
         self._row(trial, result, status, reason)
         self.write_csv()
         self.print_table(trials, force=True)

@@ -11,32 +11,22 @@ from typing import Any
 import numpy as np
 import optuna
 
+from ncssl_tune.config import TrainConfig
 from ncssl_tune.spec import Param, SweepSpec
-
-
-def base_value(base: dict, key: str) -> Any:
-    """The value of a dotted key in the base config dict, or None when unset (the dataclass default applies)."""
-    d: Any = base
-    for part in key.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
 
 
 class DefineByRun:
     """Samples the params in file order; a param with `when` is sampled only if every condition holds."""
 
-    def __init__(self, params: list[Param], base: dict):
+    def __init__(self, params: list[Param], base: TrainConfig):
         self.params = params
         self.base = base
 
     def __call__(self, trial: optuna.Trial) -> None:
         chosen: dict[str, Any] = {}
         for p in self.params:
-            if not all(chosen.get(k, base_value(self.base, k)) == v for k, v in p.when.items()):
-                continue
-            chosen[p.key] = suggest(trial, p)
+            if p.active(chosen, self.base):
+                chosen[p.key] = suggest(trial, p)
 
 
 def suggest(trial: optuna.Trial, p: Param) -> Any:

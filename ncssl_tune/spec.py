@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ncssl_tune.config import SECTIONS, ConfigError, TrainConfig, _build, _coerce, set_dotted
+from ncssl_tune.config import SECTIONS, ConfigError, TrainConfig, build, coerce, set_dotted
 
 OBJECTIVES = {"fewshot_acc": "max", "probe_acc": "max", "knn_acc": "max", "effective_rank": "max", "effective_rank_h": "max",
               "loss": "min"}
@@ -86,12 +86,17 @@ class Param:
     def endpoints(self) -> list:
         return list(self.values) if self.type == "categorical" else [self.low, self.high]
 
+    def active(self, chosen: dict[str, Any], base: TrainConfig) -> bool:
+        """Whether this param is sampled, given the values `chosen` so far: every `when` condition must hold, a
+        key not chosen counting with its value in `base` (its default when the file does not set it)."""
+        return all((chosen[k] if k in chosen else base.get(k)) == v for k, v in self.when.items())
+
 
 @dataclass
 class SweepSpec:
     name: str
     path: str
-    base: dict  # the five config sections, as written (validated through TrainConfig)
+    base: TrainConfig  # the five config sections after --set, validated
     search: SearchConfig
     resources: ResourcesConfig
     space: list[Param]
@@ -102,10 +107,8 @@ class SweepSpec:
         return self.search.mode or OBJECTIVES[self.search.metric]
 
     def train_config(self, overrides: dict | None = None) -> TrainConfig:
-        d = copy.deepcopy(self.base)
-        for k, v in (overrides or {}).items():
-            set_dotted(d, k, v)
-        return TrainConfig.from_dict(d)
+        """The base configuration with dotted `overrides` (e.g. one trial's sampled values)."""
+        return self.base.with_overrides(overrides or {})
 
 
 TOP_KEYS = ("name", *SECTIONS, "search", "resources", "space")
@@ -174,12 +177,11 @@ def _validate(raw: dict, p: Path) -> SweepSpec:
     unknown = sorted(set(raw) - set(TOP_KEYS))
     if unknown:
         raise ConfigError(unknown[0], f"unknown top-level key; allowed: {', '.join(TOP_KEYS)}")
-    name = _coerce(str, raw.get("name", p.stem), "name")
+    name = coerce(str, raw.get("name", p.stem), "name")
     if not name or any(c in name for c in "/\\:") or name.startswith("."):
         raise ConfigError("name", f"{name!r} cannot name a folder; use letters, digits, '-', '_'")
-    base = {k: copy.deepcopy(raw[k]) for k in SECTIONS if k in raw}
-    TrainConfig.from_dict(copy.deepcopy(base))
-    search = _build(SearchConfig, raw.get("search", {}), "search.")
+    base = TrainConfig.from_dict({k: copy.deepcopy(raw[k]) for k in SECTIONS if k in raw})
+    search = build(SearchConfig, raw.get("search", {}), "search.")
     if search.metric not in OBJECTIVES:
         raise ConfigError("search.metric", f"got {search.metric!r}; choose from: {', '.join(OBJECTIVES)}")
     if search.mode not in (None, "max", "min"):
@@ -196,7 +198,7 @@ def _validate(raw: dict, p: Path) -> SweepSpec:
         raise ConfigError("search.scheduler.reduction_factor", f"must be > 1, got {search.scheduler.reduction_factor}")
     if search.max_failures < 0:
         raise ConfigError("search.max_failures", f"must be >= 0, got {search.max_failures}")
-    resources = _build(ResourcesConfig, raw.get("resources", {}), "resources.")
+    resources = build(ResourcesConfig, raw.get("resources", {}), "resources.")
     if resources.cpu <= 0:
         raise ConfigError("resources.cpu", f"must be > 0 (fractions allowed), got {resources.cpu:g}")
     if resources.gpu < 0:
@@ -205,7 +207,7 @@ def _validate(raw: dict, p: Path) -> SweepSpec:
     if resources.gpu > 1 and resources.gpu != int(resources.gpu):
         raise ConfigError("resources.gpu", f"above 1 must be a whole number of GPUs, got {resources.gpu}")
     space = _parse_space(raw.get("space", {}), base, search)
-    _check_rungs(TrainConfig.from_dict(copy.deepcopy(base)), search)
+    _check_rungs(base, search)
     return SweepSpec(name=name, path=str(p), base=base, search=search, resources=resources, space=space, raw=raw)
 
 
@@ -234,7 +236,7 @@ def _check_rungs(cfg: TrainConfig, search: SearchConfig) -> None:
                                f"search.scheduler.grace_period, or use scheduler fifo")
 
 
-def _parse_space(raw_space: Any, base: dict, search: SearchConfig) -> list[Param]:
+def _parse_space(raw_space: Any, base: TrainConfig, search: SearchConfig) -> list[Param]:
     if not isinstance(raw_space, dict):
         raise ConfigError("space", "expected a mapping of dotted config keys to distributions")
     params: list[Param] = []
@@ -244,7 +246,7 @@ def _parse_space(raw_space: Any, base: dict, search: SearchConfig) -> list[Param
             raise ConfigError(where, f"swept keys are dotted config keys under {', '.join(SECTIONS)}")
         if not isinstance(entry, dict):
             raise ConfigError(where, "expected a mapping like {type: logfloat, low: 1, high: 100}")
-        param = _build(Param, {"key": key, **entry}, where + ".")
+        param = build(Param, {"key": key, **entry}, where + ".")
         if param.type not in PARAM_TYPES:
             raise ConfigError(f"{where}.type", f"got {param.type!r}; choose from: {', '.join(PARAM_TYPES)}")
         if param.type == "categorical":
@@ -272,12 +274,8 @@ def _parse_space(raw_space: Any, base: dict, search: SearchConfig) -> list[Param
                                   f"choose from: {', '.join(map(str, earlier[cond_key].values))}")
         # Every end point must make a valid configuration: catches unknown keys, wrong types, bad values.
         for value in param.endpoints():
-            d = copy.deepcopy(base)
-            for ck, cv in param.when.items():
-                set_dotted(d, ck, cv)
-            set_dotted(d, key, value)
             try:
-                TrainConfig.from_dict(d)
+                base.with_overrides({**param.when, key: value})
             except ConfigError as e:
                 raise ConfigError(where, f"value {value!r} is not valid for {e.key}: {e.message}") from None
         params.append(param)
@@ -309,6 +307,6 @@ def _check_range(param: Param, where: str, search: SearchConfig) -> None:
 
 def resolved(spec: SweepSpec) -> dict:
     """The spec as plain data (for --dry-run printing and logging)."""
-    return {"name": spec.name, "base": TrainConfig.from_dict(copy.deepcopy(spec.base)).to_dict(),
+    return {"name": spec.name, "base": spec.base.to_dict(),
             "search": dataclasses.asdict(spec.search), "resources": dataclasses.asdict(spec.resources),
             "space": [dataclasses.asdict(p) for p in spec.space]}

@@ -16,11 +16,12 @@ import ray
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import ConcurrencyLimiter
 from ray.tune.stopper import Stopper
 
+from ncssl_tune import live
 from ncssl_tune.mlflow_store import check_tracking_uri
-from ncssl_tune.monitor import CollapseStopper, PruningOptunaSearch, SweepMonitor, read_trials
+from ncssl_tune.monitor import CollapseStopper, SweepMonitor, read_trials
+from ncssl_tune.search import OptunaSearcher
 from ncssl_tune.space import DefineByRun, make_sampler
 from ncssl_tune.spec import SweepSpec
 from ncssl_tune.tracking import MlflowTracker
@@ -28,6 +29,7 @@ from ncssl_tune.trainable import run_trial
 
 RAY_DIR = "ray"  # Ray Tune storage under the sweep folder
 TUNE_NAME = "tune"
+SEARCHER_STATE = "searcher_state.pkl"  # the searcher's latest state (Ray's copy lags it), in the sweep folder
 
 
 class SweepError(RuntimeError):
@@ -72,22 +74,6 @@ def _tune_exists(path: str) -> bool:
         raise SweepError(f"--storage: cannot read {path}: {e}") from None
 
 
-class AllStoppers(Stopper):
-    """Stops a trial (or the sweep) when any stopper says so. Unlike Ray's CombinedStopper, whose any() stops
-    asking at the first yes, every stopper sees every result: counters such as the collapse stopper's stay whole."""
-
-    def __init__(self, *stoppers: Stopper):
-        self.stoppers = stoppers
-
-    def __call__(self, trial_id: str, result: dict) -> bool:
-        answers = [s(trial_id, result) for s in self.stoppers]  # all of them, before any() looks
-        return any(answers)
-
-    def stop_all(self) -> bool:
-        answers = [s.stop_all() for s in self.stoppers]
-        return any(answers)
-
-
 @dataclass
 class SweepResult:
     out_dir: Path
@@ -116,9 +102,9 @@ def _trainable(spec: SweepSpec):
 def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: Stopper,
                 storage: str | None = None) -> tune.Tuner:
     s = spec.search
-    searcher = PruningOptunaSearch(space=DefineByRun(spec.space, spec.base), metric=s.metric, mode=spec.mode,
-                                   sampler=make_sampler(spec), storage=optuna_storage(out_dir),
-                                   study_name=spec.name)
+    searcher = OptunaSearcher(DefineByRun(spec.space, spec.base), metric=s.metric, mode=spec.mode,
+                              sampler=make_sampler(spec), storage=optuna_storage(out_dir), study_name=spec.name,
+                              max_concurrent=s.max_concurrent, state_path=out_dir / SEARCHER_STATE)
     if s.scheduler.name == "asha":
         epochs = spec.train_config().train.epochs
         scheduler = ASHAScheduler(time_attr="epoch", metric=s.metric, mode=spec.mode, max_t=epochs,
@@ -128,7 +114,7 @@ def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: Stoppe
         scheduler = FIFOScheduler()
     return tune.Tuner(
         _trainable(spec),
-        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
+        tune_config=tune.TuneConfig(search_alg=searcher,
                                     scheduler=scheduler, num_samples=s.num_samples, reuse_actors=False),
         run_config=tune.RunConfig(
             name=TUNE_NAME, storage_path=tune_storage(spec, out_dir, storage), stop=stopper, callbacks=callbacks,
@@ -222,25 +208,32 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
         if started_ray:
             check_resources(spec, wait_s=resource_wait_s if address else 0.0)
         out_dir.mkdir(parents=True, exist_ok=True)
-        stopper = CollapseStopper(spec.search.collapse_stop)
-        monitor = SweepMonitor(out_dir, stopper, spec.search.scheduler.name, interval_s=monitor_interval_s)
-        # Ray restores callback state by position: the tracker keeps its place on fresh and resumed runs.
+        monitor = SweepMonitor(out_dir, spec.search.collapse_stop, spec.search.scheduler.name,
+                               interval_s=monitor_interval_s)
         # flush_s=0: each result's metrics (one log_batch per epoch) reach MLflow in on_trial_result, which Ray
         # calls before it registers that result's checkpoint and saves the experiment state. A driver killed
         # with epochs still buffered would otherwise resume the trial past them and leave a gap in MLflow.
-        tracker = MlflowTracker(spec, tracking_uri, address, stopper=stopper, flush_s=0.0) if tracking_uri else None
-        callbacks = [monitor, JsonLoggerCallback(), *([tracker] if tracker else []), *(extra_callbacks or [])]
-        stop = AllStoppers(stopper, *stoppers) if stoppers else stopper
-        if resume:
-            tuner = tune.Tuner.restore(tune_path, trainable=_trainable(spec), resume_unfinished=True,
-                                       resume_errored=True)
-            # Tuner.restore brings back the pickled callbacks and stopper of the first run; this process's own
-            # (fresh stdout, tracker connection, stopper) replace them. Ray offers no public way to do this.
-            tuner._local_tuner._run_config.callbacks = callbacks
-            tuner._local_tuner._run_config.stop = stop
-        else:
-            tuner = build_tuner(spec, out_dir, callbacks, stop, storage)
-        grid = tuner.fit()
+        tracker = MlflowTracker(spec, tracking_uri, address, flush_s=0.0, out_dir=out_dir) if tracking_uri else None
+        # Ray keeps (pickled) what the Tuner was given and a resumed Tuner uses that: it is given stand-ins that
+        # forward to this process's callbacks and stoppers, registered under the sweep's Tune path. The saved
+        # callback state is matched by position and class: the tracker keeps its place after the monitor.
+        session_callbacks = [monitor, *([tracker] if tracker else []), *(extra_callbacks or [])]
+        session_stoppers = [CollapseStopper(spec.search.collapse_stop), *(stoppers or [])]
+        live.register(tune_path, session_callbacks, session_stoppers)
+        try:
+            if resume:
+                # Errored trials start again from scratch as new trials (restart_errored): Ray keeps a trial's
+                # pending STOP with the experiment when it failed while saving a checkpoint, so a trial resumed
+                # under its id (resume_errored) is stopped again at its first checkpoint.
+                tuner = tune.Tuner.restore(tune_path, trainable=_trainable(spec), resume_unfinished=True,
+                                           restart_errored=True)
+            else:
+                tuner = build_tuner(spec, out_dir, [live.LiveCallbacks(tune_path, session_callbacks),
+                                                    JsonLoggerCallback()],
+                                    live.LiveStopper(tune_path, session_stoppers), storage)
+            grid = tuner.fit()
+        finally:
+            live.unregister(tune_path)
         monitor.write_csv()
         errors = sum(1 for r in grid if r.error is not None)
         best = None

@@ -6,7 +6,7 @@ Ray made visible (CUDA_VISIBLE_DEVICES) when the trial asked for one.
 
 from __future__ import annotations
 
-import copy
+import json
 import math
 import os
 import tempfile
@@ -14,46 +14,68 @@ import tempfile
 import ray
 from ray import tune
 
-from ncssl_tune.config import set_dotted
+from ncssl_tune.config import flatten
+from ncssl_tune.schema import RESOLVED_CONFIG
 from ncssl_tune.train import TrainConfig, load_state, save_state, train
 
 STATE_FILE = "state.pt"
+STREAK_FILE = "collapse_streak.json"
 
 
-def build_config(base: dict, sampled: dict, cpus: float, gpus: float) -> TrainConfig:
-    """Merge the sampled dotted keys into the base config and pin threads/device to Ray's assignment."""
-    d = copy.deepcopy(base)
-    for key, value in sampled.items():
-        set_dotted(d, key, value)
-    d.setdefault("train", {})
-    d["train"].setdefault("threads", max(1, math.ceil(cpus)))
+def next_streak(streak: tuple[str, int], state: str) -> tuple[str, int]:
+    """(collapse state, consecutive epochs in it) after one more epoch in `state`."""
+    return (state, streak[1] + 1) if state == streak[0] else (state, 1)
+
+
+def build_config(base: TrainConfig, sampled: dict, cpus: float, gpus: float) -> TrainConfig:
+    """The base config with the sampled dotted keys, threads and device pinned to Ray's assignment."""
+    cfg = base.with_overrides(sampled)
+    pinned: dict[str, object] = {}
+    if cfg.train.threads is None:
+        pinned["train.threads"] = max(1, math.ceil(cpus))
     if gpus > 0:
-        d["train"]["device"] = "cuda"  # Ray restricts CUDA_VISIBLE_DEVICES to the assigned GPU
-    elif d["train"].get("device", "auto") == "auto":
-        d["train"]["device"] = "cpu"  # a CPU-only trial must not grab a GPU Ray gave to another trial
-    return TrainConfig.from_dict(d)
+        pinned["train.device"] = "cuda"  # Ray restricts CUDA_VISIBLE_DEVICES to the assigned GPU
+    elif cfg.train.device == "auto":
+        pinned["train.device"] = "cpu"  # a CPU-only trial must not grab a GPU Ray gave to another trial
+    return cfg.with_overrides(pinned) if pinned else cfg
 
 
-def run_trial(config: dict, *, base: dict, objective: str, cpus: float, gpus: float) -> None:
+def run_trial(config: dict, *, base: TrainConfig, objective: str, cpus: float, gpus: float) -> None:
     """The Tune function trainable (bound with `tune.with_parameters`)."""
     cfg = build_config(base, config, cpus, gpus)
     resume = None
+    # The collapse stopper on the driver decides from one result: the trial counts its epochs in the same
+    # collapse state (kept with each checkpoint, so a restored trial goes on counting where it was).
+    streak = ("none", 0)
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume = load_state(os.path.join(d, STATE_FILE))
+            if os.path.exists(os.path.join(d, STREAK_FILE)):
+                with open(os.path.join(d, STREAK_FILE)) as f:
+                    streak = tuple(json.load(f))
     method = cfg.loss.method
+    # The configuration this trial runs, flattened, in its first result (of each start): the driver records it
+    # as it is instead of rebuilding it.
+    resolved: dict | None = flatten(cfg.to_dict())
 
     def report(metrics: dict, state: dict | None) -> None:
+        nonlocal streak, resolved
+        streak = next_streak(streak, metrics.get("collapse", "none"))
         # Ray's schedulers and searchers need the objective in every result, diverged ones included.
         out = {**metrics, "method": method, "objective": metrics.get(objective, math.nan),
+               "collapse_streak": streak[1],
                "node_id": ray.get_runtime_context().get_node_id()}  # which node ran it (multi-node sweeps)
+        if resolved is not None:
+            out[RESOLVED_CONFIG], resolved = resolved, None
         out.setdefault(objective, math.nan)
         if state is None:
             tune.report(out)
             return
         with tempfile.TemporaryDirectory() as tmp:
             save_state(state, os.path.join(tmp, STATE_FILE))
+            with open(os.path.join(tmp, STREAK_FILE), "w") as f:
+                json.dump(list(streak), f)
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     train(cfg, report, resume=resume)

@@ -15,14 +15,16 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import TINY, runs_of, steps
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from ray.tune import Callback
 
 from ncssl_tune.mlflow_store import default_tracking_uri
+from ncssl_tune.schema import TAG_TRIAL
 from ncssl_tune.spec import load_spec
-from ncssl_tune.sweep import RAY_DIR, TUNE_NAME, optuna_storage, run_sweep
-from ncssl_tune.tracking import PARENT_TAG, TAG_KIND, TAG_TRIAL
+from ncssl_tune.sweep import optuna_storage, run_sweep
+from ncssl_tune.tracking import OUTBOX_DIR, OUTBOX_FILE
 
 
 def _psutil():
@@ -35,9 +37,7 @@ def _psutil():
 SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "vicreg.yaml"
 # Tiny trials (a small synthetic dataset, no conditional views, probe only at the first and last epoch), a
 # FIFO scheduler and no collapse stopper, so every trial is meant to run to its last epoch.
-FAST = ["eval.cond_views=0", "eval.probe_every=0", "eval.eval_samples=256", "model.projector=64-64",
-        "train.batch_size=64", "data.dataset=synthetic", "data.synthetic={n: 400, size: 8, channels: 1, classes: 4}",
-        "eval.probe_weight_decays=[0.0]", "model.width=16", "search.max_concurrent=2",
+FAST = [*TINY, "eval.probe_every=0", "eval.eval_samples=256", "model.projector=64-64", "search.max_concurrent=2",
         "search.scheduler.name=fifo", "search.collapse_stop.total=false", "search.max_failures=1"]
 
 
@@ -53,20 +53,6 @@ def small_space(tmp_path: Path) -> Path:
 def read_rows(out_dir: Path) -> list[dict]:
     with open(out_dir / "trials.csv") as f:
         return list(csv.DictReader(f))
-
-
-def children(client: MlflowClient, experiment: str) -> tuple[list, list]:
-    """(parent runs, child runs) of the sweep's MLflow experiment."""
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get(TAG_KIND) == "sweep"]
-    kids = [r for r in runs if PARENT_TAG in r.data.tags]
-    return parents, kids
-
-
-def steps(client: MlflowClient, run_id: str, key: str = "effective_rank") -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
 class KillWorkerOnce(Callback):
@@ -98,9 +84,7 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_session, tmp_pat
     result = run_sweep(spec, tmp_path, tracking_uri=uri, extra_callbacks=[killer], monitor_interval_s=1e9)
 
     assert killer.killed is not None, "no trial reached epoch 2"
-    tid, pid = killer.killed
-    psutil = _psutil()
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    tid, _ = killer.killed
     assert killer.recovered == [tid]  # Ray saw the crash and retried the trial (max_failures=1)
     # Restored from a checkpoint (every epoch): the retry went on from epoch 2 (or 3, when the epoch-2 result
     # came after the checkpoint was saved), not from epoch 1, and ran to the last epoch.
@@ -116,7 +100,7 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_session, tmp_pat
         assert r["status"] == "finished" and int(r["epoch"]) == epochs, r
 
     client = MlflowClient(uri)
-    parents, kids = children(client, spec.name)
+    parents, kids = runs_of(client, spec.name)
     assert len(parents) == 1
     by_trial = {k.data.tags[TAG_TRIAL]: k for k in kids}
     assert sorted(by_trial) == sorted(rows) and len(kids) == 2
@@ -125,6 +109,42 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_session, tmp_pat
         assert run.info.status == "FINISHED"
     trials = optuna.load_study(study_name=spec.name, storage=optuna_storage(result.out_dir)).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+
+
+def test_resume_runs_errored_trials_again_and_records_them_once(ray_session, tmp_path):
+    """A trial whose worker dies with no retries left ends in ERROR; `--resume` starts it again as a new trial
+    with the same config (Ray's restart_errored): the new trial runs to the end in trials.csv and MLflow (every
+    epoch once), and the study continues the failed Optuna trial with a new one of the same parameters."""
+    epochs = 4
+    spec = load_spec(small_space(tmp_path), [*FAST, "search.max_failures=0"], num_samples=2, epochs=epochs,
+                     name="errored")
+    uri = default_tracking_uri(tmp_path)
+    killer = KillWorkerOnce(at=2)
+    first = run_sweep(spec, tmp_path, tracking_uri=uri, extra_callbacks=[killer], monitor_interval_s=1e9)
+    assert killer.killed is not None and first.errors == 1
+    errored = killer.killed[0]
+    assert {r["trial_id"]: r["status"] for r in read_rows(first.out_dir)}[errored] == "error"
+
+    done = run_sweep(spec, tmp_path, resume=True, tracking_uri=uri, monitor_interval_s=1e9)
+    assert done.errors == 0 and done.num_trials == 2
+    rows = {r["trial_id"]: r for r in read_rows(done.out_dir)}
+    assert rows.pop(errored)["status"] == "error"  # the failed attempt keeps its record
+    assert [(r["status"], int(r["epoch"])) for r in rows.values()] == [("finished", epochs)] * 2, rows
+    config = {k: v for k, v in read_rows(first.out_dir)[0].items() if k.startswith("param.")}
+    assert config in [{k: v for k, v in r.items() if k.startswith("param.")} for r in rows.values()]
+    client = MlflowClient(uri)
+    parents, kids = runs_of(client, spec.name)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    by_trial = {k.data.tags[TAG_TRIAL]: k for k in kids}
+    assert sorted(by_trial) == sorted([errored, *rows])
+    assert by_trial.pop(errored).data.tags["status"] == "error"
+    for k in by_trial.values():
+        assert (k.info.status, k.data.tags["status"]) == ("FINISHED", "finished")
+        assert steps(client, k.info.run_id) == list(range(1, epochs + 1))  # none missing, none twice
+    trials = optuna.load_study(study_name=spec.name, storage=optuna_storage(done.out_dir)).trials
+    assert sorted(t.state for t in trials) == sorted([TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL])
+    failed = next(t for t in trials if t.state == TrialState.FAIL)
+    assert [t.params for t in trials if t.state == TrialState.COMPLETE].count(failed.params) == 1
 
 
 # --- the driver killed mid-sweep, then --resume
@@ -140,16 +160,24 @@ def _cli(results: Path, *extra: str, num_samples: int, epochs: int) -> list[str]
     return [*args, *extra]
 
 
-def _progress(out_dir: Path) -> tuple[int, int]:
-    """(finished trials in trials.csv, trials whose Ray result log has at least one epoch)."""
-    finished = 0
-    if (out_dir / "trials.csv").exists():
-        try:
-            finished = sum(r["status"] == "finished" for r in read_rows(out_dir))
-        except (OSError, KeyError, csv.Error):
-            pass
-    started = sum(1 for p in (out_dir / RAY_DIR / TUNE_NAME).glob("*/result.json") if p.stat().st_size > 0)
-    return finished, started
+# The CLI with one more callback: when the first trial completes it writes that trial's id to FREEZE_FILE and
+# blocks the driver, so the test kills a driver whose state it knows (one trial finished, the others running)
+# instead of polling for a moment that may pass unseen.
+FROZEN_CLI = ["-c", """
+import pathlib, sys, time
+from ray.tune import Callback
+import ncssl_tune.sweep as sweep
+from ncssl_tune.cli import main
+
+class Freeze(Callback):
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        pathlib.Path(sys.argv[1]).write_text(trial.trial_id)
+        time.sleep(3600)
+
+run_sweep = sweep.run_sweep
+sweep.run_sweep = lambda *a, **k: run_sweep(*a, **{**k, "extra_callbacks": [Freeze()]})
+sys.exit(main(sys.argv[2:]))
+"""]
 
 
 def _end_all(procs: list) -> None:
@@ -168,19 +196,18 @@ def test_resume_after_the_driver_is_killed_mid_sweep(tmp_path):
     cwd = Path(__file__).resolve().parent.parent
     out_dir = tmp_path / "killdriver"
     cmd = _cli(tmp_path, num_samples=num_samples, epochs=epochs)
+    frozen = tmp_path / "frozen"
     with open(tmp_path / "first.log", "w") as log:
-        driver = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen([sys.executable, *FROZEN_CLI, str(frozen), *cmd[len(CLI) + 1:]], cwd=cwd, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT)
     psutil = _psutil()
     tree: list = []
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert driver.poll() is None, f"the sweep ended before it could be killed: {(tmp_path / 'first.log').read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no trial finished within 120 s"
-            finished, started = _progress(out_dir)
-            if 1 <= finished < num_samples and started > finished:
-                break
-            time.sleep(0.2)
+        deadline = time.monotonic() + 180
+        while not frozen.exists():  # the driver writes it, then blocks: no moment to miss
+            assert driver.poll() is None, f"the sweep ended early: {(tmp_path / 'first.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no trial finished within 180 s"
+            time.sleep(0.5)
         tree = psutil.Process(driver.pid).children(recursive=True)  # recorded before the kill
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
@@ -212,7 +239,7 @@ def test_resume_after_the_driver_is_killed_mid_sweep(tmp_path):
     assert len(done) == len(set(done)), "a finished trial's parameters were sampled again"
 
     client = MlflowClient(default_tracking_uri(tmp_path))
-    parents, kids = children(client, "killdriver")
+    parents, kids = runs_of(client, "killdriver")
     assert len(parents) == 1
     assert sorted(k.data.tags[TAG_TRIAL] for k in kids) == ids  # one child per trial, none twice
     epoch_of = {r["trial_id"]: int(r["epoch"]) for r in rows}
@@ -222,36 +249,109 @@ def test_resume_after_the_driver_is_killed_mid_sweep(tmp_path):
 
 
 
-def test_restored_searcher_reconciles_with_a_study_that_moved_on(tmp_path):
+def test_restored_searcher_takes_its_latest_state_not_rays_snapshot(tmp_path):
     """What the driver-kill test meets by chance, made certain: Ray saved the searcher state (t1 running), then
-    the study moved on before the driver died (t1 told COMPLETE; t2 asked for but never saved by Ray)."""
-    from ncssl_tune.monitor import PruningOptunaSearch
+    the sweep moved on before the driver died (t2 suggested, t1 told COMPLETE), and one more Optuna trial was
+    asked for just before the kill, before the searcher could record it."""
+    from ncssl_tune.search import OptunaSearcher
     from ncssl_tune.space import DefineByRun
 
     spec = load_spec(SPACE)
 
     def searcher():
-        return PruningOptunaSearch(space=DefineByRun(spec.space, spec.base), metric="probe_acc", mode="max",
-                                   sampler=optuna.samplers.RandomSampler(seed=0), storage=optuna_storage(tmp_path),
-                                   study_name="stale")
+        return OptunaSearcher(DefineByRun(spec.space, spec.base), metric="probe_acc", mode="max",
+                              sampler=optuna.samplers.RandomSampler(seed=0), storage=optuna_storage(tmp_path),
+                              study_name="stale", state_path=tmp_path / "searcher_state.pkl")
 
     s = searcher()
     s.suggest("t1")
     s.on_trial_result("t1", {"probe_acc": 0.5, "training_iteration": 1, "status": "running"})
-    s.save(str(tmp_path / "searcher.pkl"))  # Ray's last experiment checkpoint before the kill
-    orphan = s.suggest("t2")
+    s.save(str(tmp_path / "ray_snapshot.pkl"))  # Ray's last experiment checkpoint before the kill
+    t2 = s.suggest("t2")
     s.on_trial_result("t1", {"probe_acc": 0.6, "training_iteration": 2, "status": "finished"})
     s.on_trial_complete("t1", {"probe_acc": 0.6, "training_iteration": 2, "status": "finished"})
+    s.study.ask()  # the kill lands between Optuna's ask and the searcher's record of it
 
     r = searcher()
-    r.restore(str(tmp_path / "searcher.pkl"))
+    r.restore(str(tmp_path / "ray_snapshot.pkl"))
     # Ray reruns t1 from its checkpoint: its results must not reach the finished Optuna trial.
     r.on_trial_result("t1", {"probe_acc": 0.6, "training_iteration": 2, "status": "running"})
     r.on_trial_complete("t1", {"probe_acc": 0.6, "training_iteration": 2, "status": "finished"})
-    # The next new Ray trial takes over the orphan instead of leaving it RUNNING beside a fresh one.
-    assert r.suggest("t3") == orphan
-    r.on_trial_complete("t3", {"probe_acc": 0.7, "training_iteration": 2, "status": "finished"})
-    r.suggest("t4")
+    # t2, which Ray's snapshot never saw, goes on as the same Optuna trial.
+    r.on_trial_result("t2", {"probe_acc": 0.7, "training_iteration": 1, "status": "running"})
+    r.on_trial_complete("t2", {"probe_acc": 0.7, "training_iteration": 2, "status": "finished"})
     trials = optuna.load_study(study_name="stale", storage=optuna_storage(tmp_path)).trials
-    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.RUNNING]
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
     assert trials[0].value == pytest.approx(0.6) and trials[1].value == pytest.approx(0.7)
+    assert trials[1].params == t2 and trials[1].intermediate_values == {1: pytest.approx(0.7)}
+
+
+# --- the driver killed while MLflow is down, then --resume once it is back
+
+def _outbox_ops(out_dir: Path) -> list[list]:
+    try:
+        return json.loads((out_dir / OUTBOX_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def test_outbox_of_a_driver_killed_during_an_outage_is_sent_on_resume(own_server, tmp_path):
+    """Server down after the first logged epoch; the driver SIGKILLed once its outbox file holds a trial's end
+    (status and spectrum); server back, `--resume`: every epoch and artifact of every trial is there once."""
+    num_samples, epochs = 2, 4
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    cwd = Path(__file__).resolve().parent.parent
+    out_dir = tmp_path / "killdriver"
+    cmd = _cli(tmp_path, "--tracking-uri", own_server.uri, num_samples=num_samples, epochs=epochs)
+    client = MlflowClient(own_server.uri)
+    with open(tmp_path / "first.log", "w") as log:
+        driver = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    psutil = _psutil()
+    tree: list = []
+    try:
+        def wait_for(what: str, done) -> None:
+            deadline = time.monotonic() + 180
+            while not done():
+                assert driver.poll() is None, f"the sweep ended before {what}: " \
+                                              f"{(tmp_path / 'first.log').read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no {what} within 180 s"
+                time.sleep(0.2)
+
+        def epoch_logged() -> bool:
+            exp = client.get_experiment_by_name("killdriver")
+            return exp is not None and bool(client.search_runs([exp.experiment_id], "metrics.epoch >= 1"))
+
+        wait_for("epoch in MLflow", epoch_logged)
+        own_server.stop()
+        wait_for("trial end in the outbox", lambda: {"terminate", "artifacts"} <= {op[0] for op in _outbox_ops(out_dir)
+                                                                                    if op[1] is not None})
+        tree = psutil.Process(driver.pid).children(recursive=True)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(timeout=30)
+        time.sleep(1)  # what dies with the driver (fate sharing) gets a moment; the rest is ended by pid
+        _end_all([p for p in tree if p.is_running()])
+
+    left = _outbox_ops(out_dir)
+    assert any(op[0] == "batch" and op[2]["metrics"] for op in left)  # epochs the store never received
+    own_server.start()
+    resumed = subprocess.run([*cmd, "--resume"], cwd=cwd, env=env, capture_output=True, text=True,
+                             timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+
+    rows = read_rows(out_dir)
+    assert len(rows) == num_samples and all(r["status"] == "finished" for r in rows), rows
+    parents, kids = runs_of(client, "killdriver")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(k.data.tags[TAG_TRIAL] for k in kids) == sorted(r["trial_id"] for r in rows)
+    for k in kids:
+        run_id = k.info.run_id
+        assert k.info.status == "FINISHED" and k.data.tags["status"] == "finished"
+        history = client.get_metric_history(run_id, "effective_rank")
+        assert sorted(m.step for m in history) == list(range(1, epochs + 1))  # every epoch, none twice
+        assert sorted(a.path for a in client.list_artifacts(run_id)) == ["spectrum.csv", "spectrum.png"]
+    assert not (out_dir / OUTBOX_FILE).exists()
+    assert not any((out_dir / OUTBOX_DIR).iterdir())  # each spectrum folder removed once sent

@@ -6,7 +6,6 @@ from pathlib import Path
 import optuna
 import pytest
 
-from ncssl_tune.config import TrainConfig
 from ncssl_tune.space import DefineByRun
 from ncssl_tune.spec import SpecError, SweepSpec, load_spec
 
@@ -14,14 +13,6 @@ SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 SPACE_FILES = sorted(SPACES.glob("*.yaml"))
 COMPARE = next(p for p in SPACE_FILES if p.name == "compare.yaml")
 VICREG = next(p for p in SPACE_FILES if p.name == "vicreg.yaml")
-
-
-def _get(cfg: TrainConfig, key: str):
-    """The value at a dotted key of a TrainConfig (sections are dataclasses, loss.<method> are dicts)."""
-    obj = cfg
-    for part in key.split("."):
-        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
-    return obj
 
 
 @pytest.mark.parametrize("path", SPACE_FILES, ids=[p.name for p in SPACE_FILES])
@@ -32,8 +23,8 @@ def test_every_space_loads_and_its_end_points_are_valid_configs(path):
     for p in spec.space:
         for value in p.endpoints():
             cfg = spec.train_config({**p.when, p.key: value})
-            assert _get(cfg, p.key) == value
-            assert all(_get(cfg, k) == v for k, v in p.when.items())
+            assert cfg.get(p.key) == value
+            assert all(cfg.get(k) == v for k, v in p.when.items())
 
 
 @pytest.mark.parametrize("item, key, value, type_", [
@@ -53,7 +44,7 @@ def test_every_space_loads_and_its_end_points_are_valid_configs(path):
 ])
 def test_set_overrides_are_typed(item, key, value, type_):
     cfg = load_spec(VICREG, [item]).train_config()
-    got = _get(cfg, key)
+    got = cfg.get(key)
     assert type(got) is type_ and got == value
 
 
@@ -166,3 +157,27 @@ def test_asha_rungs_must_see_a_fresh_objective(sets, ok):
     else:
         with pytest.raises(SpecError, match="ASHA compares"):
             load_spec(SPACES / "vicreg.yaml", sets, epochs=10)
+
+
+NESTED_WHEN = """\
+space:
+  loss.method: {type: categorical, values: [vicreg, barlow_twins]}
+  model.norm: {type: categorical, values: [batch, none], when: {loss.method: vicreg}}
+  train.lr: {type: logfloat, low: 1.0e-3, high: 1.0e-2, when: {model.norm: batch}}
+"""
+
+
+def test_a_condition_on_a_key_not_sampled_uses_its_default(tmp_path):
+    """model.norm is sampled only for vicreg; for barlow_twins it keeps its default, batch, so train.lr (when
+    model.norm is batch) is sampled there too. The spec sets no model.norm: the default must count, not None."""
+    path = tmp_path / "nested.yaml"
+    path.write_text(NESTED_WHEN)
+    spec = load_spec(path)
+    assert spec.base.get("model.norm") == "batch"
+    lr = spec.space[-1]
+    assert lr.active({"loss.method": "barlow_twins"}, spec.base)
+    assert not lr.active({"loss.method": "vicreg", "model.norm": "none"}, spec.base)
+    trials = _sample(DefineByRun(spec.space, spec.base), seed=0, n=30)
+    barlow = [t for t in trials if t["loss.method"] == "barlow_twins"]
+    assert barlow and all("train.lr" in t and "model.norm" not in t for t in barlow)
+    assert all(("train.lr" in t) == (t["model.norm"] == "batch") for t in trials if t["loss.method"] == "vicreg")

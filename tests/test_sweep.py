@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import optuna
@@ -9,11 +10,14 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import Stopper
 
-from ncssl_tune.monitor import CollapseStopper, PruningOptunaSearch, read_trials
+from ncssl_tune.monitor import CollapseStopper, collapse_stop_reason, read_trials
+from ncssl_tune.search import OptunaSearcher
 from ncssl_tune.space import DefineByRun
 from ncssl_tune.spec import CollapseStopConfig, load_spec
 from ncssl_tune.sweep import SweepError, optuna_storage, run_sweep
+from ncssl_tune.trainable import next_streak
 
 FAST = ["eval.cond_views=0", "eval.eval_samples=256", "eval.probe_every=0", "eval.knn_every=1",
         "model.projector=128-128", "search.max_concurrent=2"]
@@ -104,8 +108,8 @@ def test_collapse_stopper_ends_invariance_trials_and_optuna_sees_them_pruned(ray
 
 def _searcher(cls, tmp_path):
     spec = load_spec("search_spaces/vicreg.yaml")
-    s = cls(space=DefineByRun(spec.space, spec.base), metric="probe_acc", mode="max",
-            sampler=optuna.samplers.RandomSampler(seed=0))
+    s = cls(DefineByRun(spec.space, spec.base), metric="probe_acc", mode="max",
+            sampler=optuna.samplers.RandomSampler(seed=0), storage=optuna_storage(tmp_path), study_name="s")
     s.suggest("t1")
     for epoch in (1, 2):
         s.on_trial_result("t1", {"probe_acc": 0.5 + 0.1 * epoch, "training_iteration": epoch, "status": "running"})
@@ -113,7 +117,7 @@ def _searcher(cls, tmp_path):
     s.suggest("t2")
     s.on_trial_result("t2", {"probe_acc": float("nan"), "training_iteration": 1, "status": "diverged"})
     s.on_trial_complete("t2", {"probe_acc": float("nan"), "training_iteration": 1, "status": "diverged"})
-    return s._ot_study.trials
+    return optuna.load_study(study_name="s", storage=optuna_storage(tmp_path)).trials
 
 
 def test_ray_optuna_search_records_early_stops_as_complete(tmp_path):
@@ -123,7 +127,7 @@ def test_ray_optuna_search_records_early_stops_as_complete(tmp_path):
 
 
 def test_pruning_search_tells_stopped_trials_pruned_and_diverged_failed(tmp_path):
-    trials = _searcher(PruningOptunaSearch, tmp_path)
+    trials = _searcher(OptunaSearcher, tmp_path)
     assert trials[0].state == TrialState.PRUNED
     assert trials[0].intermediate_values == {1: pytest.approx(0.6), 2: pytest.approx(0.7)}
     assert trials[1].state == TrialState.FAIL
@@ -141,26 +145,63 @@ def test_pruning_search_tells_stopped_trials_pruned_and_diverged_failed(tmp_path
     ],
 )
 def test_collapse_stopper_rules(cfg, states, stop_at):
+    """The trial counts its streak (next_streak, as run_trial does); the stopper and the reason read one result."""
     stopper = CollapseStopper(cfg)
-    stopped = None
+    stopped, streak, reasons = None, ("none", 0), []
     for epoch, state in enumerate(states, start=1):
-        if stopper("t", {"epoch": epoch, "collapse": state, "status": "running"}):
+        streak = next_streak(streak, state)
+        result = {"epoch": epoch, "collapse": state, "collapse_streak": streak[1], "status": "running"}
+        reasons.append(collapse_stop_reason(cfg, result))
+        if stopper("t", result):
             stopped = epoch
             break
     assert stopped == stop_at
-    assert ("t" in stopper.reasons) == (stop_at is not None)
+    assert reasons[:-1] == [None] * (len(reasons) - 1)
+    assert reasons[-1] == (None if stop_at is None else f"collapse_{states[stop_at - 1]} (epoch {stop_at})")
 
 
 def test_a_used_up_grid_does_not_crash_the_searcher():
     """GridSampler stops the study when its grid is used up, which raises outside study.optimize."""
     spec = load_spec("search_spaces/vicreg.yaml", ["search.algorithm=grid"])
     grid = {p.key: [p.values[0]] if p.values else [p.low] for p in spec.space}
-    s = PruningOptunaSearch(space=DefineByRun(spec.space, spec.base), metric="probe_acc", mode="max",
-                            sampler=optuna.samplers.GridSampler(grid, seed=0))
+    s = OptunaSearcher(DefineByRun(spec.space, spec.base), metric="probe_acc", mode="max",
+                       sampler=optuna.samplers.GridSampler(grid, seed=0))
     s.suggest("t1")
     s.on_trial_complete("t1", {"probe_acc": 0.9, "training_iteration": 1, "status": "finished"})
     s.on_trial_complete("t1", {"probe_acc": 0.9, "training_iteration": 1, "status": "finished"})
-    assert [t.state for t in s._ot_study.trials] == [TrialState.COMPLETE]
+    assert [t.state for t in s.study.trials] == [TrialState.COMPLETE]
+
+
+def test_an_errored_trial_run_again_continues_as_a_new_optuna_trial_with_its_parameters(tmp_path):
+    """Ray runs an errored trial again under its id (resume_errored) or as a new trial with its config
+    (restart_errored, as the sweep resumes); a finished trial rerun from its checkpoint (after a driver kill)
+    brings nothing new."""
+    spec = load_spec("search_spaces/vicreg.yaml")
+    s = OptunaSearcher(DefineByRun(spec.space, spec.base), metric="probe_acc", mode="max", max_concurrent=2,
+                       sampler=optuna.samplers.RandomSampler(seed=0), state_path=tmp_path / "state.pkl")
+    params = {t: s.suggest(t) for t in ("t1", "t2")}
+    assert s.suggest("t3") is None  # two running: the searcher holds the third back itself
+    s.on_trial_complete("t1", {"probe_acc": 0.5, "training_iteration": 1, "status": "running"}, error=True)
+    s.on_trial_complete("t2", {"probe_acc": 0.8, "training_iteration": 2, "status": "finished"})
+    s.on_trial_result("t2", {"probe_acc": 0.9, "training_iteration": 2, "status": "running"})  # rerun: ignored
+    s.on_trial_result("t1", {"probe_acc": 0.6, "training_iteration": 2, "status": "running"})  # resumed
+    s.on_trial_complete("t1", {"probe_acc": 0.7, "training_iteration": 3, "status": "finished"})
+    params["t3"] = s.suggest("t3")
+    s.on_trial_complete("t3", {"probe_acc": 0.1, "training_iteration": 1, "status": "running"}, error=True)
+    flat = {f"config/{k}": v for k, v in params["t3"].items()}  # as Ray hands results to searchers
+    s.on_trial_result("t9", {"probe_acc": 0.4, "training_iteration": 1, "status": "running", **flat})
+    s.on_trial_complete("t9", {"probe_acc": 0.45, "training_iteration": 2, "status": "finished",
+                               "config": params["t3"]})
+    s.on_trial_result("t8", {"probe_acc": 0.4, "training_iteration": 1, **flat})  # t3 is continued once only
+    trials = s.study.trials
+    states = [t.state for t in trials]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL,
+                      TrialState.COMPLETE]
+    assert trials[0].params == trials[2].params == params["t1"] and trials[1].params == params["t2"]
+    assert trials[3].params == trials[4].params == params["t3"] and params["t3"] != params["t1"]
+    assert trials[1].value == pytest.approx(0.8) and trials[1].intermediate_values == {}
+    assert trials[2].value == pytest.approx(0.7) and trials[2].intermediate_values == {2: pytest.approx(0.6)}
+    assert trials[4].value == pytest.approx(0.45) and trials[4].intermediate_values == {1: pytest.approx(0.4)}
 
 
 def test_gpus_the_cluster_lacks_fail_at_once(ray_session):
@@ -171,24 +212,51 @@ def test_gpus_the_cluster_lacks_fail_at_once(ray_session):
     check_resources(load_spec("search_spaces/vicreg.yaml"))  # 1 cpu per trial fits the 2-cpu test cluster
 
 
-def test_all_stoppers_asks_every_stopper_even_after_a_yes():
-    from ray.tune.stopper import Stopper
+class Count(Stopper):
+    """Answers `answer` and counts the questions; stops the sweep after two."""
 
-    from ncssl_tune.sweep import AllStoppers
+    def __init__(self, answer: bool):
+        self.answer, self.calls = answer, 0
 
-    class Count(Stopper):
-        def __init__(self, answer: bool):
-            self.answer, self.calls = answer, 0
+    def __call__(self, trial_id, result):
+        self.calls += 1
+        return self.answer
 
-        def __call__(self, trial_id, result):
-            self.calls += 1
-            return self.answer
+    def stop_all(self):
+        return self.calls >= 2
 
-        def stop_all(self):
-            return self.calls >= 2
+
+def test_live_stopper_asks_every_registered_stopper_even_after_a_yes():
+    from ncssl_tune import live
 
     yes, no = Count(True), Count(False)
-    both = AllStoppers(yes, no)
-    assert both("t", {}) is True and (yes.calls, no.calls) == (1, 1)  # Ray's CombinedStopper would skip `no`
-    assert not both.stop_all()
-    assert both("t", {}) is True and both.stop_all()
+    stand_in = live.LiveStopper("k", [Count(False)])
+    live.register("k", [], [yes, no])
+    try:
+        both = pickle.loads(pickle.dumps(stand_in))  # as Ray brings it back on resume
+        assert both("t", {}) is True and (yes.calls, no.calls) == (1, 1)  # Ray's CombinedStopper would skip `no`
+        assert not both.stop_all()
+        assert both("t", {}) is True and both.stop_all()
+    finally:
+        live.unregister("k")
+    # Nothing registered (a Tuner run by Ray Client in a remote actor): the stoppers it was built with answer.
+    assert both("t", {}) is False and both.own[0].calls == 1 and yes.calls == 2
+
+
+def test_a_restored_searcher_does_not_propose_the_same_parameters_again(tmp_path):
+    """The sampler's random state is part of the searcher's state: restored from the seed instead, the resumed
+    sweep would sample the first trials' parameters again."""
+    spec = load_spec("search_spaces/vicreg.yaml")
+
+    def searcher():
+        return OptunaSearcher(DefineByRun(spec.space, spec.base), metric="probe_acc", mode="max",
+                              sampler=optuna.samplers.RandomSampler(seed=0), storage=optuna_storage(tmp_path),
+                              study_name="s", state_path=tmp_path / "state.pkl")
+
+    first = searcher()
+    proposed = [first.suggest("t1")]
+    first.on_trial_complete("t1", {"probe_acc": 0.5, "training_iteration": 1, "status": "finished"})
+    assert searcher().suggest("x") == proposed[0]  # the same seed, not restored: the same proposal
+    resumed = searcher()
+    resumed.restore(str(tmp_path / "unused.pkl"))  # the state file is newer than any snapshot of Ray's
+    assert resumed.suggest("t2") not in proposed

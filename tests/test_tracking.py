@@ -5,127 +5,27 @@ import json
 import logging
 import math
 import os
-import pickle
 import signal
-import socket
 import subprocess
-import sys
 import time
 import types
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import TINY, MlflowServer, free_port, mlflow_client, runs_of, steps
 from ray.tune import Callback
 
+from ncssl_tune.config import flatten
 from ncssl_tune.mlflow_store import TrackingError, check_tracking_uri, default_tracking_uri
-from ncssl_tune.monitor import CollapseStopper, trial_outcome
-from ncssl_tune.spec import load_spec
+from ncssl_tune.monitor import trial_outcome
+from ncssl_tune.schema import PARENT_TAG, SPECTRUM_CSV
+from ncssl_tune.spec import CollapseStopConfig, load_spec
 from ncssl_tune.spectra import read_spectrum_csv
-from ncssl_tune.tracking import PARENT_TAG, SPECTRUM_CSV, UNSENT_FILE, MlflowTracker, safe_key
+from ncssl_tune.tracking import UNSENT_FILE, MlflowTracker, safe_key
+from ncssl_tune.trainable import build_config
 
 # Tiny trials: a small synthetic dataset keeps one epoch well under a second on a CPU core.
-FAST = ["eval.cond_views=0", "eval.eval_samples=64", "search.max_concurrent=2", "train.batch_size=64",
-        "data.dataset=synthetic", "data.synthetic={n: 400, size: 8, channels: 1, classes: 4}",
-        "eval.probe_weight_decays=[0.0]", "model.width=16"]
-MLFLOW = Path(sys.executable).parent / "mlflow"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """An `mlflow server` on 127.0.0.1 with its own SQLite store and artifact folder. start() and stop() (by the
-    Popen handle) can repeat: it comes back on the same port with the same store, as after a server restart."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 120) -> None:
-        # Own process group, so its uvicorn worker stops with it; no job runner (it starts 7 idle consumers).
-        with open(self.root / "server.log", "a") as log:
-            self.proc = subprocess.Popen(
-                [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-                 "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-                 "--artifacts-destination", str(self.root / "artifacts")],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"mlflow server did not start:\n{(self.root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.3)
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group outlived the SIGTERM
-        except ProcessLookupError:
-            pass
-        proc.wait()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """One `mlflow server` (own SQLite store and artifact root) for this module; stopped by its handle."""
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
-    try:
-        srv.start()
-        yield srv.uri
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
-def own_server(tmp_path_factory):
-    """A server of the test's own, which the test may stop and restart."""
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_own"))
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.stop()
-
-
-def client_for(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(uri)
-
-
-def runs_of(uri: str, experiment: str) -> tuple[list, list]:
-    c = client_for(uri)
-    exp = c.get_experiment_by_name(experiment)
-    runs = c.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("run_kind") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("run_kind") == "trial"]
-    return parents, children
-
-
-def steps(uri: str, run_id: str, key: str = "effective_rank") -> list[int]:
-    return [m.step for m in client_for(uri).get_metric_history(run_id, key)]
-
-
+FAST = [*TINY, "eval.eval_samples=64", "search.max_concurrent=2"]
 # --- check_tracking_uri
 
 def test_unreachable_server_fails_fast_with_a_clear_message():
@@ -159,6 +59,17 @@ def test_sqlite_uris(tmp_path):
         check_tracking_uri(f"sqlite:///{tmp_path}/file/mlflow.db")
 
 
+def test_an_address_that_passed_is_not_asked_again_in_the_same_command(tmp_path):
+    """The CLI, run_sweep and the tracker each check the tracking URI; the store is asked once."""
+    uri = f"sqlite:///{tmp_path}/once/mlflow.db"
+    check_tracking_uri(uri)
+    (tmp_path / "once").rmdir()
+    (tmp_path / "once").write_text("")  # the same check would now fail: it is not made again
+    check_tracking_uri(uri)
+    with pytest.raises(TrackingError, match="cannot write into"):
+        check_tracking_uri(f"sqlite:///{tmp_path}/once/other.db")  # another address is checked
+
+
 def test_tracker_checks_its_uri_on_construction():
     spec = load_spec("search_spaces/vicreg.yaml")
     with pytest.raises(TrackingError):
@@ -167,16 +78,20 @@ def test_tracker_checks_its_uri_on_construction():
 
 # --- pure helpers
 
-@pytest.mark.parametrize("result, reasons, scheduler, error, expected", [
-    ({"status": "finished"}, {}, "asha", None, ("finished", "")),
-    ({"status": "diverged", "error": "non-finite loss"}, {}, "asha", None, ("diverged", "non-finite loss")),
-    ({"status": "running"}, {"t": "collapse_total (epoch 2)"}, "asha", None, ("stopped", "collapse_total (epoch 2)")),
-    ({"status": "running"}, {}, "asha", None, ("stopped", "asha")),
-    ({"status": "running"}, {}, "fifo", None, ("stopped", "stopped")),
-    ({"status": "running"}, {}, "fifo", "boom.txt", ("error", "boom.txt")),
+COLLAPSED = {"status": "running", "epoch": 2, "collapse": "total", "collapse_streak": 1}
+
+
+@pytest.mark.parametrize("result, scheduler, error, expected", [
+    ({"status": "finished"}, "asha", None, ("finished", "")),
+    ({"status": "diverged", "error": "non-finite loss"}, "asha", None, ("diverged", "non-finite loss")),
+    (COLLAPSED, "asha", None, ("stopped", "collapse_total (epoch 2)")),
+    ({**COLLAPSED, "epoch": 1}, "asha", None, ("stopped", "asha")),  # before min_epoch: not the collapse stopper
+    ({**COLLAPSED, "collapse": "none"}, "asha", None, ("stopped", "asha")),
+    ({"status": "running"}, "fifo", None, ("stopped", "stopped")),
+    ({"status": "running"}, "fifo", "boom.txt", ("error", "boom.txt")),
 ])
-def test_trial_outcome(result, reasons, scheduler, error, expected):
-    assert trial_outcome("t", result, reasons, scheduler, error) == expected
+def test_trial_outcome(result, scheduler, error, expected):
+    assert trial_outcome(result, CollapseStopConfig(), scheduler, error) == expected
 
 
 def test_safe_key_keeps_valid_keys_and_shortens_long_ones_uniquely():
@@ -203,30 +118,30 @@ def report(tracker, trial, epoch: int, status: str = "running", **extra):
 
 def test_callback_statuses_tags_and_replayed_epochs(server):
     spec = load_spec("search_spaces/vicreg.yaml", name="trk_fake", epochs=3)
-    stopper = CollapseStopper(spec.search.collapse_stop)
-    tracker = MlflowTracker(spec, server, "ray://head:10001", stopper=stopper, flush_s=3600)
+    tracker = MlflowTracker(spec, server, "ray://head:10001", flush_s=3600)
     tracker.setup(stop={}, num_samples=4, total_num_samples=4)
     trials = {name: fake_trial(name) for name in ("fin", "div", "col", "err")}
-    for t in trials.values():
+    for name, t in trials.items():
         tracker.on_trial_start(0, [], t)
-        report(tracker, t, 1)
-        report(tracker, t, 2)
+        # the first result carries the trial's whole configuration, as run_trial reports it
+        report(tracker, t, 1, resolved_config=flatten(build_config(spec.base, t.config, 1, 0).to_dict()))
+        # "col" is where the collapse stopper fires: the reason is read from this result
+        report(tracker, t, 2, **({"collapse": "total", "collapse_streak": 1} if name == "col" else {}))
     report(tracker, trials["fin"], 1)  # replayed after a restore from an older checkpoint: ignored
     report(tracker, trials["fin"], 3, "finished", spectrum=[4.0, 1.0, 0.0], spectrum_h=[2.0, 1e-3])
     report(tracker, trials["div"], 3, "diverged", error="non-finite loss 1e9")
-    stopper.reasons["col"] = "collapse_total (epoch 2)"
     for name in ("fin", "div", "col"):
         trials[name].status = "TERMINATED"
         tracker.on_trial_complete(0, [], trials[name])
     trials["err"].status, trials["err"].error_file = "ERROR", "/x/error.txt"
     tracker.on_trial_error(0, [], trials["err"])
-    pickle.loads(pickle.dumps(tracker))  # Ray pickles callbacks with the experiment; the client stays out
     tracker.on_experiment_end(list(trials.values()))
 
     parents, children = runs_of(server, "trk_fake")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     p = parents[0]
-    assert p.data.tags["ray_address"] == "ray://head:10001" and p.data.tags["objective"] == "probe_acc (max)"
+    assert p.data.tags["ray_address"] == "ray://head:10001"
+    assert p.data.tags["objective"] == f"{spec.search.metric} ({spec.mode})" == "fewshot_acc (max)"
     assert p.data.params["search.algorithm"] == "tpe" and p.data.params["train.epochs"] == "3"
     assert p.data.params["space.loss.vicreg.lam.type"] == "logfloat"
     by_id = {r.data.tags["ray_trial_id"]: r for r in children}
@@ -241,11 +156,12 @@ def test_callback_statuses_tags_and_replayed_epochs(server):
     assert math.isnan(fin.data.metrics["knn_acc"]) and "pid" not in fin.data.metrics
     assert "collapse" not in fin.data.metrics and fin.data.tags["collapse"] == "none"
     assert fin.data.params["loss.vicreg.lam"] == "10.0" and fin.data.params["train.threads"] == "1"
-    c = client_for(server)
+    c = mlflow_client(server)
     assert {a.path for a in c.list_artifacts(fin.info.run_id)} == {"spectrum.csv", "spectrum.png"}
     spectra = read_spectrum_csv(c.download_artifacts(fin.info.run_id, SPECTRUM_CSV))
     assert spectra == {"z": [4.0, 1.0, 0.0], "h": [2.0, 1e-3]}
     assert steps(server, by_id["col"].info.run_id) == [1, 2]
+    assert "collapse_streak" not in by_id["col"].data.metrics and by_id["col"].data.tags["collapse"] == "total"
 
 
 def test_load_runs_names_a_missing_experiment(server):
@@ -308,11 +224,13 @@ def test_resume_reuses_the_parent_and_child_runs(sweep, server):
 
 
 def test_sweep_records_params_metrics_and_artifacts(sweep, server):
-    c = client_for(server)
+    c = mlflow_client(server)
     parents, children = runs_of(server, sweep.spec.name)
     p = parents[0]
     assert p.data.tags["ray_address"] == "local" and p.data.tags["search_algorithm"] == "tpe"
-    assert len(p.data.tags["git_commit"]) == 40 or p.data.tags["git_commit"] == "none"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert p.data.tags["git_commit"] == head  # the checkout the sweep ran from
     assert p.data.params["data.dataset"] == "synthetic" and p.data.params["search.num_samples"] == "3"
     assert {a.path for a in c.list_artifacts(p.info.run_id)} >= {"vicreg.yaml", "sweep_effective.yaml"}
     for run in children:
@@ -339,7 +257,7 @@ def test_run_analysis_reports_into_the_parent_run(sweep, server, tmp_path):
     names = {"analysis.json", "report.md", "rank_vs_probe.png", "spectra.png", "rank_over_epochs.png",
              "collapse_map.png"}
     assert {f.name for f in (tmp_path / "analysis").iterdir()} == names
-    logged = client_for(server).list_artifacts(sweep.first.mlflow_parent_run_id, "analysis")
+    logged = mlflow_client(server).list_artifacts(sweep.first.mlflow_parent_run_id, "analysis")
     assert {Path(a.path).name for a in logged} == names
 
 
@@ -409,7 +327,7 @@ def test_server_restart_mid_sweep_loses_nothing(own_server, ray_session, tmp_pat
     assert [p.info.run_id for p in parents] == [result.mlflow_parent_run_id]
     assert parents[0].info.status == "FINISHED" and parents[0].data.tags["status"] == "finished"
     assert sorted(c.data.tags["ray_trial_id"] for c in children) == sorted(trial_ids) and len(trial_ids) == 3
-    c = client_for(own_server.uri)
+    c = mlflow_client(own_server.uri)
     for run in children:
         assert (run.info.status, run.data.tags["status"]) == ("FINISHED", "finished")
         assert steps(own_server.uri, run.info.run_id) == [1, 2, 3]  # every epoch, none twice

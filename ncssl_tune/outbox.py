@@ -1,0 +1,166 @@
+"""An ordered queue of writes to a store that may be down: sent in order through an `execute` callable, kept and
+retried while the store cannot be reached, and saved to a file so that a driver killed during an outage loses
+nothing (the next session loads the file and sends what is left).
+
+The queue knows nothing of MLflow: an operation is (kind, trial id or None, JSON-serialisable payload) and
+`execute` does the work. Sending the same operation twice must be harmless (the tracker's operations are: MLflow
+stores a metric with the same key, step, timestamp and value once; artifacts overwrite; runs are found again by
+their tags), because an operation sent just before a kill is still in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+log = logging.getLogger(__name__)
+
+RETRY_FIRST_S, RETRY_MAX_S = 2.0, 30.0  # wait between attempts while the store is down (doubling)
+_TRANSIENT_TEXT = ("max retries exceeded", "connection", "refused", "timed out", "timeout", "temporarily unavailable",
+                   "remote end closed", "bad gateway", "service unavailable")
+
+
+class Op(NamedTuple):
+    kind: str
+    trial_id: str | None  # None: the sweep's parent run
+    payload: Any = None
+
+
+def is_transient(err: BaseException) -> bool:
+    """True when `err` says the store could not be reached (retry later), False when it refused the request."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
+                        TimeoutError)):
+        return True
+    status = None
+    if isinstance(err, requests.exceptions.HTTPError) and err.response is not None:
+        status = err.response.status_code
+    elif isinstance(err, MlflowException):
+        status = err.get_http_status_code()
+    if status is not None and (status >= 500 or status == 429):
+        return True
+    return any(t in str(err).lower() for t in _TRANSIENT_TEXT)
+
+
+class Outbox:
+    """Operations sent in order through `execute(op)` until one fails.
+
+    A transient failure (`transient(err)`) keeps the operation at the head and stops; nothing is tried again
+    before the retry time (2 s, doubling to 30 s) unless `drain(force=True)`. Any other failure moves the
+    operation to `rejected` with its error and the queue goes on; a `fatal` error propagates. With `path`, the queue is
+    written there (atomically) whenever it holds something after a change, and the file removed once empty: while
+    the store answers, no file is written at all.
+    """
+
+    def __init__(self, execute: Callable[[Op], None], *, path: str | Path | None = None, where: str = "the store",
+                 transient: Callable[[BaseException], bool] = is_transient,
+                 fatal: tuple[type[BaseException], ...] = (),
+                 clock: Callable[[], float] = time.monotonic):
+        self.execute = execute
+        self.path = Path(path) if path else None
+        self.where = where  # for messages: "MLflow tracking server http://..."
+        self.transient = transient
+        self.fatal = fatal  # errors that end the caller: neither retried nor recorded as refused
+        self.clock = clock
+        self.ops: deque[Op] = deque()
+        self.rejected: list[tuple[Op, str]] = []  # refused by the store (not an outage), with the error
+        self.down_since: float | None = None
+        self.last_error = ""
+        self._retry_at = 0.0
+        self._retry_wait = RETRY_FIRST_S
+        self._dirty = False  # the file (if any) lags the queue
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    def replace(self, ops: list[Op]) -> None:
+        """Queue `ops` instead of what is queued (reordered, or with changed payloads)."""
+        self.ops = deque(ops)
+        self._dirty = True
+        self.save()
+
+    def put(self, kind: str, trial_id: str | None, payload: Any = None) -> None:
+        self.ops.append(Op(kind, trial_id, payload))
+        self._dirty = True
+        if self.down_since is not None:  # it will not be sent soon: on disk now
+            self.save()
+
+    def drain(self, force: bool = False) -> bool:
+        """Send queued operations in order until one fails; True when the queue is empty."""
+        try:
+            return self._drain(force)
+        finally:
+            self.save()
+
+    def _drain(self, force: bool) -> bool:
+        if not self.ops:
+            return True
+        if not force and self.clock() < self._retry_at:
+            return False
+        sent = 0
+        while self.ops:
+            op = self.ops[0]
+            try:
+                self.execute(op)
+            except self.fatal:
+                raise
+            except Exception as e:  # noqa: BLE001 - classified below / recorded
+                if self.transient(e):
+                    self.note_failure(e)
+                    return False
+                log.warning("%s refused %s for %s: %s", self.where, op.kind, op.trial_id or "the parent run", e)
+                self.rejected.append((op, f"{type(e).__name__}: {str(e)[:500]}"))
+            self.ops.popleft()
+            self._dirty = True
+            sent += 1
+        if self.down_since is not None:
+            log.warning("%s is back after %.0f s; %d queued operations sent", self.where,
+                        self.clock() - self.down_since, sent)
+        self.down_since, self._retry_wait, self._retry_at = None, RETRY_FIRST_S, 0.0
+        return True
+
+    def note_failure(self, err: BaseException) -> None:
+        """Record that the store could not be reached: the next attempt waits (doubling while it stays down)."""
+        now = self.clock()
+        self.last_error = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        if self.down_since is None:
+            self.down_since = now
+            log.warning("%s unreachable (%s); keeping %d operations and retrying", self.where, self.last_error,
+                        len(self.ops))
+        else:
+            self._retry_wait = min(RETRY_MAX_S, self._retry_wait * 2)
+        self._retry_at = now + self._retry_wait
+
+    # --- the file
+    def save(self) -> None:
+        if self.path is None or not self._dirty:
+            return
+        try:
+            if self.ops:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text(json.dumps([list(op) for op in self.ops]))
+                os.replace(tmp, self.path)  # a kill mid-write leaves the previous file whole
+            else:
+                self.path.unlink(missing_ok=True)
+            self._dirty = False
+        except OSError as e:
+            log.error("cannot save the outbox to %s (%s); it is kept in memory", self.path, e)
+
+    def load(self) -> list[Op]:
+        """The operations a previous session left in the file (not queued: the caller decides where they go)."""
+        if self.path is None or not self.path.is_file():
+            return []
+        try:
+            return [Op(*op) for op in json.loads(self.path.read_text())]
+        except (OSError, ValueError, TypeError) as e:
+            log.error("cannot read the outbox %s (%s); its operations are not replayed", self.path, e)
+            return []

@@ -1,0 +1,27 @@
+"""The MLflow layout of a sweep: tag, artifact and step names shared by the writer (`tracking`) and the readers
+(`analysis`, tests). No Ray, Optuna or MLflow import, so a reader loads none of them by importing this."""
+
+from __future__ import annotations
+
+TAG_KIND = "run_kind"  # "sweep" (parent) or "trial" (child)
+TAG_SWEEP = "sweep"
+TAG_UID = "sweep_uid"  # tells a resumed sweep (same uid) from a new sweep of the same name
+TAG_TRIAL = "ray_trial_id"
+TAG_STATUS = "status"  # finished | diverged | stopped | error | running | interrupted
+TAG_REASON = "stop_reason"
+TAG_SAMPLED = "sampled_params"  # JSON list of the keys Optuna sampled for this trial
+TAG_NODE = "node_id"  # Ray node that produced the trial's latest result (multi-node and autoscaling sweeps)
+PARENT_TAG = "mlflow.parentRunId"
+
+SPECTRUM_CSV = "spectrum.csv"  # columns k, z, h: eigenvalues of the final epoch's covariance (descending)
+SPECTRUM_PNG = "spectrum.png"
+STEP_METRIC = "epoch"  # its history tells which epochs a child already holds
+RESOLVED_CONFIG = "resolved_config"  # key of a trial's first result: its whole configuration, {dotted key: value}
+
+# A trial's status tag -> the MLflow run status it ends with.
+RUN_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "error": "FAILED", "stopped": "KILLED"}
+# Bookkeeping Ray adds to every result, the trainable's copy of the objective and its count of epochs in the same
+# collapse state (for the collapse stopper): not metrics of the trial.
+NOT_METRICS = frozenset({"objective", "collapse_streak", "timestamp", "training_iteration", "time_this_iter_s", "time_total_s",
+                         "time_since_restore", "iterations_since_restore", "timesteps_since_restore",
+                         "timesteps_total", "episodes_total", "pid", "done", "should_checkpoint"})

@@ -1,0 +1,193 @@
+"""The Ray Tune searcher of a sweep: an Optuna study driven through Optuna's public ask/tell API.
+
+Why not Ray's OptunaSearch: it tells every trial that ended with a value as COMPLETE, so a trial stopped at
+epoch 2 by ASHA or the collapse stopper enters TPE as if its early value were final; its state lags the study
+when the driver is killed (Ray saves it with the experiment, every few seconds); and correcting either meant
+reaching into its private attributes. Here:
+- a trial whose last result is still "running" is told PRUNED (its per-epoch values are reported as
+  intermediate values), a diverged trial or a non-finite objective FAIL, an errored one FAIL;
+- the searcher's own state (Ray trial id -> Optuna trial, which are told, which are live) is written to
+  `state_path` at every change, so a resumed sweep restores the state of the moment the driver died, not Ray's
+  last snapshot;
+- a trial run again after an error continues as a new Optuna trial with the same parameters (the failed
+  attempt stays FAIL in the study, the new one counts): under its own id (`Tuner.restore(resume_errored=True)`)
+  or as a new Ray trial with the errored one's config (`restart_errored=True`, which the sweep uses);
+- it limits the trials running at once itself (Ray's ConcurrencyLimiter drops the results of trials it no
+  longer counts as live, which a resumed errored trial is).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+
+log = logging.getLogger(__name__)
+
+
+class OptunaSearcher(Searcher):
+    """Suggests each trial's parameters from `study.ask()` and the define-by-run `space(trial)`; tells Optuna
+    how each trial ended (see the module docstring)."""
+
+    def __init__(self, space: Callable[[optuna.Trial], None], metric: str, mode: str,
+                 sampler: optuna.samplers.BaseSampler, storage: optuna.storages.BaseStorage | None = None,
+                 study_name: str | None = None, max_concurrent: int = 0, state_path: str | Path | None = None):
+        super().__init__(metric=metric, mode=mode)
+        self.space = space
+        self.study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
+                                         direction="maximize" if mode == "max" else "minimize",
+                                         load_if_exists=True)
+        self.max_concurrent = max_concurrent
+        self.state_path = Path(state_path) if state_path else None
+        self.trials: dict[str, optuna.Trial] = {}  # Ray trial id -> its (latest) Optuna trial
+        self.told: set[str] = set()  # Ray trial ids whose Optuna trial is finished
+        self.errored: set[str] = set()  # ... told FAIL because the Ray trial errored (Ray may run it again)
+        self.live: set[str] = set()  # Ray trial ids suggested and not yet ended
+
+    # --- Ray's Searcher interface
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
+        return not config  # the space is the define-by-run function; Ray's param_space stays empty
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        self.max_concurrent = max_concurrent
+        return True
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if self.max_concurrent and len(self.live) >= self.max_concurrent:
+            return None
+        trial = self._ask()
+        self.trials[trial_id] = trial
+        self.live.add(trial_id)
+        self._save_state()
+        return dict(trial.params)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        trial = self._resumed(trial_id, result)
+        if trial is not None:
+            self._report(trial, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        trial = self._resumed(trial_id, result or {})
+        self.live.discard(trial_id)
+        if trial is None:
+            self._save_state()
+            return
+        result = result or {}
+        value, status = result.get(self.metric), result.get("status")
+        # Marked first: if tell raises after storing the trial, a second call must not tell it again.
+        self.told.add(trial_id)
+        if error:
+            self.errored.add(trial_id)
+        try:
+            if error or status == "diverged" or value is None or not math.isfinite(value):
+                self.study.tell(trial, None, state=TrialState.FAIL)
+            elif status == "running":
+                # Ray skips on_trial_result for the result on which a stopper fired: report it here, so the study
+                # holds the whole curve up to the stop.
+                self._report(trial, result)
+                self.study.tell(trial, None, state=TrialState.PRUNED)
+            else:
+                self.study.tell(trial, value, state=TrialState.COMPLETE)
+        except RuntimeError as e:
+            # GridSampler stops the study once its grid is used up; outside study.optimize that stop raises, after
+            # the trial was stored. There is nothing to stop here: Ray's num_samples bounds the sweep.
+            if "Study.stop" not in str(e):
+                raise
+        finally:
+            self._save_state()
+
+    # --- state: Ray saves it with the experiment; `state_path` holds the latest
+    def get_state(self) -> dict:
+        # The sampler too (as Optuna's FAQ restores one): a resumed sweep otherwise restarts its random number
+        # generator from the seed and proposes the first trials' parameters again.
+        return {"trials": self.trials, "told": self.told, "errored": self.errored, "live": self.live,
+                "sampler": self.study.sampler}
+
+    def set_state(self, state: dict) -> None:
+        self.trials, self.live = dict(state["trials"]), set(state["live"])
+        self.told, self.errored = set(state["told"]), set(state["errored"])
+        self.study.sampler = state["sampler"]
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Restore from `state_path` when it exists (written at every change), else from Ray's snapshot; then
+        reconcile with the study (the driver may have died between a write to the study and to the state): a trial
+        the study holds as finished is not told again, and a study trial asked for but never recorded is told FAIL
+        instead of staying RUNNING for ever."""
+        newest = self.state_path if self.state_path is not None and self.state_path.is_file() else checkpoint_path
+        with open(newest, "rb") as f:
+            self.set_state(pickle.load(f))
+        frozen = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        for trial_id, trial in self.trials.items():
+            if frozen[trial.number].state.is_finished():
+                self.told.add(trial_id)
+            else:
+                self.told.discard(trial_id)
+        known = {t.number for t in self.trials.values()}
+        for number, t in sorted(frozen.items()):
+            if number not in known and t.state == TrialState.RUNNING:
+                log.warning("Optuna trial %d was asked for but no Ray trial took it (driver killed); told FAIL",
+                            number)
+                self.study.tell(number, None, state=TrialState.FAIL)
+
+    # --- helpers
+    def _report(self, trial: optuna.Trial, result: dict) -> None:
+        value = result.get(self.metric)
+        if value is not None and math.isfinite(value):
+            with warnings.catch_warnings():  # a step reported again after a restore is ignored, with a warning
+                warnings.simplefilter("ignore")
+                trial.report(value, result["training_iteration"])
+
+    def _ask(self, params: dict | None = None) -> optuna.Trial:
+        """A new Optuna trial; with `params`, one holding exactly those values (Optuna's enqueue_trial)."""
+        if params is not None:
+            self.study.enqueue_trial(params)
+        trial = self.study.ask()
+        self.space(trial)  # define-by-run: the space's suggest_* calls fill trial.params
+        return trial
+
+    def _resumed(self, trial_id: str, result: dict) -> optuna.Trial | None:
+        """The Optuna trial a result of `trial_id` belongs to: None for a trial already told (Ray reruns a
+        finished trial from its checkpoint after a driver kill: its results are not new) or unknown; a new trial
+        with the same parameters when an errored Ray trial runs again, resumed (same id) or restarted (a new id
+        whose config, in the result, is an errored trial's)."""
+        trial = self.trials.get(trial_id)
+        if trial is not None and trial_id not in self.told:
+            return trial
+        if trial is None:
+            config = result.get("config") or {k[len("config/"):]: v for k, v in result.items()
+                                               if k.startswith("config/")}  # Ray flattens nested keys with "/"
+            old = next((t for t in sorted(self.errored) if config and self.trials[t].params == config), None)
+            if old is None:
+                return None
+            self.errored.discard(old)  # one restart continues one failed attempt
+            trial = self.trials[old]
+        elif trial_id not in self.errored:
+            return None
+        trial = self._ask(dict(trial.params))
+        log.info("Ray trial %s runs again after an error: Optuna trial %d continues it", trial_id, trial.number)
+        self.trials[trial_id] = trial
+        self.told.discard(trial_id)
+        self.errored.discard(trial_id)
+        self.live.add(trial_id)
+        self._save_state()
+        return trial
+
+    def _save_state(self) -> None:
+        if self.state_path is None:
+            return
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump(self.get_state(), f)
+        os.replace(tmp, self.state_path)  # a kill mid-write leaves the previous state whole

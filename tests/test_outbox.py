@@ -1,0 +1,126 @@
+"""The outbox alone, with a fake store: order, retry schedule, refused operations, and the file that carries the
+queue over a killed driver."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ncssl_tune.outbox import RETRY_FIRST_S, RETRY_MAX_S, Op, Outbox
+
+
+class Down(ConnectionError):
+    pass
+
+
+class FakeStore:
+    """Records what reached it; `down` makes every call fail as an unreachable server; `refuse` names kinds it
+    rejects as a bad request."""
+
+    def __init__(self):
+        self.sent: list[Op] = []
+        self.calls = 0
+        self.down = False
+        self.refuse: set[str] = set()
+
+    def execute(self, op: Op) -> None:
+        self.calls += 1
+        if self.down:
+            raise Down("connection refused")
+        if op.kind in self.refuse:
+            raise ValueError(f"bad request: {op.kind}")
+        if op.kind == "fatal":
+            raise KeyboardInterrupt  # stands for the caller's fatal error type
+        self.sent.append(op)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def outbox(store: FakeStore, clock: Clock, path=None) -> Outbox:
+    return Outbox(store.execute, path=path, transient=lambda e: isinstance(e, Down), clock=clock,
+                  fatal=(KeyboardInterrupt,))
+
+
+def test_operations_are_sent_in_order_and_a_refused_one_does_not_block_the_rest():
+    store, clock = FakeStore(), Clock()
+    box = outbox(store, clock)
+    store.refuse = {"bad"}
+    for i, kind in enumerate(["a", "bad", "b"]):
+        box.put(kind, f"t{i}", {"i": i})
+    assert box.drain() is True
+    assert [op.kind for op in store.sent] == ["a", "b"]
+    assert [(op.kind, err) for op, err in box.rejected] == [("bad", "ValueError: bad request: bad")]
+    assert len(box) == 0
+
+
+def test_an_outage_keeps_the_queue_and_retries_on_a_doubling_schedule():
+    store, clock = FakeStore(), Clock()
+    box = outbox(store, clock)
+    store.down = True
+    box.put("a", None)
+    box.put("b", None)
+    assert box.drain() is False and box.down_since == 100.0 and "connection refused" in box.last_error
+    waits = []
+    for _ in range(6):
+        calls = store.calls
+        assert box.drain() is False and store.calls == calls  # not due: nothing tried
+        start = clock.now
+        while store.calls == calls:
+            clock.now += 0.5
+            box.drain()
+        waits.append(clock.now - start)
+    assert waits[0] == pytest.approx(RETRY_FIRST_S) and waits[-1] == pytest.approx(RETRY_MAX_S)
+    assert waits == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    store.down = False
+    clock.now += RETRY_MAX_S
+    assert box.drain() is True and [op.kind for op in store.sent] == ["a", "b"] and box.down_since is None
+
+
+def test_force_tries_at_once_and_a_fatal_error_propagates():
+    store, clock = FakeStore(), Clock()
+    box = outbox(store, clock)
+    store.down = True
+    box.put("a", None)
+    box.drain()
+    store.down = False
+    assert box.drain(force=True) is True and store.sent == [Op("a", None, None)]
+    box.put("fatal", None)
+    with pytest.raises(KeyboardInterrupt):
+        box.drain()
+    assert [op.kind for op in box.ops] == ["fatal"] and box.rejected == []
+
+
+def test_the_queue_is_on_disk_only_while_it_waits_and_a_new_session_reads_it_back(tmp_path):
+    path = tmp_path / "outbox.json"
+    store, clock = FakeStore(), Clock()
+    box = outbox(store, clock, path)
+    box.put("a", "t1", {"metrics": [["loss", float("nan"), 5, 1]]})
+    assert box.drain() is True and not path.exists()  # the store answers: no file at all
+
+    store.down = True
+    box.put("b", "t1", {"metrics": [["loss", 0.5, 6, 2]]})
+    box.drain()
+    box.put("c", None, "FINISHED")  # queued while down: on disk at once, before any drain
+    on_disk = json.loads(path.read_text())
+    assert [op[0] for op in on_disk] == ["b", "c"]
+
+    # the driver is killed here; the next session's outbox finds the operations in order, payloads intact
+    again = outbox(FakeStore(), Clock(), path)
+    left = again.load()
+    assert left == [Op("b", "t1", {"metrics": [["loss", 0.5, 6, 2]]}), Op("c", None, "FINISHED")]
+    again.replace(left)
+    assert again.drain() is True and again.execute.__self__.sent == left and not path.exists()
+
+
+def test_an_unreadable_file_is_reported_not_replayed(tmp_path, caplog):
+    path = tmp_path / "outbox.json"
+    path.write_text("{not json")
+    assert outbox(FakeStore(), Clock(), path).load() == []
+    assert "cannot read the outbox" in caplog.text
