@@ -3,6 +3,7 @@ per-trial resources, restore. Output lands in <results_dir>/<sweep name>/."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -30,6 +31,8 @@ from ncssl_tune.trainable import run_trial
 RAY_DIR = "ray"  # Ray Tune storage under the sweep folder
 TUNE_NAME = "tune"
 SEARCHER_STATE = "searcher_state.pkl"  # the searcher's latest state (Ray's copy lags it), in the sweep folder
+REFERENCE_FILE = "reference.json"  # downstream scores of the random-init encoder and of raw pixels, once per sweep
+DOWNSTREAM = ("fewshot_acc", "knn_acc", "probe_acc")
 
 
 class SweepError(RuntimeError):
@@ -133,6 +136,28 @@ def _trial_bundle(spec: SweepSpec) -> dict[str, float]:
     return {"CPU": spec.resources.cpu, "GPU": spec.resources.gpu}
 
 
+@ray.remote
+def _reference_task(cfg):
+    from ncssl_tune.train import reference_scores
+
+    return reference_scores(cfg)
+
+
+def reference_scores(spec: SweepSpec, out_dir: Path) -> tuple[dict[str, dict[str, float]], bool]:
+    """({"random_init": {metric: v}, "pixels": {...}}, computed now?) for the sweep's base configuration.
+
+    Computed once per sweep, kept in <sweep>/reference.json: on a Ray worker with one trial's resources, because
+    that is where a cluster has the data and the accelerator. The floor any trial of the sweep must beat."""
+    path = out_dir / REFERENCE_FILE
+    if path.exists():
+        return json.loads(path.read_text()), False
+    bundle = _trial_bundle(spec)
+    scores = ray.get(_reference_task.options(num_cpus=bundle["CPU"], num_gpus=bundle["GPU"]).remote(spec.base))
+    ref = {kind: {k: float(v) for k, v in s.items() if k in DOWNSTREAM} for kind, s in scores.items()}
+    path.write_text(json.dumps(ref, indent=2))
+    return ref, True
+
+
 def _lacking(spec: SweepSpec) -> list[str]:
     total = ray.cluster_resources()
     return [f"{key.lower()}={need:g} (resources.{key.lower()}) but the Ray cluster has {total.get(key, 0.0):g} {key}"
@@ -213,7 +238,13 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
         # flush_s=0: each result's metrics (one log_batch per epoch) reach MLflow in on_trial_result, which Ray
         # calls before it registers that result's checkpoint and saves the experiment state. A driver killed
         # with epochs still buffered would otherwise resume the trial past them and leave a gap in MLflow.
-        tracker = MlflowTracker(spec, tracking_uri, address, flush_s=0.0, out_dir=out_dir) if tracking_uri else None
+        reference, fresh = reference_scores(spec, out_dir)
+        metric = spec.search.metric
+        if metric in DOWNSTREAM:
+            print(f"reference {metric}: random-init encoder {reference['random_init'][metric]:.3f}, raw pixels "
+                  f"{reference['pixels'][metric]:.3f}", flush=True)
+        tracker = MlflowTracker(spec, tracking_uri, address, flush_s=0.0, out_dir=out_dir,
+                                reference=reference if fresh else None) if tracking_uri else None
         # Ray keeps (pickled) what the Tuner was given and a resumed Tuner uses that: it is given stand-ins that
         # forward to this process's callbacks and stoppers, registered under the sweep's Tune path. The saved
         # callback state is matched by position and class: the tracker keeps its place after the monitor.

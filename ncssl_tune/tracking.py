@@ -95,7 +95,7 @@ class MlflowTracker(Callback):
     end_wait_s = float(os.environ.get("NCSSL_MLFLOW_END_WAIT_S", "30"))
 
     def __init__(self, spec: SweepSpec, tracking_uri: str, ray_address: str | None = None, *,
-                 flush_s: float = 5.0, out_dir: str | Path | None = None):
+                 flush_s: float = 5.0, out_dir: str | Path | None = None, reference: dict | None = None):
         for key, value in HTTP_ENV.items():
             os.environ.setdefault(key, value)
         check_tracking_uri(tracking_uri)
@@ -103,6 +103,7 @@ class MlflowTracker(Callback):
         self.tracking_uri = tracking_uri
         self.flush_s = flush_s
         self.out_dir = Path(out_dir) if out_dir else None  # else found from Ray's storage path (<out>/ray/tune)
+        self.reference = reference or {}  # {"random_init": {metric: v}, "pixels": {...}}: parent metrics, sent once
         # replaced by the saved one when Ray restores a sweep (set_state, before setup)
         self.runs = SweepRuns(spec, tracking_uri, uuid.uuid4().hex, ray_address)
         self.outbox = Outbox(self._execute, where=f"MLflow tracking server {tracking_uri}", fatal=(TrackingError,))
@@ -141,6 +142,12 @@ class MlflowTracker(Callback):
         if self.out_dir is not None:
             self._open_file()
         self.outbox.put("parent_files", None)
+        if self.reference:  # reference_<kind>_<metric>, e.g. reference_random_init_fewshot_acc (read by analysis)
+            now = int(time.time() * 1000)
+            self.outbox.put("batch", None, {"tags": {}, "metrics": [
+                (f"reference_{kind}_{k}", v, now, 0) for kind, scores in self.reference.items()
+                for k, v in scores.items()]})
+            self.reference = {}
         self.outbox.drain()  # a deleted experiment raises TrackingError here: the sweep must not start
 
     @_guarded
@@ -244,7 +251,7 @@ class MlflowTracker(Callback):
 
             floor = runs.floor.get(tid, 0) if tid else 0
             metrics = [Metric(k, v, ts, step) for k, v, ts, step in payload["metrics"]
-                       if step > floor or k == "time_total_s"]
+                       if tid is None or step > floor or k == "time_total_s"]
             runs.send(runs.run_id(tid), metrics, payload["tags"])
         elif kind == "artifacts":
             runs.client.log_artifacts(runs.run_id(tid), payload)

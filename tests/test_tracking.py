@@ -233,6 +233,13 @@ def test_sweep_records_params_metrics_and_artifacts(sweep, server):
     assert p.data.tags["git_commit"] == head  # the checkout the sweep ran from
     assert p.data.params["data.dataset"] == "synthetic" and p.data.params["search.num_samples"] == "3"
     assert {a.path for a in c.list_artifacts(p.info.run_id)} >= {"vicreg.yaml", "sweep_effective.yaml"}
+    # the references, computed once per sweep (kept in the sweep folder), logged once although the sweep resumed
+    ref = json.loads((sweep.first.out_dir / "reference.json").read_text())
+    for kind in ("random_init", "pixels"):
+        for m in ("fewshot_acc", "knn_acc", "probe_acc"):
+            assert 0.25 <= ref[kind][m] <= 1  # 4 classes: chance is 0.25
+            assert p.data.metrics[f"reference_{kind}_{m}"] == pytest.approx(ref[kind][m])
+            assert len(c.get_metric_history(p.info.run_id, f"reference_{kind}_{m}")) == 1
     for run in children:
         assert run.data.tags["method"] == "vicreg" and run.data.tags["collapse"] in ("none", "dimensional", "total")
         sampled = {"loss.vicreg.lam", "loss.vicreg.mu", "loss.vicreg.nu", "loss.vicreg.gamma", "model.projector",
