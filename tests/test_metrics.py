@@ -21,6 +21,7 @@ from ncssl_tune.metrics import (
     spectrum,
     std_l2,
 )
+from ncssl_tune.spec import LABEL_FREE, OBJECTIVES, SpecError, load_spec
 
 TWO_PI_E = 2 * math.pi * math.e
 
@@ -339,3 +340,20 @@ def test_alpha_end_points():
     assert math.isnan(metrics.alpha_req(spectrum(gaussian(100, 6)), 100))  # ranks 2..3: too few to fit
     out = collapse_metrics(low_rank(512, 64, 8))
     assert out["alpha_req"] == rank_k and out["alpha_req_dev"] == pytest.approx(rank_k - 1)
+
+
+def test_every_label_free_objective_is_a_reported_metric():
+    reported = set(collapse_metrics(gaussian(40, 16))) | set(collapse_metrics(gaussian(40, 16), suffix="_h"))
+    reported |= {"lidar", "lidar_h", "entropy_cond"}  # train's evaluate adds these from the augmented views
+    assert set(LABEL_FREE) <= reported
+    assert set(LABEL_FREE) <= set(OBJECTIVES) and {LABEL_FREE[k] for k in LABEL_FREE} == {"max", "min"}
+
+
+def test_a_views_objective_needs_views(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("search: {metric: lidar_h}\neval: {cond_views: 0}\nspace: {train.lr: {type: float, low: 0.001, "
+                    "high: 0.01}}\n")
+    with pytest.raises(SpecError, match="search.metric: lidar_h is measured on eval.cond_views"):
+        load_spec(str(path))
+    path.write_text(path.read_text().replace("cond_views: 0", "cond_views: 2"))
+    assert load_spec(str(path)).mode == "max"
