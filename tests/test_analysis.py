@@ -59,14 +59,19 @@ def epoch_frame(values: dict[str, dict[int, dict[str, float]]]) -> pd.DataFrame:
     return pd.DataFrame([{"run_id": r, "epoch": e, **m} for r, eps in values.items() for e, m in eps.items()])
 
 
-def test_equal_budget_uses_only_fresh_probes():
+@pytest.mark.parametrize("objective", ["probe_acc", "fewshot_acc"])  # any labelled objective but knn_acc
+def test_equal_budget_uses_only_fresh_probes(objective):
     runs = pd.DataFrame({"run_id": [f"r{i}" for i in range(6)], "trial_id": [f"t{i}" for i in range(6)]})
-    values = {f"r{i}": {e: {"probe_acc": 0.5 + 0.01 * i, "probe_epoch": e, "lidar": float(i)} for e in (1, 2)}
+    values = {f"r{i}": {e: {objective: 0.5 + 0.01 * i, "probe_epoch": e, "lidar": float(i)} for e in (1, 2)}
               for i in range(6)}
     values["r0"][2]["probe_epoch"] = 1  # carried from epoch 1: epoch 2 has only 5 fresh trials
-    out = equal_budget(epoch_frame(values), runs, {"lidar": "max"}, "probe_acc", "max")
+    out = equal_budget(epoch_frame(values), runs, {"lidar": "max"}, objective, "max")
     assert out["qualifying_epochs"] == [1] and out["headline_epoch"] == 1 and out["epochs"] == {1: 6, 2: 5}
     assert out["table"][0]["rho"] == 1.0 and out["table"][0]["n"] == 6
+    # a label-free objective is measured every epoch: probe_epoch does not concern it
+    out = equal_budget(epoch_frame(values).rename(columns={objective: "lidar_h"}), runs, {"lidar": "max"},
+                       "lidar_h", "max")
+    assert out["qualifying_epochs"] == [1, 2]
 
 
 # --- a sweep written to a real MLflow store, whose answer is known
