@@ -26,14 +26,27 @@ def _log_if_wide(values: pd.Series) -> bool:
     return bool(len(v) and v.min() > 0 and v.max() / v.min() >= 10)
 
 
-def _scopes_with_tables(result: dict) -> list[tuple[str, dict]]:
-    return [(n, s) for n, s in result["scopes"].items() if s["table"]]
+def _scopes_with_tables(result: dict, distinct: bool = False) -> list[tuple[str, dict]]:
+    """Scopes that have a table; with `distinct`, leaving out those whose table repeats an earlier one."""
+    from ncssl_tune.analysis_report import same_as
+
+    dup = same_as(result) if distinct else {}
+    return [(n, s) for n, s in result["scopes"].items() if s["table"] and n not in dup]
+
+
+def _plain_log_ticks(axis) -> None:
+    """Log-axis labels as 2, 20, 200 instead of 2×10⁰, 2×10¹."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def predictors(result: dict, path: Path) -> None:
     """Per scope: oriented ρ with its 95% interval, and the regret of picking by each predictor against the
     expected regret of a random pick."""
-    scopes = _scopes_with_tables(result)
+    scopes = _scopes_with_tables(result, distinct=True)
     obj = result["objective"]["metric"]
     n_pred = max(len(s["table"]) for _, s in scopes)
     fig, axes = _figure(len(scopes), 2, 4.6, 0.9 + 0.24 * n_pred)
@@ -51,10 +64,15 @@ def predictors(result: dict, path: Path) -> None:
         ax_r.set_title(f"{name}: epoch {s['headline_epoch']}, n ≤ {max(r['n'] for r in rows)}", fontsize=9)
         regrets = [(r["selection"] or {}).get("regret", np.nan) for r in rows]
         ax_g.barh(y, regrets, color="tab:blue", alpha=0.7)
+        for i, v in enumerate(regrets):  # a zero regret has no bar: say so
+            if np.isfinite(v):
+                ax_g.text(v, i, f" {v:.3g}", va="center", fontsize=6)
         rnd = next(((r["selection"] or {}).get("random_regret") for r in rows if r["selection"]), None)
         if rnd is not None:
-            ax_g.axvline(rnd, color="tab:red", ls="--", lw=1, label=f"random pick ({rnd:.3g})")
-            ax_g.legend(fontsize=7, loc="lower right")
+            ax_g.axvline(rnd, color="tab:red", ls="--", lw=1)
+            ax_g.set_title(f"regret; red dashes: expected regret of a random pick ({rnd:.3g})", fontsize=8)
+        top = max([v for v in [*regrets, rnd or 0] if np.isfinite(v)], default=0)
+        ax_g.set_xlim(0, 1.3 * top if top > 0 else 1)  # room for the value labels
         ax_g.set(yticks=y, yticklabels=[], xlabel=f"regret in {obj} of picking the best-scored trial")
         for ax in (ax_r, ax_g):
             ax.grid(alpha=0.3, axis="x")
@@ -67,23 +85,30 @@ def rho_over_epochs(result: dict, path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     scopes = _scopes_with_tables(result)
-    fig, axes = _figure(1, len(scopes), 5.2, 4.2)
+    fig, axes = _figure(len(scopes), 2, 5.0, 3.4, sharey=True)
     bases = sorted({p.removesuffix("_h") for _, s in scopes for p in s["curves"]})
     colors = dict(zip(bases, [f"C{i}" for i in range(10)] + ["k", "tab:olive", "tab:cyan"]))
-    for ax, (name, s) in zip(axes[0], scopes):
-        for p, curve in s["curves"].items():
-            pts = [(c["epoch"], c["rho"]) for c in curve if c["rho"] is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker=".", lw=1.2, color=colors[p.removesuffix("_h")],
-                        ls="--" if p.endswith("_h") else "-", label=p)
-        ax.axhline(0, color="gray", lw=0.8)
-        ax.set(ylim=(-1.05, 1.05), xlabel="epoch", ylabel="Spearman ρ (oriented)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ns = ", ".join(f"{e}: {s['epochs'][str(e)] if str(e) in s['epochs'] else s['epochs'].get(e)}"
-                       for e in s["qualifying_epochs"])
-        ax.set_title(f"{name} (trials per epoch {ns})", fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    for (name, s), row in zip(scopes, axes):
+        rhos = {p: [c["rho"] for c in curve] for p, curve in s["curves"].items()}
+        for ax, rep in zip(row, ("z", "h")):
+            for p, curve in s["curves"].items():
+                if p.endswith("_h") != (rep == "h"):
+                    continue
+                base = p.removesuffix("_h")
+                twin = p.replace("effective_rank", "effective_rank_frac")
+                if "_frac" in p and rhos[p] == rhos.get(p.replace("_frac", "")):
+                    continue  # same ranks as effective_rank (one embedding width): one line, labelled for both
+                label = f"{p} (= _frac)" if twin != p and rhos.get(twin) == rhos[p] else p
+                pts = [(c["epoch"], c["rho"]) for c in curve if c["rho"] is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker=".", lw=1.2, color=colors[base], label=label)
+            ax.axhline(0, color="gray", lw=0.8)
+            ax.set(ylim=(-1.05, 1.05), xlabel="epoch", ylabel="Spearman ρ (oriented)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ns = ", ".join(f"{e}: {s['epochs'].get(str(e), s['epochs'].get(e))}" for e in s["qualifying_epochs"])
+            ax.set_title(f"{name}, metrics of {rep} (trials per epoch {ns})", fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, dpi=110)
 
 
@@ -127,7 +152,7 @@ def spectra(picks: dict[str, pd.Series], spectra_: dict[str, dict], objective: s
     fig, axes = _figure(1, 2, 5.2, 3.9)
     for ax, (rep, name) in zip(axes[0], (("z", "z (projector)"), ("h", "h (representation)"))):
         plot_spectra(ax, {f"{label}: {row['trial_id']} ({objective} {row[objective]:.3g}, "
-                          f"rank {row['effective_rank']:.3g})": spectra_[row["run_id"]].get(rep, [])
+                          f"RankMe {row['effective_rank']:.3g})": spectra_[row["run_id"]].get(rep, [])
                           for label, row in picks.items()})
         ax.set_title(f"final spectrum of {name}", fontsize=9)
     fig.savefig(path, dpi=110)
@@ -177,6 +202,9 @@ def collapse_map(runs: pd.DataFrame, drivers: list[dict], path: Path) -> None:
     else:
         x, y = cat[1], "effective_rank"
     fig, axes = _figure(1, len(panels), 4.4, 3.8, sharey=True)
+    if x not in cat:  # the same numeric x range in every panel, so panels compare
+        lo, hi = df[x].astype(float).min(), df[x].astype(float).max()
+        pad = 0.05 * (hi - lo) if hi > lo else 1.0
     er = df["effective_rank"].astype(float)
     finite = er[np.isfinite(er) & (er > 0)]
     norm = None
@@ -203,13 +231,20 @@ def collapse_map(runs: pd.DataFrame, drivers: list[dict], path: Path) -> None:
             ax.set_xticks(range(len(categories)), categories, fontsize=7)
         elif _log_if_wide(df[x]):
             ax.set_xscale("log")
+            ax.set_xlim(lo / 1.2, hi * 1.2)
+            _plain_log_ticks(ax.xaxis)
+        else:
+            ax.set_xlim(lo - pad, hi + pad)
         if _log_if_wide(df[y]):
             ax.set_yscale("log")
+            _plain_log_ticks(ax.yaxis)
         ax.set_xlabel(x.removeprefix(PARAM))
         ax.set_ylabel(y.removeprefix(PARAM) if y != "effective_rank" else "final effective_rank (z)")
         ax.set_title(f"{facet.removeprefix(PARAM)} = {value}" if facet else "collapse map", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     if sc is not None:
-        fig.colorbar(sc, ax=list(axes[0]), label="final effective_rank (z)")
+        bar = fig.colorbar(sc, ax=list(axes[0]), label="final effective_rank (z)")
+        if isinstance(norm, LogNorm):
+            _plain_log_ticks(bar.ax.yaxis)
     fig.savefig(path, dpi=110)

@@ -36,12 +36,13 @@ def spectrum_picks(runs: pd.DataFrame, objective: str, mode: str, available: set
         return {}
     u = u.assign(_good=sign(mode) * u[objective].astype(float)).sort_values("_good", ascending=False,
                                                                               ignore_index=True)
-    idx = {"best": 0, "median": len(u) // 2, "worst": len(u) - 1}
-    picks, seen = {}, set()
+    idx = {"best": 0, "worst": len(u) - 1, "median": len(u) // 2}  # in this order: 2 trials are best and worst
+    chosen: dict[str, int] = {}
     for label, i in idx.items():
-        if i not in seen:
-            picks[label] = u.iloc[i]
-            seen.add(i)
+        if i not in chosen.values():
+            chosen[label] = i
+    picks = {label: u.iloc[chosen[label]] for label in ("best", "median", "worst") if label in chosen}
+    seen = set(chosen.values())
     collapsed = u[u["collapse"].isin(["total", "dimensional"])]
     if len(collapsed) and not (set(collapsed.index) & seen):
         row = collapsed.iloc[0]
@@ -55,9 +56,13 @@ def summary_lines(result: dict) -> list[str]:
     o = result["objective"]
     lines = [(f"objective {o['metric']} ({o['mode']}); label-free predictors ranked by Spearman rho at the last epoch "
              f"that at least {result['min_trials_per_epoch']} trials reached")]
+    dup = same_as(result)
     for name, s in result["scopes"].items():
         if s["headline_epoch"] is None:
             lines.append(f"  {name} ({s['n_trials']} trials): {s.get('reason', 'no data')}")
+            continue
+        if name in dup:
+            lines.append(f"  {name} ({s['n_trials']} trials), epoch {s['headline_epoch']}: the same trials as {dup[name]}")
             continue
         top = [r for r in s["table"] if r["rho"] is not None][:3]
         head = f"  {name} ({s['n_trials']} trials), epoch {s['headline_epoch']}:"
@@ -70,21 +75,36 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
-def _scope_section(name: str, s: dict, objective: str) -> list[str]:
+def same_as(result: dict) -> dict[str, str]:
+    """Scope -> an earlier scope whose headline table holds the very same trials at the same epoch (so the same
+    numbers): printed once, not twice."""
+    out, seen = {}, {}
+    for name, s in result["scopes"].items():
+        key = (s["headline_epoch"], tuple(s.get("headline_trials", ())))
+        if s["headline_epoch"] is not None and key in seen:
+            out[name] = seen[key]
+        seen.setdefault(key, name)
+    return out
+
+
+def _scope_section(name: str, s: dict, objective: str, duplicate_of: str | None) -> list[str]:
     lines = [f"### {name} ({s['n_trials']} trials)", ""]
     if s["headline_epoch"] is None:
         return lines + [f"No table: {s.get('reason', 'no data')}.", ""]
     counts = ", ".join(f"{e}: {n}" for e, n in s["epochs"].items())
     lines += [(f"Headline epoch **{s['headline_epoch']}**, the last epoch that at least {s['min_trials']} of these "
               f"trials reached (trials with a fresh {objective} per epoch: {counts})."), ""]
+    if duplicate_of:
+        return lines + [(f"At epoch {s['headline_epoch']} these are the same {len(s['headline_trials'])} trials as in "
+                        f"`{duplicate_of}`: the table is the one above."), ""]
     small = [r for r in s["table"] if r.get("warning")]
     if small:
         lines += [(f"> **Warning: fewer than {WARN_N} trials** ({small[0]['n']}). The intervals are approximations on "
                   "very few points; treat every row as anecdotal."), ""]
     sel0 = next((r["selection"] for r in s["table"] if r["selection"]), None)
     if sel0:
-        lines += [(f"Best trial {sel0['best_trial']} ({objective} = {g3(sel0['best_objective'])}); a random pick "
-                  f"loses {g3(sel0['random_regret'])} on average."), ""]
+        lines += [(f"Best trial at epoch {s['headline_epoch']}: {sel0['best_trial']} ({objective} = "
+                   f"{g3(sel0['best_objective'])}); a random pick loses {g3(sel0['random_regret'])} on average."), ""]
     lines += [(f"| rank ρ | predictor | better | n | Spearman ρ [95% CI] | p | picked trial | its {objective} | "
               "regret | rank regret |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["table"]:
@@ -113,8 +133,9 @@ def markdown(result: dict, plot_files: dict[str, str | None]) -> str:
              "(`better` says which way each is read); interval and p from one Fisher-z approximation, so the "
              "interval excludes 0 exactly when p < 0.05. Regret: pick the trial with the best predictor value; "
              f"regret = best {obj} − its {obj}. Scope `healthy`: trials whose z ended in collapse class `none`."), ""]
+    dup = same_as(result)
     for name, s in result["scopes"].items():
-        lines += _scope_section(name, s, obj)
+        lines += _scope_section(name, s, obj, dup.get(name))
     lines += ["## Which hyperparameters drive collapse", "",
               ("Final values. Numeric: Spearman ρ with the final value; categorical: correlation ratio η with "
                "effective_rank and per-value means."), "",

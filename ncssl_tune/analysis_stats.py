@@ -120,6 +120,7 @@ def equal_budget(epochs: pd.DataFrame, trials: pd.DataFrame, predictors: dict[st
             curve.append({"epoch": ep, **{k: s[k] for k in ("n", "rho", "ci95", "p")}})
         out["curves"][p] = curve
     head = out["headline_epoch"]
+    out["headline_trials"] = sorted(names[r] for r in e[e["epoch"] == head]["run_id"].unique())
     table = []
     for p, direction in predictors.items():
         rows = _rows(e, head, p, objective)

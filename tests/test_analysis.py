@@ -213,3 +213,17 @@ def test_analysis_imports_neither_ray_nor_optuna():
     code = "import sys, ncssl_tune.analysis; print([m for m in ('ray', 'optuna', 'torch') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_scope_with_the_same_trials_is_not_printed_twice():
+    ids = [f"r{i}" for i in range(8)]
+    runs = pd.DataFrame({"run_id": ids, "trial_id": ids, "status": "stopped", "run_status": "FINISHED",
+                         "method": "vicreg", "collapse": ["total"] * 2 + ["none"] * 6})
+    # the two collapsed trials stop after epoch 1: at epoch 2 "all" and "healthy" hold the same 6 trials
+    values = {r: {e: {"knn_acc": 0.1 * i, "lidar": float(i)} for e in ((1,) if i < 2 else (1, 2))}
+              for i, r in enumerate(ids)}
+    res = analyze(runs, epoch_frame(values), "knn_acc", "max")
+    assert res["scopes"]["all"]["headline_trials"] == res["scopes"]["healthy"]["headline_trials"] == ids[2:]
+    md = markdown(res, {})
+    assert md.count("| rank ρ |") == 1 and "the same 6 trials as in `all`: the table is the one above" in md
+    assert any("the same trials as all" in s for s in summary_lines(res))
