@@ -357,3 +357,11 @@ def test_a_views_objective_needs_views(tmp_path):
         load_spec(str(path))
     path.write_text(path.read_text().replace("cond_views: 0", "cond_views: 2"))
     assert load_spec(str(path)).mode == "max"
+
+
+def test_lidar_needs_two_view_samples_in_the_config():
+    from ncssl_tune.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="eval.cond_samples: needs at least 2 samples, got 1"):
+        TrainConfig.from_dict({"eval": {"cond_samples": 1}})
+    assert TrainConfig.from_dict({"eval": {"cond_samples": 1, "cond_views": 0}}).eval.cond_samples == 1
