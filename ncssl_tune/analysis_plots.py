@@ -172,6 +172,7 @@ def histories(runs: pd.DataFrame, epochs: pd.DataFrame, path: Path) -> None:
             if st != "error":
                 ax.plot([], [], color=color, label=st)
         ax.set_yscale("log")
+        _plain_log_ticks(ax.yaxis)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xlabel="epoch", ylabel=p)
         ax.grid(alpha=0.3, which="both")
