@@ -115,7 +115,7 @@ def equal_budget(epochs: pd.DataFrame, trials: pd.DataFrame, predictors: dict[st
     for p, direction in predictors.items():
         curve = []
         for ep in reached:
-            rows = _rows(e, ep, p, objective)
+            rows = _rows(e, ep, p)
             s = spearman(sign(direction) * rows[p], obj_sign * rows[objective])
             curve.append({"epoch": ep, **{k: s[k] for k in ("n", "rho", "ci95", "p")}})
         out["curves"][p] = curve
@@ -123,21 +123,21 @@ def equal_budget(epochs: pd.DataFrame, trials: pd.DataFrame, predictors: dict[st
     out["headline_trials"] = sorted(names[r] for r in e[e["epoch"] == head]["run_id"].unique())
     table = []
     for p, direction in predictors.items():
-        rows = _rows(e, head, p, objective)
+        rows = _rows(e, head, p)
         s = spearman(sign(direction) * rows[p], obj_sign * rows[objective])
         sel = selection(rows[p], rows[objective], rows["run_id"].map(names).to_numpy(), direction, mode)
         table.append({"predictor": p, "direction": direction, **s, "selection": sel})
-    by_rho = sorted(table, key=lambda r: -r["rho"] if r["rho"] is not None else math.inf)
-    for i, r in enumerate(by_rho, 1):
-        r["rank_rho"] = i
-    by_regret = sorted(table, key=lambda r: r["selection"]["regret"] if r["selection"] else math.inf)
-    for i, r in enumerate(by_regret, 1):
-        r["rank_regret"] = i
-    out["table"] = by_rho
+    # competition ranks (1, 2, 2, 4): equal values, e.g. effective_rank and its _frac at one width, share a rank
+    rho_key = [-r["rho"] if r["rho"] is not None else math.inf for r in table]
+    regret_key = [r["selection"]["regret"] if r["selection"] else math.inf for r in table]
+    for r, a, b in zip(table, rho_key, regret_key):
+        r["rank_rho"] = 1 + sum(k < a for k in rho_key)
+        r["rank_regret"] = 1 + sum(k < b for k in regret_key)
+    out["table"] = sorted(table, key=lambda r: r["rank_rho"])
     return out
 
 
-def _rows(e: pd.DataFrame, epoch: int, predictor: str, objective: str) -> pd.DataFrame:
+def _rows(e: pd.DataFrame, epoch: int, predictor: str) -> pd.DataFrame:
     rows = e[e["epoch"] == epoch]
     if predictor not in rows:
         return rows.iloc[:0].assign(**{predictor: np.nan})

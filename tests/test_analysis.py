@@ -140,6 +140,7 @@ def test_known_sweep_end_to_end(store, tmp_path):
     assert table["avg_corr"]["rho"] == 1.0  # lower is better, so oriented it agrees
     assert table["effective_rank"]["rho"] == -1.0
     assert table["effective_rank"]["rank_rho"] == 3 and table["effective_rank"]["rank_regret"] == 3
+    assert table["lidar"]["rank_rho"] == table["avg_corr"]["rank_rho"] == 1  # tied: competition ranks
     assert table["lidar"]["selection"]["regret"] == 0.0 and table["lidar"]["selection"]["selected_trial"] == "t5"
     assert table["effective_rank"]["selection"]["selected_trial"] == "t0"
     assert table["effective_rank"]["selection"]["regret"] == pytest.approx(_acc(5, 9) - _acc(0, 9))
