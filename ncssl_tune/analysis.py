@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ncssl_tune.analysis_report import summary_lines, write_report
+from ncssl_tune.analysis_report import spectrum_picks, summary_lines, write_report
 from ncssl_tune.analysis_stats import MIN_TRIALS_PER_EPOCH, PARAM, driver, equal_budget, failed, swept_params
 from ncssl_tune.mlflow_store import TrackingError, check_tracking_uri, sqlite_path
 from ncssl_tune.schema import PARENT_TAG, SPECTRUM_CSV, TAG_KIND, TAG_REASON, TAG_STATUS, TAG_TRIAL
@@ -191,17 +191,24 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def fetch_spectra(tracking_uri: str, run_ids: list[str]) -> dict[str, dict]:
+def fetch_spectra(tracking_uri: str, runs: pd.DataFrame, objective: str, mode: str) -> dict[str, dict]:
+    """The spectra of the trials spectrum_picks shows, downloaded for those picks only: a trial without one is
+    dropped and the picks are made again among the rest."""
     from mlflow.exceptions import MlflowException
 
-    c, out = _client(tracking_uri), {}
+    c, out, missing = _client(tracking_uri), {}, set()
     with tempfile.TemporaryDirectory() as tmp:
-        for run_id in run_ids:
-            try:
-                out[run_id] = read_spectrum_csv(c.download_artifacts(run_id, SPECTRUM_CSV, Path(tmp) / run_id))
-            except (MlflowException, OSError):
-                pass  # a trial without a final spectrum is simply not plotted
-    return out
+        while True:
+            available = set(runs["run_id"]) - missing
+            wanted = [r["run_id"] for r in spectrum_picks(runs, objective, mode, available).values()]
+            todo = [r for r in wanted if r not in out]
+            if not todo:
+                return {r: out[r] for r in wanted}
+            for run_id in todo:
+                try:
+                    out[run_id] = read_spectrum_csv(c.download_artifacts(run_id, SPECTRUM_CSV, Path(tmp) / run_id))
+                except (MlflowException, OSError):
+                    missing.add(run_id)  # no spectrum logged for this trial
 
 
 def run_analysis(experiment: str, tracking_uri: str, out_dir: str | Path, log_to_parent: bool = True,
@@ -215,7 +222,7 @@ def run_analysis(experiment: str, tracking_uri: str, out_dir: str | Path, log_to
     result = analyze(df, epochs, objective, mode, df.attrs["reference"])
     result.update(experiment=experiment, parent_run_id=df.attrs["parent_run_id"])
     df = _normalize(df, [DRIVER_RESPONSE, objective])
-    spectra = fetch_spectra(tracking_uri, list(df[~failed(df)]["run_id"]))
+    spectra = fetch_spectra(tracking_uri, df, objective, mode)
     files = write_report(result, df, epochs, out_dir, spectra)
     if log_to_parent:
         c = _client(tracking_uri)

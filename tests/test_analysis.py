@@ -13,6 +13,7 @@ from ncssl_tune.analysis import analyze, load_epochs, load_runs, run_analysis, s
 from ncssl_tune.analysis_report import markdown, spectrum_picks, summary_lines
 from ncssl_tune.analysis_stats import equal_budget, selection, spearman
 from ncssl_tune.mlflow_store import TrackingError
+from ncssl_tune.spectra import write_spectrum_csv
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -120,6 +121,9 @@ def store(tmp_path_factory):
                 m["lidar"] = -m["lidar"]  # only 3 trials reach epoch 10: it must not be the headline
             metrics += [Metric(k, v, 0, e) for k, v in m.items()]
         c.log_batch(rid, metrics=metrics)
+        if i in (0, 2, 3, 5):  # final spectra of some trials only
+            write_spectrum_csv(tmp / "spectrum.csv", [4.0, 2.0, 1.0 / (i + 1)], [1.0, 0.5])
+            c.log_artifact(rid, str(tmp / "spectrum.csv"))
         c.set_terminated(rid, "FAILED" if i == 8 else "FINISHED")
     return uri
 
@@ -154,19 +158,31 @@ def test_known_sweep_end_to_end(store, tmp_path):
 
     files = {p.name for p in tmp_path.iterdir()}
     assert files == {"analysis.json", "report.md", "predictors.png", "rho_over_epochs.png", "rank_vs_objective.png",
-                     "rank_over_epochs.png", "collapse_map.png"}  # no spectra were logged
+                     "rank_over_epochs.png", "collapse_map.png", "spectra.png"}
     for name in files - {"analysis.json", "report.md"}:
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
     assert json.loads((tmp_path / "analysis.json").read_text()) == result
     md = (tmp_path / "report.md").read_text()
     assert "Headline epoch **9**" in md and "Headline epoch **3**" in md and "Warning" in md  # n = 6 < 8
     assert "| 1 | lidar | higher | 6 | 1 [" in md and "Reference scores: random_init 0.3, pixels 0.4." in md
-    assert "(not enough data for this plot)" in md  # the spectra
+    assert "(not enough data for this plot)" not in md
 
     from mlflow import MlflowClient
     logged = {a.path for a in MlflowClient(store).list_artifacts(load_runs("known", store).attrs["parent_run_id"],
                                                                  "analysis")}
     assert logged == {f"analysis/{f}" for f in files}
+
+
+def test_spectra_are_fetched_for_the_distinct_picks_only(store):
+    from ncssl_tune.analysis import fetch_spectra
+
+    df = load_runs("known", store)
+    spectra = fetch_spectra(store, df[df["status"] != "diverged"], "knn_acc", "max")
+    by_trial = dict(zip(df["run_id"], df["trial_id"]))
+    # t0..t7 finished or stopped; with a spectrum: t5, t3, t2, t0 by final knn_acc: best t5, median (index 2) t2,
+    # worst t0, which is also the collapsed one
+    assert sorted(by_trial[r] for r in spectra) == ["t0", "t2", "t5"]
+    assert spectra[df[df["trial_id"] == "t2"]["run_id"].item()]["z"] == pytest.approx([4.0, 2.0, 1 / 3])
 
 
 def test_summary_lines_are_rounded(store):
