@@ -12,14 +12,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ncssl_tune.spec import LABEL_FREE
-
 MIN_N = 4  # Fisher z needs n - 3 > 0
 WARN_N = 8  # below this, a visible warning: the interval is an approximation on very few points
 MIN_TRIALS_PER_EPOCH = 6  # an epoch enters the equal-budget study when at least this many trials reached it
 Z95 = float(stats.norm.ppf(0.975))
 PARAM = "param."  # column prefix of hyperparameters (as in trials.csv)
-EVERY_EPOCH = frozenset({*LABEL_FREE, "knn_acc", "loss"})  # never carried over from an earlier epoch
+CARRIED_PREFIX = "probe_"  # train() carries the linear probe's last outputs into every report
 FAILED = ("diverged", "error")  # their last metrics are stale or missing: excluded, and counted
 
 
@@ -83,12 +81,12 @@ def selection(pred, obj, trial_ids, direction: str, mode: str) -> dict[str, Any]
 
 
 def fresh(epochs: pd.DataFrame, objective: str) -> pd.Series:
-    """Rows whose objective was measured at that epoch. Probes are computed on a schedule and carried in between
-    (probe_epoch says when they were measured): a carried value would compare trials at unequal budgets again.
-    Metrics measured every epoch (or absent when not) are the label-free ones, knn_acc and the loss; any other
-    objective is taken to be a probe's."""
+    """Rows whose objective was measured at that epoch. The linear probe's outputs (probe_acc, probe_*) are
+    computed on a schedule and carried in between (probe_epoch says when they were measured): a carried value would
+    compare trials at unequal budgets again. Every other metric (kNN, the few-labels probe, the label-free ones) is
+    reported only at the epochs it is measured."""
     ok = np.isfinite(epochs[objective].astype(float)) if objective in epochs else pd.Series(False, epochs.index)
-    if objective not in EVERY_EPOCH and "probe_epoch" in epochs:
+    if objective.startswith(CARRIED_PREFIX) and "probe_epoch" in epochs:
         ok &= epochs["probe_epoch"].astype(float) == epochs["epoch"].astype(float)
     return ok
 
