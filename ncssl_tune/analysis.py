@@ -31,7 +31,9 @@ from ncssl_tune.spectra import read_spectrum_csv
 
 __all__ = ["analyze", "load_epochs", "load_runs", "run_analysis", "summary_lines", "write_report"]
 
-REFERENCES = ("random_init", "pixels")  # parent-run params/metrics reference_<name>: the objective's floor
+# Parent-run params or metrics reference_<name>_<objective>, reference.<name>.<objective> or reference_<name>:
+# the objective's score without SSL (a randomly initialised encoder, raw pixels).
+REFERENCES = ("random_init", "pixels")
 DRIVER_RESPONSE = "effective_rank"  # what "drives collapse" is measured on
 
 
@@ -58,8 +60,9 @@ def _sweep_info(run) -> dict[str, Any]:
         raise TrackingError(f"sweep run {run.info.run_id}: objective {metric!r} has no recorded search.mode and no "
                             f"known direction")
     ref = {}
-    for name in REFERENCES:
-        raw = metrics.get(f"reference_{name}", params.get(f"reference_{name}"))
+    for name in REFERENCES:  # the objective's own reference score first, then a plain one
+        keys = (f"reference_{name}_{metric}", f"reference.{name}.{metric}", f"reference_{name}")
+        raw = next((d[k] for k in keys for d in (metrics, params) if k in d), None)
         try:
             ref[name] = float(raw) if raw is not None else None
         except ValueError:

@@ -104,7 +104,8 @@ def store(tmp_path_factory):
     parent = c.create_run(exp, tags={"run_kind": "sweep", "objective": "knn_acc (max)"}).info.run_id
     for k, v in {"search.metric": "knn_acc", "search.mode": "null", "reference_random_init": "0.3"}.items():
         c.log_param(parent, k, v)
-    c.log_metric(parent, "reference_pixels", 0.4)
+    c.log_metric(parent, "reference_pixels_knn_acc", 0.4)  # the objective's own one wins over a plain one
+    c.log_metric(parent, "reference_pixels", 0.9)
     # t0..t5 reach epoch 9, t6, t7 stop at 3 (ASHA), t8 diverges at 4 with a huge lidar (must be excluded);
     # t0, t1 end totally collapsed: the healthy scope has t2..t7, of which only 4 reach epoch 9.
     last = {0: 10, 1: 10, 2: 10, 3: 9, 4: 9, 5: 9, 6: 3, 7: 3, 8: 4}
