@@ -38,6 +38,13 @@ def test_spearman_interval_and_p_come_from_one_fisher_z():
             assert ("warning" in s) == (n < 8)
 
 
+def test_spearman_with_ties_matches_scipy():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 4, size=40).astype(float)
+    y = x + rng.integers(0, 3, size=40)
+    assert spearman(x, y)["rho"] == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+
+
 def test_spearman_small_n_is_honest():
     # the case: rho = 0.949 on 4 trials must not come with an interval far from 0
     s = spearman([1, 2, 3, 4], [1, 2, 4, 3.0])
