@@ -236,8 +236,6 @@ def test_load_runs_needs_an_existing_store(tmp_path):
 def test_analysis_imports_neither_ray_nor_optuna():
     import subprocess
 
-    # analysis reads tag names from tracking (which imports Ray) until issue 12's Ray-free schema module lands
-    pytest.importorskip("ncssl_tune.schema", reason="the MLflow tag names are not in ncssl_tune.schema yet")
 
     code = "import sys, ncssl_tune.analysis; print([m for m in ('ray', 'optuna', 'torch') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
