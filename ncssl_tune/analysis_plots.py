@@ -108,7 +108,8 @@ def rho_over_epochs(result: dict, path: Path) -> None:
             ns = ", ".join(f"{e}: {s['epochs'].get(str(e), s['epochs'].get(e))}" for e in s["qualifying_epochs"])
             ax.set_title(f"{name}, metrics of {rep} (trials per epoch {ns})", fontsize=8)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+            if ax.get_legend_handles_labels()[0]:  # a sweep may log no metric of h (or of z)
+                ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, dpi=110)
 
 
