@@ -64,8 +64,9 @@ def _run_parser() -> argparse.ArgumentParser:
 
 
 def _analyze_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ncssl-sweep analyze", description="Correlate final effective rank with probe accuracy over "
-                "a sweep's MLflow runs; write analysis.json, report.md and plots, and log them to the parent run.")
+    p = _Parser(prog="ncssl-sweep analyze", description="Rank every label-free collapse metric by how well it "
+                "predicts the sweep's objective, at equal budgets, over its MLflow runs; write analysis.json, "
+                "report.md and plots, and log them to the parent run.")
     p.add_argument("--experiment", required=True, help="MLflow experiment = the sweep name")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///RESULTS_DIR/mlflow.db)")
     p.add_argument("--results-dir", default="results", help="output root (default: ./results)")
@@ -92,11 +93,9 @@ def _analyze(args) -> int:
 
 
 def _print_analysis(result: dict, out: str | Path) -> None:
-    for rank, c in (result.get("correlations") or {}).items():
-        sp = (c.get("overall") or {}).get("spearman")
-        if sp:
-            print(f"Spearman rho(final {rank}, probe_acc) = {sp['r']:.3f} (p = {sp['p']:.3g}, "
-                  f"95% CI {sp['ci95']}), n = {c['overall']['n']}")
+    from ncssl_tune.analysis_report import summary_lines
+
+    print("\n".join(summary_lines(result)))
     print(f"analysis: {Path(out) / 'report.md'}")
 
 

@@ -354,6 +354,8 @@ def _check_values(cfg: TrainConfig) -> None:
         _positive(f"eval.{name}", getattr(e, name), allow_zero=True)
     if e.cond_views == 1:
         raise ConfigError("eval.cond_views", "needs at least 2 views (or 0 to skip entropy_cond)")
+    if e.cond_views and e.cond_samples < 2:  # LiDAR's between-sample covariance needs two samples
+        raise ConfigError("eval.cond_samples", f"needs at least 2 samples, got {e.cond_samples}")
     if not 0 < e.probe_val_fraction < 1:
         raise ConfigError("eval.probe_val_fraction", f"must be in (0, 1), got {e.probe_val_fraction}")
     if not e.probe_weight_decays or any(

@@ -1,6 +1,7 @@
 """Collapse metrics: pure functions on embedding matrices ``z: (M, D)`` (M samples, D dims).
 
-Names follow design.md "Definitions". Everything is computed in float64 on the input's device.
+Names and definitions: docs/definitions.md, and docs/metrics.md for LiDAR and α-ReQ (sources, conventions).
+Everything is computed in float64 on the input's device.
 Spectra come from the singular values of the (M, D) data matrix, obtained as eigenvalues of the
 smaller Gram matrix (M×M when M < D, else D×D), so no D×D matrix is formed when M < D and the cost
 is O(M·D·min(M, D)) — what matters when D = 8192 and M = 2048.
@@ -15,11 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-METRIC_NAMES: tuple[str, ...] = ("effective_rank", "effective_rank_frac", "entropy", "avg_corr", "std_l2")
-"""Scalar (float) keys of :func:`collapse_metrics`, before the suffix; ``entropy_cond`` is separate."""
+METRIC_NAMES: tuple[str, ...] = ("effective_rank", "effective_rank_frac", "entropy", "avg_corr", "std_l2",
+                                  "alpha_req", "alpha_req_dev")
+"""Scalar (float) keys of :func:`collapse_metrics`, before the suffix; ``entropy_cond`` and ``lidar`` are separate
+(they need several augmented views of each sample)."""
 
 _ENTROPY_EPS = 1e-4
 _RANKME_EPS = 1e-7
+LIDAR_DELTA = 1e-4  # ridge on Σ_w, as in the LiDAR paper and galilai-group/stable-pretraining
 
 
 def _as_matrix(z: Tensor, name: str = "z") -> Tensor:
@@ -70,9 +74,95 @@ def effective_rank(z: Tensor) -> float:
     single nonzero σ (or none) and gives ≈ 1.
     """
     s = _squared_singular_values(_as_matrix(z)).sqrt()  # (min(M, D),)
-    # clamp: an all-zero Z would divide 0 by 0; with it every p_k = 1e-7 and the rank is ≈ 1
-    p = s / s.sum().clamp_min(torch.finfo(s.dtype).tiny) + _RANKME_EPS
-    return float(torch.exp(-(p * torch.log(p)).sum()))
+    return _entropy_rank(s, s.numel())
+
+
+def _entropy_rank(values: Tensor, n: int) -> float:
+    """exp(Shannon entropy) of p_k = v_k / Σv + 1e-7 over ``values: (k,)`` zero-padded to n entries (k <= n).
+
+    RankMe's formula, shared by LiDAR. The 1e-7 is added after normalising, so all-zero values give ≈ 1, never
+    n (adding it before, as stable-pretraining's LiDAR does, turns a fully collapsed spectrum into the maximum).
+    """
+    v = values.clamp_min(0)
+    p = v / v.sum().clamp_min(torch.finfo(v.dtype).tiny) + _RANKME_EPS  # (k,)
+    zeros = n - v.numel()  # each padded zero has p = 1e-7
+    h = -(p * torch.log(p)).sum() - zeros * _RANKME_EPS * math.log(_RANKME_EPS)
+    return float(torch.exp(h))
+
+
+def lidar(views: Tensor, delta: float = LIDAR_DELTA) -> float:
+    """LiDAR of ``views: (K, M, D)`` (K >= 2 augmented views of M >= 2 samples), between ≈ 1 and min(M - 1, D).
+
+    Thilak et al., "LiDAR: Sensing Linear Probing Performance in Joint Embedding SSL Architectures", ICLR 2024:
+    each sample is a surrogate class; with μ_i the mean of sample i's views and μ the mean of the μ_i,
+    Σ_b = Σ_i (μ_i - μ)(μ_i - μ)ᵀ / (M - 1), Σ_w = Σ_ik (z_ik - μ_i)(z_ik - μ_i)ᵀ / (M(K - 1)) + δ·I,
+    λ = eigenvalues of Σ_w^{-1/2} Σ_b Σ_w^{-1/2} (D of them), lidar = exp(-Σ p_k log p_k), p_k = λ_k/Σλ + 1e-7.
+    Not scale invariant: δ is absolute, as in the paper.
+
+    Every deviation lies in the span of the K·M centred rows, and outside it Σ_w = δ·I and Σ_b = 0 (eigenvalue
+    0). So when K·M < D the problem is solved in an orthonormal basis of that span: O(D·(K·M)²) and no D×D
+    matrix. Σ_w^{-1/2} Σ_b Σ_w^{-1/2} has the eigenvalues of L⁻¹ Σ_b L⁻ᵀ with
+    Σ_w = L Lᵀ (Cholesky): both are similar to Σ_w⁻¹ Σ_b.
+    """
+    if views.ndim != 3 or views.shape[0] < 2 or views.shape[1] < 2:
+        raise ValueError(f"views must have shape (K, M, D) with K >= 2, M >= 2, got {tuple(views.shape)}")
+    v = views.detach().to(torch.float64)
+    k, m, d = v.shape
+    x = v - v.mean(dim=(0, 1))  # (K, M, D); Σ_b and Σ_w ignore a shift, the span needs it
+    if k * m < d:
+        # Rows in the orthonormal basis V of their span: X = U S Vᵀ gives X V = U S, from the Gram matrix
+        # X Xᵀ = U S² Uᵀ. Directions with S = 0 get zero coordinates, which is exact (they are part of the
+        # complement). Cheaper than a QR of the (D, K·M) rows.
+        s2, u = torch.linalg.eigh(x.reshape(k * m, d) @ x.reshape(k * m, d).T)  # (K*M,), (K*M, K*M)
+        x = (u * s2.clamp_min(0).sqrt()).reshape(k, m, k * m)  # (K, M, r), r = K*M
+    r = x.shape[-1]
+    mu = x.mean(dim=0)  # (M, r) per-sample means
+    between = mu - mu.mean(dim=0)  # (M, r)
+    sb = between.T @ between / (m - 1)  # (r, r)
+    within = (x - mu).reshape(k * m, r)  # (K*M, r)
+    sw = within.T @ within / (m * (k - 1)) + delta * torch.eye(r, dtype=x.dtype, device=x.device)  # (r, r)
+    chol = torch.linalg.cholesky(sw)  # (r, r) lower
+    a = torch.linalg.solve_triangular(chol, sb, upper=False)  # L⁻¹ Σ_b
+    a = torch.linalg.solve_triangular(chol, a.T, upper=False)  # L⁻¹ Σ_b L⁻ᵀ (Σ_b symmetric), (r, r)
+    lam = torch.linalg.eigvalsh((a + a.T) / 2)  # (r,); symmetrised against roundoff
+    return _entropy_rank(lam, d)
+
+
+ALPHA_FIT_MIN_RANK = 2
+
+
+def alpha_fit_ranks(m: int, d: int) -> tuple[int, int]:
+    """1-based eigenvalue ranks (first, last) that :func:`alpha_req` fits for M samples of D dimensions.
+
+    From rank 2 (the leading eigenvalue is no part of the power-law body: reptrix and Stringer et al. start at
+    rank 11 on 2048 dims, which our 64-1024 dims cannot afford) to half of r = min(M - 1, D), the number of
+    eigenvalues M centred samples can make nonzero: near r the sample spectrum bends down whatever the true one
+    does (Marchenko-Pastur edge).
+    """
+    return ALPHA_FIT_MIN_RANK, min(m - 1, d) // 2
+
+
+def alpha_req(eigvals: Tensor, m: int) -> float:
+    """α-ReQ: the power-law decay exponent α of a covariance spectrum, λ_j ∝ j^(-α).
+
+    Agrawal et al., "α-ReQ: Assessing Representation Quality in Self-Supervised Learning by measuring
+    eigenspectrum decay", NeurIPS 2022. ``eigvals: (D,)``, descending, of the centred covariance of M samples
+    (:func:`spectrum`). Weighted least squares of log p_j on log j over the ranks of :func:`alpha_fit_ranks`,
+    weight 1/j (each octave of ranks counts about equally, as in reptrix and Stringer et al. 2019), with
+    p_j = λ_j / Σλ + 1e-7: scale-free, and zero eigenvalues stay finite, as in RankMe. Flat spectra (isotropic
+    data, and also an all-identical Z) give ≈ 0; a spectrum that drops to zero inside the range (rank-k
+    collapse) gives a large α. NaN when the range holds fewer than 3 ranks (min(M - 1, D) < 8).
+    """
+    lam = eigvals.detach().to(torch.float64).flatten()
+    lo, hi = alpha_fit_ranks(m, lam.numel())
+    if hi - lo + 1 < 3:
+        return math.nan
+    p = lam.clamp_min(0) / lam.clamp_min(0).sum().clamp_min(torch.finfo(lam.dtype).tiny) + _RANKME_EPS
+    j = torch.arange(lo, hi + 1, dtype=torch.float64, device=lam.device)  # (n,) 1-based ranks
+    x, y, w = torch.log(j), torch.log(p[lo - 1:hi]), 1.0 / j
+    xm, ym = (w * x).sum() / w.sum(), (w * y).sum() / w.sum()
+    slope = (w * (x - xm) * (y - ym)).sum() / (w * (x - xm) ** 2).sum()
+    return float(-slope)
 
 
 def gaussian_entropy(eigvals: Tensor, d: int) -> float:
@@ -210,7 +300,11 @@ def collapse_metrics(
         "entropy": gaussian_entropy(spec, d),
         "avg_corr": avg_corr(x),
         "std_l2": std_l2(x),
+        "alpha_req": alpha_req(spec, m),
     }
+    # α is not monotone in quality (≈ 1 is what Agrawal et al. associate with good probes): the distance from 1
+    # is the quantity with a direction (lower is better), for objectives and predictor rankings
+    out["alpha_req_dev"] = abs(out["alpha_req"] - 1.0)
     out["collapse"] = classify_collapse(out["std_l2"], out["effective_rank_frac"], d, thresholds)
     out["spectrum"] = spec.cpu().tolist()
     return {k + suffix: v for k, v in out.items()}

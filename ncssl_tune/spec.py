@@ -18,8 +18,14 @@ import yaml
 
 from ncssl_tune.config import SECTIONS, ConfigError, TrainConfig, build, coerce, set_dotted
 
-OBJECTIVES = {"fewshot_acc": "max", "probe_acc": "max", "knn_acc": "max", "effective_rank": "max", "effective_rank_h": "max",
-              "loss": "min"}
+# Label-free collapse metrics and the direction in which each is taken to mean a better representation (docs/
+# metrics.md says why): objectives of a sweep and the predictors the analysis ranks. alpha_req itself is not
+# monotone (≈ 1 is best), so its distance from 1 stands for it; entropy_cond is lower when views agree (the IB
+# view) but also at collapse.
+LABEL_FREE = {f"{name}{suffix}": mode for suffix in ("", "_h") for name, mode in (
+    ("effective_rank", "max"), ("effective_rank_frac", "max"), ("lidar", "max"), ("alpha_req_dev", "min"),
+    ("entropy", "max"), ("avg_corr", "min"), ("std_l2", "max"))} | {"entropy_cond": "min"}
+OBJECTIVES = {"fewshot_acc": "max", "probe_acc": "max", "knn_acc": "max", **LABEL_FREE, "loss": "min"}
 PARAM_TYPES = ("float", "logfloat", "int", "logint", "categorical")
 
 
@@ -54,7 +60,7 @@ class CollapseStopConfig:
 
 @dataclass
 class SearchConfig:
-    metric: str = "fewshot_acc"  # objective: fewshot_acc, probe_acc, knn_acc or a label-free metric
+    metric: str = "fewshot_acc"  # objective: fewshot_acc, probe_acc, knn_acc or a label-free metric (LABEL_FREE)
     mode: str | None = None  # max or min; None takes the objective's natural direction
     num_samples: int = 12  # trials to run
     algorithm: Literal["tpe", "random", "grid"] = "tpe"  # Optuna sampler
@@ -207,6 +213,7 @@ def _validate(raw: dict, p: Path) -> SweepSpec:
     if resources.gpu > 1 and resources.gpu != int(resources.gpu):
         raise ConfigError("resources.gpu", f"above 1 must be a whole number of GPUs, got {resources.gpu}")
     space = _parse_space(raw.get("space", {}), base, search)
+    _check_views(base, search)
     _check_rungs(base, search)
     return SweepSpec(name=name, path=str(p), base=base, search=search, resources=resources, space=space, raw=raw)
 
@@ -218,6 +225,13 @@ def asha_rungs(search: SearchConfig, epochs: int) -> list[int]:
         rungs.append(math.ceil(search.scheduler.grace_period * search.scheduler.reduction_factor ** k))
         k += 1
     return rungs
+
+
+def _check_views(cfg: TrainConfig, search: SearchConfig) -> None:
+    """An objective measured on augmented views needs them, or every trial would report NaN."""
+    if search.metric in ("lidar", "lidar_h", "entropy_cond") and not cfg.eval.cond_views:
+        raise ConfigError("search.metric", f"{search.metric} is measured on eval.cond_views augmented views per "
+                                           "sample, but eval.cond_views is 0; set it to 2 or more")
 
 
 def _check_rungs(cfg: TrainConfig, search: SearchConfig) -> None:

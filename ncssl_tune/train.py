@@ -19,7 +19,7 @@ from ncssl_tune.augment import TwoViewAugment, default_augment
 from ncssl_tune.config import TrainConfig
 from ncssl_tune.data import load_dataset
 from ncssl_tune.losses import LOSSES, WhiteningError
-from ncssl_tune.metrics import CollapseThresholds, collapse_metrics, entropy_cond
+from ncssl_tune.metrics import CollapseThresholds, collapse_metrics, entropy_cond, lidar
 from ncssl_tune.models import SSLModel, build_backbone, build_projector
 from ncssl_tune.optim import build_optimizer, lr_at
 from ncssl_tune.probe import fewshot_probe, knn_acc, linear_probe
@@ -208,8 +208,10 @@ class _Run:
             x_cond = x_eval[:e.cond_samples]  # (Mc, C, H, W)
             views = self.augment.views(x_cond, e.cond_views)  # (K, Mc, C, H, W)
             k, mm = views.shape[:2]
-            zk = embed(self.model, views.flatten(0, 1), 1024, self.autocast)[1].view(k, mm, -1)  # (K, Mc, D)
+            hk, zk = embed(self.model, views.flatten(0, 1), 1024, self.autocast)
+            hk, zk = hk.view(k, mm, -1), zk.view(k, mm, -1)  # (K, Mc, F), (K, Mc, D)
             out["entropy_cond"] = float(entropy_cond(zk))
+            out["lidar"], out["lidar_h"] = lidar(zk), lidar(hk)  # the same views: no extra forward pass
         out["metrics_seconds"] = time.perf_counter() - t0  # collapse metrics incl. their own forward passes
         if do_knn:
             out.update(self.downstream(htr, hte, probes=False))

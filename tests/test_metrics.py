@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 from ncssl_tune import metrics
@@ -16,9 +17,11 @@ from ncssl_tune.metrics import (
     effective_rank,
     entropy_cond,
     gaussian_entropy,
+    lidar,
     spectrum,
     std_l2,
 )
+from ncssl_tune.spec import LABEL_FREE, OBJECTIVES, SpecError, load_spec
 
 TWO_PI_E = 2 * math.pi * math.e
 
@@ -242,3 +245,123 @@ def test_collapse_metrics_rejects_bad_input():
         collapse_metrics(torch.ones(1, 3))
     with pytest.raises(ValueError, match=r"\(4,\)"):
         metrics.spectrum(torch.ones(4))
+
+
+# --- LiDAR and α-ReQ
+
+def np_lidar(views: torch.Tensor, delta: float = 1e-4) -> float:
+    """The definition written out in D×D with scipy's generalized symmetric eigensolver: Σ_b v = λ Σ_w v."""
+    v = views.numpy().astype(np.float64)
+    k, m, d = v.shape
+    mu = v.mean(axis=0)  # (M, D)
+    b = mu - mu.mean(axis=0)
+    w = (v - mu).reshape(k * m, d)
+    lam = scipy.linalg.eigh(b.T @ b / (m - 1), w.T @ w / (m * (k - 1)) + delta * np.eye(d), eigvals_only=True)
+    p = np.clip(lam, 0, None) / np.clip(lam, 0, None).sum() + 1e-7
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def noisy_views(k: int, m: int, d: int, noise: float = 0.3, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, m, d, generator=g) + noise * torch.randn(k, m, d, generator=g)  # (K, M, D)
+
+
+@pytest.mark.parametrize("k, m, d", [(2, 50, 10), (3, 20, 100), (2, 64, 128), (4, 16, 300), (2, 128, 128)])
+def test_lidar_matches_generalized_eigenproblem(k, m, d):
+    # K·M < D takes the span shortcut, K·M >= D the direct D×D path
+    views = noisy_views(k, m, d)
+    assert lidar(views) == pytest.approx(np_lidar(views), rel=1e-9)
+
+
+def test_lidar_of_rank_k_views_is_k_in_either_path():
+    g = torch.Generator().manual_seed(1)
+    for d in (8, 300):
+        basis, _ = torch.linalg.qr(torch.randn(d, 5, generator=g))  # (D, 5)
+        views = noisy_views(3, 400, 5) @ basis.T  # (3, 400, D): samples and augmentations in 5 dimensions
+        assert lidar(views) == pytest.approx(np_lidar(views), rel=1e-8)
+        assert 4.5 < lidar(views) < 5.0
+
+
+def test_lidar_of_isotropic_views_is_near_d_and_of_collapse_near_one():
+    assert lidar(noisy_views(4, 4000, 16)) > 0.97 * 16
+    assert lidar(torch.full((2, 32, 64), 0.7)) == pytest.approx(1.0, abs=1e-3)  # every embedding the same
+    # the same vector within each sample, samples different: Σ_b is degenerate in all but one direction
+    assert lidar(torch.randn(32, 1) * torch.ones(2, 32, 64)) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_lidar_of_identical_views_is_the_rank_of_the_between_covariance():
+    # Σ_w = δ·I exactly: the eigenvalues are those of Σ_b / δ, whose entropy rank does not depend on δ
+    x = gaussian(400, 20) * torch.linspace(0.2, 2.0, 20)  # anisotropic samples
+    views = x.expand(3, 400, 20)
+    lam = np.linalg.eigvalsh(np.cov(x.numpy().astype(np.float64), rowvar=False))
+    p = lam / lam.sum() + 1e-7
+    assert lidar(views) == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-9)
+
+
+def test_lidar_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="K >= 2, M >= 2"):
+        lidar(torch.ones(1, 8, 4))
+    with pytest.raises(ValueError, match="K >= 2, M >= 2"):
+        lidar(torch.ones(2, 1, 4))
+
+
+def np_alpha(eigvals: np.ndarray, lo: int, hi: int) -> float:
+    """Weighted least squares by numpy.polyfit: its weights multiply residuals, so sqrt(1/j) gives weight 1/j."""
+    p = eigvals / eigvals.sum() + 1e-7
+    j = np.arange(lo, hi + 1, dtype=np.float64)
+    slope, _ = np.polyfit(np.log(j), np.log(p[lo - 1:hi]), 1, w=np.sqrt(1 / j))
+    return float(-slope)
+
+
+def test_alpha_fit_ranks():
+    assert metrics.alpha_fit_ranks(512, 256) == (2, 128)
+    assert metrics.alpha_fit_ranks(100, 1024) == (2, 49)  # r = M - 1 = 99
+
+
+@pytest.mark.parametrize("a", [0.5, 1.0, 2.5])
+def test_alpha_of_an_exact_power_law(a):
+    lam = torch.arange(1, 257, dtype=torch.float64) ** -a
+    assert metrics.alpha_req(lam, 10_000) == pytest.approx(np_alpha(lam.numpy(), 2, 128), rel=1e-9)
+    assert metrics.alpha_req(lam, 10_000) == pytest.approx(a, abs=5e-3)  # the 1e-7 floor bends the tail a little
+    assert metrics.alpha_req(7.0 * lam, 10_000) == pytest.approx(metrics.alpha_req(lam, 10_000), rel=1e-12)
+
+
+def test_alpha_matches_polyfit_on_a_real_spectrum():
+    z = gaussian(300, 64) * torch.linspace(0.1, 3.0, 64) ** 2
+    lo, hi = metrics.alpha_fit_ranks(300, 64)
+    assert metrics.alpha_req(spectrum(z), 300) == pytest.approx(np_alpha(spectrum(z).numpy(), lo, hi), rel=1e-9)
+
+
+def test_alpha_end_points():
+    assert abs(metrics.alpha_req(spectrum(gaussian(20_000, 32)), 20_000)) < 0.05  # isotropic: flat
+    assert metrics.alpha_req(torch.zeros(64), 512) == pytest.approx(0.0, abs=1e-12)  # all identical: flat floor
+    rank_k = metrics.alpha_req(spectrum(low_rank(512, 64, 8)), 512)  # zero past rank 8 inside ranks 2..32
+    assert rank_k > 5
+    assert math.isnan(metrics.alpha_req(spectrum(gaussian(100, 6)), 100))  # ranks 2..3: too few to fit
+    out = collapse_metrics(low_rank(512, 64, 8))
+    assert out["alpha_req"] == rank_k and out["alpha_req_dev"] == pytest.approx(rank_k - 1)
+
+
+def test_every_label_free_objective_is_a_reported_metric():
+    reported = set(collapse_metrics(gaussian(40, 16))) | set(collapse_metrics(gaussian(40, 16), suffix="_h"))
+    reported |= {"lidar", "lidar_h", "entropy_cond"}  # train's evaluate adds these from the augmented views
+    assert set(LABEL_FREE) <= reported
+    assert set(LABEL_FREE) <= set(OBJECTIVES) and {LABEL_FREE[k] for k in LABEL_FREE} == {"max", "min"}
+
+
+def test_a_views_objective_needs_views(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("search: {metric: lidar_h}\neval: {cond_views: 0}\nspace: {train.lr: {type: float, low: 0.001, "
+                    "high: 0.01}}\n")
+    with pytest.raises(SpecError, match="search.metric: lidar_h is measured on eval.cond_views"):
+        load_spec(str(path))
+    path.write_text(path.read_text().replace("cond_views: 0", "cond_views: 2"))
+    assert load_spec(str(path)).mode == "max"
+
+
+def test_lidar_needs_two_view_samples_in_the_config():
+    from ncssl_tune.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="eval.cond_samples: needs at least 2 samples, got 1"):
+        TrainConfig.from_dict({"eval": {"cond_samples": 1}})
+    assert TrainConfig.from_dict({"eval": {"cond_samples": 1, "cond_views": 0}}).eval.cond_samples == 1

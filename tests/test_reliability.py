@@ -36,7 +36,7 @@ def small(method: str, **train_over) -> TrainConfig:
 
 
 def test_diverging_trial_does_not_stop_the_sweep_and_is_excluded_from_the_analysis(tmp_path, ray_session):
-    from ncssl_tune.analysis import analyze, load_runs
+    from ncssl_tune.analysis import analyze, load_epochs, load_runs
     from ncssl_tune.mlflow_store import default_tracking_uri
     from ncssl_tune.sweep import run_sweep
 
@@ -67,10 +67,11 @@ def test_diverging_trial_does_not_stop_the_sweep_and_is_excluded_from_the_analys
     for _, r in df.iterrows():
         expected = ("FAILED", "diverged") if r["trial_id"] in diverged else ("FINISHED", "finished")
         assert (r["run_status"], r["status"]) == expected
-    analysis = analyze(df, n_boot=20)
+    epochs = load_epochs(uri, list(df["run_id"]), ["probe_acc", "effective_rank"])
+    analysis = analyze(df, epochs, df.attrs["objective"], df.attrs["mode"])
     assert analysis["n_trials"] == 3 and analysis["status_counts"]["diverged"] == len(diverged)
     assert analysis["excluded"]["diverged_or_failed"] == len(diverged)
-    assert analysis["correlations"]["effective_rank"]["overall"]["n"] == 3 - len(diverged)  # finished ones only
+    assert analysis["scopes"]["all"]["n_trials"] == 3 - len(diverged)  # finished ones only
 
 
 def test_wmse_with_exploding_learning_rate_ends_as_diverged():

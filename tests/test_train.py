@@ -63,12 +63,13 @@ def test_vicreg_does_not_collapse_and_beats_the_control(control_runs):
 def test_report_carries_every_metric_each_epoch():
     reports, states = collect(cfg(eval={"cond_views": 2, "knn_every": 1, "probe_every": 1}))
     assert [r["epoch"] for r in reports] == [1, 2]
-    names = ["effective_rank", "effective_rank_frac", "entropy", "avg_corr", "std_l2", "collapse"]
+    names = ["effective_rank", "effective_rank_frac", "entropy", "avg_corr", "std_l2", "collapse", "lidar",
+             "alpha_req", "alpha_req_dev"]
     for r in reports:
         for n in names:
             assert n in r and n + "_h" in r
-        for n in ("loss", "loss_inv", "loss_var", "loss_cov", "entropy_cond", "knn_acc", "probe_acc",
-                  "epoch_seconds", "images_per_s"):
+        for n in ("loss", "loss_inv", "loss_var", "loss_cov", "entropy_cond", "lidar", "lidar_h", "knn_acc",
+                  "probe_acc", "epoch_seconds", "images_per_s"):
             assert n in r and math.isfinite(r[n]), n
     assert [r["status"] for r in reports] == ["running", "finished"]
     assert "spectrum" in reports[-1] and "spectrum" not in reports[0]

@@ -1,0 +1,252 @@
+"""The analysis plots (matplotlib Figure without pyplot: Agg canvas, no global state)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ncssl_tune.analysis_stats import PARAM, failed
+from ncssl_tune.spectra import plot_spectra
+
+MARKERS = {"none": "o", "dimensional": "^", "total": "X"}  # collapse class of z at the last epoch
+STATUS_COLORS = {"finished": "tab:blue", "stopped": "tab:orange", "diverged": "tab:red", "error": "tab:red"}
+
+
+def _figure(nrows: int, ncols: int, width: float, height: float, sharey: bool = False):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False, sharey=sharey)
+
+
+def _log_if_wide(values: pd.Series) -> bool:
+    v = values.dropna().astype(float)
+    return bool(len(v) and v.min() > 0 and v.max() / v.min() >= 10)
+
+
+def _scopes_with_tables(result: dict, distinct: bool = False) -> list[tuple[str, dict]]:
+    """Scopes that have a table; with `distinct`, leaving out those whose table repeats an earlier one."""
+    from ncssl_tune.analysis_report import same_as
+
+    dup = same_as(result) if distinct else {}
+    return [(n, s) for n, s in result["scopes"].items() if s["table"] and n not in dup]
+
+
+def _plain_log_ticks(axis) -> None:
+    """Log-axis labels as 2, 20, 200 instead of 2×10⁰, 2×10¹."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def predictors(result: dict, path: Path) -> None:
+    """Per scope: oriented ρ with its 95% interval, and the regret of picking by each predictor against the
+    expected regret of a random pick."""
+    scopes = _scopes_with_tables(result, distinct=True)
+    obj = result["objective"]["metric"]
+    n_pred = max(len(s["table"]) for _, s in scopes)
+    fig, axes = _figure(len(scopes), 2, 4.6, 0.9 + 0.24 * n_pred)
+    for (name, s), (ax_r, ax_g) in zip(scopes, axes):
+        rows = s["table"][::-1]  # best at the top
+        y = np.arange(len(rows))
+        labels = [f"{r['predictor']} ({'↑' if r['direction'] == 'max' else '↓'})" for r in rows]
+        for i, r in enumerate(rows):
+            if r["rho"] is not None:
+                lo, hi = r["ci95"]
+                ax_r.errorbar(r["rho"], i, xerr=[[r["rho"] - lo], [hi - r["rho"]]], fmt="o", color="k", ms=4,
+                              capsize=2, lw=1)
+        ax_r.axvline(0, color="gray", lw=0.8)
+        ax_r.set(yticks=y, yticklabels=labels, xlim=(-1.05, 1.05), xlabel="Spearman ρ (oriented), 95% CI")
+        ax_r.set_title(f"{name}: epoch {s['headline_epoch']}, n ≤ {max(r['n'] for r in rows)}", fontsize=9)
+        regrets = [(r["selection"] or {}).get("regret", np.nan) for r in rows]
+        ax_g.barh(y, regrets, color="tab:blue", alpha=0.7)
+        for i, v in enumerate(regrets):  # a zero regret has no bar: say so
+            if np.isfinite(v):
+                ax_g.text(v, i, f" {v:.3g}", va="center", fontsize=6)
+        rnd = next(((r["selection"] or {}).get("random_regret") for r in rows if r["selection"]), None)
+        if rnd is not None:
+            ax_g.axvline(rnd, color="tab:red", ls="--", lw=1)
+            ax_g.set_title(f"regret; red dashes: expected regret of a random pick ({rnd:.3g})", fontsize=8)
+        top = max([v for v in [*regrets, rnd or 0] if np.isfinite(v)], default=0)
+        ax_g.set_xlim(0, 1.3 * top if top > 0 else 1)  # room for the value labels
+        ax_g.set(yticks=y, yticklabels=[], xlabel=f"regret in {obj} of picking the best-scored trial")
+        for ax in (ax_r, ax_g):
+            ax.grid(alpha=0.3, axis="x")
+            ax.tick_params(labelsize=7)
+    fig.savefig(path, dpi=110)
+
+
+def rho_over_epochs(result: dict, path: Path) -> None:
+    """Oriented ρ per predictor at every epoch enough trials reached; z solid, h dashed, one colour per metric."""
+    from matplotlib.ticker import MaxNLocator
+
+    scopes = _scopes_with_tables(result)
+    fig, axes = _figure(len(scopes), 2, 5.0, 3.4, sharey=True)
+    bases = sorted({p.removesuffix("_h") for _, s in scopes for p in s["curves"]})
+    colors = dict(zip(bases, [f"C{i}" for i in range(10)] + ["k", "tab:olive", "tab:cyan"]))
+    for (name, s), row in zip(scopes, axes):
+        rhos = {p: [c["rho"] for c in curve] for p, curve in s["curves"].items()}
+        for ax, rep in zip(row, ("z", "h")):
+            for p, curve in s["curves"].items():
+                if p.endswith("_h") != (rep == "h"):
+                    continue
+                base = p.removesuffix("_h")
+                twin = p.replace("effective_rank", "effective_rank_frac")
+                if "_frac" in p and rhos[p] == rhos.get(p.replace("_frac", "")):
+                    continue  # same ranks as effective_rank (one embedding width): one line, labelled for both
+                label = f"{p} (= _frac)" if twin != p and rhos.get(twin) == rhos[p] else p
+                pts = [(c["epoch"], c["rho"]) for c in curve if c["rho"] is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker=".", lw=1.2, color=colors[base], label=label)
+            ax.axhline(0, color="gray", lw=0.8)
+            ax.set(ylim=(-1.05, 1.05), xlabel="epoch", ylabel="Spearman ρ (oriented)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ns = ", ".join(f"{e}: {s['epochs'].get(str(e), s['epochs'].get(e))}" for e in s["qualifying_epochs"])
+            ax.set_title(f"{name}, metrics of {rep} (trials per epoch {ns})", fontsize=8)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:  # a sweep may log no metric of h (or of z)
+                ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.savefig(path, dpi=110)
+
+
+def rank_vs_objective(result: dict, runs: pd.DataFrame, epochs: pd.DataFrame, path: Path) -> None:
+    """Effective rank of z and h against the objective at the headline epoch of scope `all`, one marker per
+    collapse class, one colour per method; the reference scores (random-init encoder, raw pixels) as lines."""
+    obj, head = result["objective"]["metric"], result["scopes"]["all"]["headline_epoch"]
+    e = epochs[epochs["epoch"] == head].merge(runs[["run_id", "method", "collapse"]], on="run_id")
+    e = e[e["run_id"].isin(runs[~failed(runs)]["run_id"])]
+    table = result["scopes"]["all"]["table"]
+    rows = {r["predictor"]: r for r in table}
+    # RankMe, the tool's first predictor, next to the winner of the table (or RankMe of h when RankMe won)
+    ranked = [table[0]["predictor"]] if table and table[0]["rho"] is not None else []
+    shown = [p for p in dict.fromkeys(["effective_rank", *ranked, "effective_rank_h", *rows])
+             if p in e and e[p].notna().any()][:2]
+    fig, axes = _figure(1, len(shown), 5.0, 3.9, sharey=True)
+    methods = sorted(e["method"].astype(str).unique())
+    for ax, p in zip(axes[0], shown):
+        if p in e:
+            for mi, m in enumerate(methods):
+                for cls, marker in MARKERS.items():
+                    g = e[(e["method"].astype(str) == m) & (e["collapse"] == cls)]
+                    ax.scatter(g[p], g[obj], s=30, marker=marker, color=f"C{mi}", alpha=0.8, edgecolors="k",
+                               linewidths=0.3, label=f"{m or '?'}, collapse {cls}" if len(g) else None)
+            if _log_if_wide(e[p]):
+                ax.set_xscale("log")
+        for (name, v), ls in zip((result.get("reference") or {}).items(), (":", "-.")):
+            if v is not None:
+                ax.axhline(v, color="gray", ls=ls, lw=1, label=f"reference: {name.replace('_', ' ')} ({v:.3g})")
+        r = rows.get(p) or {}
+        rho = f"{r['rho']:.3g}" if r.get("rho") is not None else "–"
+        rank = f"#{r['rank_rho']} of {len(table)}, " if r.get("rank_rho") else ""
+        ax.set_title(f"{p} at epoch {head}: {rank}oriented ρ {rho} (n={r.get('n', 0)})", fontsize=9)
+        ax.set(xlabel=f"{p} at epoch {head}", ylabel=f"{obj} at epoch {head}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.savefig(path, dpi=110)
+
+
+def spectra(picks: dict[str, pd.Series], spectra_: dict[str, dict], objective: str, path: Path) -> None:
+    fig, axes = _figure(1, 2, 5.2, 3.9)
+    for ax, (rep, name) in zip(axes[0], (("z", "z (projector)"), ("h", "h (representation)"))):
+        plot_spectra(ax, {f"{label}: {row['trial_id']} ({objective} {row[objective]:.3g}, "
+                          f"RankMe {row['effective_rank']:.3g})": spectra_[row["run_id"]].get(rep, [])
+                          for label, row in picks.items()})
+        ax.set_title(f"final spectrum of {name}", fontsize=9)
+    fig.savefig(path, dpi=110)
+
+
+def histories(runs: pd.DataFrame, epochs: pd.DataFrame, path: Path) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = _figure(1, 2, 5.0, 3.8)
+    status = dict(zip(runs["run_id"], runs["status"]))
+    for ax, p in zip(axes[0], ("effective_rank", "effective_rank_h")):
+        if p in epochs:
+            for run_id, g in epochs[epochs[p].notna()].groupby("run_id"):
+                ax.plot(g["epoch"], g[p], color=STATUS_COLORS.get(status.get(run_id, ""), "tab:gray"), alpha=0.6,
+                        lw=1, marker=".")
+        for st, color in STATUS_COLORS.items():
+            if st != "error":
+                ax.plot([], [], color=color, label=st)
+        ax.set_yscale("log")
+        _plain_log_ticks(ax.yaxis)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(xlabel="epoch", ylabel=p)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+
+
+def map_drivers(drivers: list[dict]) -> list[dict]:
+    """The two strongest drivers of collapse (numeric or categorical) that vary, as the collapse map's dimensions."""
+    return [d for d in drivers if d["strength"] > 0][:2]
+
+
+def collapse_map(runs: pd.DataFrame, drivers: list[dict], path: Path) -> None:
+    """The two strongest drivers: numeric ones are axes, a categorical one splits the map into panels (two
+    categoricals: panels by the first, x by the second). With one numeric axis the other is the final effective
+    rank. Colour: final effective rank (log); marker: collapse class; diverged or failed trials: red x."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    num = [PARAM + d["param"] for d in drivers if d["kind"] == "numeric"]
+    cat = [PARAM + d["param"] for d in drivers if d["kind"] == "categorical"]
+    df = runs.copy()
+    facet = cat[0] if cat else None
+    panels = sorted(df[facet].dropna().astype(str).unique()) if facet else [None]
+    if len(num) == 2:
+        x, y = num
+    elif num:
+        x, y = num[0], "effective_rank"
+    else:
+        x, y = cat[1], "effective_rank"
+    fig, axes = _figure(1, len(panels), 4.4, 3.8, sharey=True)
+    if x not in cat:  # the same numeric x range in every panel, so panels compare
+        lo, hi = df[x].astype(float).min(), df[x].astype(float).max()
+        pad = 0.05 * (hi - lo) if hi > lo else 1.0
+    er = df["effective_rank"].astype(float)
+    finite = er[np.isfinite(er) & (er > 0)]
+    norm = None
+    if len(finite) and _log_if_wide(finite):  # ranks from ≈ 1 (collapse) to hundreds
+        norm = LogNorm(finite.min(), finite.max())
+    elif len(finite):
+        norm = Normalize(finite.min(), max(finite.max(), finite.min() + 1e-9))
+    categories = sorted(df[x].dropna().astype(str).unique()) if x in cat else None
+    sc = None
+    for ax, value in zip(axes[0], panels):
+        d = df if facet is None else df[df[facet].astype(str) == value]
+        bad = failed(d)
+        xs = (lambda s: s.astype(str).map({c: i for i, c in enumerate(categories)})) if categories else (
+            lambda s: s.astype(float))
+        for cls, marker in MARKERS.items():
+            g = d[~bad & (d["collapse"] == cls)]
+            if len(g):
+                sc = ax.scatter(xs(g[x]), g[y].astype(float), c=g["effective_rank"].astype(float), cmap="viridis",
+                                norm=norm, marker=marker, s=45, edgecolors="k", linewidths=0.3,
+                                label=f"collapse {cls}")
+        if bad.any():
+            ax.scatter(xs(d[bad][x]), d[bad][y].astype(float), marker="x", c="tab:red", label="diverged / failed")
+        if categories:
+            ax.set_xticks(range(len(categories)), categories, fontsize=7)
+        elif _log_if_wide(df[x]):
+            ax.set_xscale("log")
+            ax.set_xlim(lo / 1.2, hi * 1.2)
+            _plain_log_ticks(ax.xaxis)
+        else:
+            ax.set_xlim(lo - pad, hi + pad)
+        if _log_if_wide(df[y]):
+            ax.set_yscale("log")
+            _plain_log_ticks(ax.yaxis)
+        ax.set_xlabel(x.removeprefix(PARAM))
+        ax.set_ylabel(y.removeprefix(PARAM) if y != "effective_rank" else "final effective_rank (z)")
+        ax.set_title(f"{facet.removeprefix(PARAM)} = {value}" if facet else "collapse map", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    if sc is not None:
+        bar = fig.colorbar(sc, ax=list(axes[0]), label="final effective_rank (z)")
+        if isinstance(norm, LogNorm):
+            _plain_log_ticks(bar.ax.yaxis)
+    fig.savefig(path, dpi=110)
