@@ -15,8 +15,9 @@ from ray.tune.stopper import Stopper
 from ncssl_tune.spec import CollapseStopConfig
 
 FINAL_COLUMNS = ("epoch", "loss", "effective_rank", "effective_rank_frac", "effective_rank_h", "entropy",
-                 "entropy_cond", "avg_corr", "std_l2", "collapse", "collapse_h", "knn_acc", "probe_acc",
-                 "probe_epoch", "images_per_s", "epoch_seconds", "metrics_seconds")
+                 "entropy_cond", "avg_corr", "std_l2", "lidar", "lidar_h", "alpha_req", "alpha_req_h", "collapse",
+                 "collapse_h", "fewshot_acc", "knn_acc", "probe_acc", "probe_epoch", "images_per_s", "epoch_seconds",
+                 "metrics_seconds")
 
 
 def collapse_stop_reason(cfg: CollapseStopConfig, result: dict[str, Any]) -> str | None:
