@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     epochs = 1 if args.quick else (args.epochs or load_spec(args.space).train_config().train.epochs)
     started = not ray.is_initialized()
     if started:  # one Ray for all sweeps (run_sweep would start and stop one per sweep, ~5 s each)
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     per_seed, pooled = [], []
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -226,7 +226,9 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started_ray = False
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+        # Without --address the sweep starts its own Ray ("local"): a bare ray.init() would join any cluster that
+        # `ray start` left on this machine (and then refuse num_cpus), so no --address would mean "somewhere".
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                  **({} if address else {"num_cpus": os.cpu_count()}))
         started_ray = True
     try:
