@@ -352,6 +352,7 @@ def test_outbox_of_a_driver_killed_during_an_outage_is_sent_on_resume(own_server
         assert k.info.status == "FINISHED" and k.data.tags["status"] == "finished"
         history = client.get_metric_history(run_id, "effective_rank")
         assert sorted(m.step for m in history) == list(range(1, epochs + 1))  # every epoch, none twice
-        assert sorted(a.path for a in client.list_artifacts(run_id)) == ["spectrum.csv", "spectrum.png"]
+        assert sorted(a.path for a in client.list_artifacts(run_id)) == ["spectrum.csv", "spectrum.png",
+                                                                          "spectrum_epochs.png"]
     assert not (out_dir / OUTBOX_FILE).exists()
     assert not any((out_dir / OUTBOX_DIR).iterdir())  # each spectrum folder removed once sent
