@@ -1,6 +1,6 @@
 """Collapse metrics: pure functions on embedding matrices ``z: (M, D)`` (M samples, D dims).
 
-Names follow design.md "Definitions". Everything is computed in float64 on the input's device.
+Names and definitions: docs/definitions.md. Everything is computed in float64 on the input's device.
 Spectra come from the singular values of the (M, D) data matrix, obtained as eigenvalues of the
 smaller Gram matrix (M×M when M < D, else D×D), so no D×D matrix is formed when M < D and the cost
 is O(M·D·min(M, D)) — what matters when D = 8192 and M = 2048.
