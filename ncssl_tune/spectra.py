@@ -4,8 +4,8 @@ One data artifact per trial, ``spectrum.csv``, in long format: columns ``epoch, 
 order of the eigenvalue; a cell is empty where one representation is narrower than the other). Beside it two plots:
 ``spectrum.png``, the state the trial ended in (its last measured epoch, however it ended), and
 ``spectrum_epochs.png``, the spectrum after every epoch, one line per epoch coloured by epoch: the picture of
-Jing et al., "Understanding Dimensional Collapse in Contrastive Self-Supervised Learning", ICLR 2022 (Fig. 2 and 4:
-index against log eigenvalue), where dimensional collapse shows as the tail falling away epoch after epoch.
+Jing et al., "Understanding Dimensional Collapse in Contrastive Self-Supervised Learning", ICLR 2022 (index
+against the log of the spectrum), where dimensional collapse shows as the tail falling away epoch after epoch.
 
 `write_trial_spectra` is the whole job (per-epoch spectra in, files out). `SpectrumHistory` gathers the spectra
 on the sweep's driver as results arrive; the tracker writes them out with it when a trial ends. Importing this
@@ -14,6 +14,7 @@ module loads neither Ray nor matplotlib (the plots import matplotlib when drawn)
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import tempfile
@@ -27,38 +28,48 @@ HISTORY_DIR = "spectra"  # in the sweep folder: one growing CSV per trial, the s
 
 Spectrum = tuple[Sequence[float], Sequence[float]]  # (eigenvalues of z, eigenvalues of h), descending
 
+log = logging.getLogger(__name__)
 
-def _rows(epoch: int, z: Sequence[float], h: Sequence[float]) -> list[str]:
-    return [f"{epoch},{k + 1},{z[k] if k < len(z) else ''},{h[k] if k < len(h) else ''}\n"
-            for k in range(max(len(z), len(h)))]
+
+def _rows(epoch: int, z: Sequence[float], h: Sequence[float]) -> str:
+    """One epoch's block of the long CSV, as one string (written with one call)."""
+    return "".join(f"{epoch},{k + 1},{z[k] if k < len(z) else ''},{h[k] if k < len(h) else ''}\n"
+                   for k in range(max(len(z), len(h))))
 
 
 def write_spectra_csv(path: str | Path, epochs: Mapping[int, Spectrum]) -> None:
     """The long CSV of `epochs` (epoch -> (z, h)), epochs in increasing order."""
     with open(path, "w") as f:
         f.write("epoch,k,z,h\n")
-        for epoch in sorted(epochs):
-            f.writelines(_rows(epoch, *map(list, epochs[epoch])))
+        f.writelines(_rows(epoch, *map(list, epochs[epoch])) for epoch in sorted(epochs))
 
 
 def read_spectra_csv(path: str | Path) -> dict[int, dict[str, list[float]]]:
     """epoch -> {"z": [...], "h": [...]} from a long CSV. An epoch that appears again (an epoch replayed after a
     trial was restored from an older checkpoint) keeps its latest values. A file of the earlier single-epoch
-    format (columns k, z, h: the final epoch only) reads as epoch 0."""
+    format (columns k, z, h: the final epoch only) reads as epoch 0. A line cut short (a driver killed while
+    writing it) is skipped with a warning."""
     lines = Path(path).read_text().splitlines()
     if not lines:
         return {}
     with_epoch = lines[0].split(",")[0] == "epoch"
     out: dict[int, dict[str, list[float]]] = {}
+    bad = 0
     for line in lines[1:]:
-        cells = line.split(",")
-        epoch, (k, z, h) = (int(cells[0]), cells[1:]) if with_epoch else (0, cells)
+        try:
+            cells = line.split(",")
+            epoch, (k, z, h) = (int(cells[0]), cells[1:]) if with_epoch else (0, cells)
+            values = (float(z) if z else None, float(h) if h else None)
+        except ValueError:
+            bad += 1
+            continue
         if k == "1" or epoch not in out:  # k = 1 starts an epoch's block; a replayed block replaces the first
             out[epoch] = {"z": [], "h": []}
-        if z:
-            out[epoch]["z"].append(float(z))
-        if h:
-            out[epoch]["h"].append(float(h))
+        for name, v in zip(("z", "h"), values):
+            if v is not None:
+                out[epoch][name].append(v)
+    if bad:
+        log.warning("%s: skipped %d malformed line(s), e.g. one cut short by a killed driver", path, bad)
     return out
 
 
@@ -213,8 +224,11 @@ class SpectrumHistory:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("epoch,k,z,h\n")
-        with open(path, "a") as f:
-            f.writelines(_rows(epoch, *spec))
+        with open(path, "rb+") as f:
+            f.seek(-1, 2)
+            # a driver killed mid-write leaves a line cut short: end it, so this block starts on a line of its own
+            cut = f.read(1) != b"\n"
+            f.write((("\n" if cut else "") + _rows(epoch, *spec)).encode())
 
     def epochs(self, tid: str, folder: str | Path | None) -> dict[int, Spectrum]:
         path = self.path(tid, folder)

@@ -56,6 +56,17 @@ def test_history_keeps_the_latest_replay_and_survives_a_new_driver(tmp_path):
     assert again.epochs("never", tmp_path) == {}
 
 
+def test_a_line_cut_short_by_a_killed_driver_is_skipped_and_the_replay_kept(tmp_path, caplog):
+    history = SpectrumHistory()
+    history.add("t", {"epoch": 1, "spectrum": Z1, "spectrum_h": H1}, tmp_path)
+    with open(history.path("t", tmp_path), "a") as f:
+        f.write("2,1,7.0,7.0\n2,2,0.3")  # epoch 2's block, cut off by the kill
+    # the restarted driver receives epoch 2 again (the trial replays it from its checkpoint)
+    history.add("t", {"epoch": 2, "spectrum": Z2, "spectrum_h": H2}, tmp_path)
+    assert history.epochs("t", tmp_path) == {1: (Z1, H1), 2: (Z2, H2)}
+    assert "skipped 1 malformed line" in caplog.text
+
+
 def test_history_without_a_sweep_folder_uses_its_own():
     history = SpectrumHistory()
     history.add("t", {"epoch": 1, "spectrum": Z1, "spectrum_h": H1}, None)
