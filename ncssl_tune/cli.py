@@ -1,4 +1,8 @@
-"""`ncssl-sweep`: argument parsing only. Exit status 0 success, 1 runtime failure, 2 bad input."""
+"""`ncssl-sweep`: argument parsing only. Exit status 0 success, 1 runtime failure, 2 bad input.
+
+Nothing heavy is imported at module level or for --help (Ray, Optuna, torch and MLflow take seconds to load):
+each command imports what it uses when it runs.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,11 @@ import json
 import math
 import sys
 from pathlib import Path
+
+USAGE = """ncssl-sweep SPACE.yaml [options]                   run a sweep (also --dry-run, --resume)
+       ncssl-sweep validate SPACE.yaml [...] [--set K=V]  check files, start nothing
+       ncssl-sweep analyze --experiment NAME [options]    rank vs probe accuracy report from MLflow
+       ncssl-sweep {validate,analyze} --help              the options of a subcommand"""
 
 EXAMPLES = """examples:
   ncssl-sweep search_spaces/vicreg.yaml                      run a sweep (results in ./results/vicreg)
@@ -39,10 +48,8 @@ def _seconds(text: str) -> float:
 
 
 def _run_parser() -> argparse.ArgumentParser:
-    from ncssl_tune.sweep import RESOURCE_WAIT_S
-
-    p = _Parser(prog="ncssl-sweep", description="Run a hyperparameter sweep that measures collapse in "
-                "non-contrastive SSL.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="ncssl-sweep", usage=USAGE, description="Run a hyperparameter sweep that measures collapse "
+                "in non-contrastive SSL.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("space", help="search-space YAML file (see search_spaces/vicreg.yaml for the format)")
     p.add_argument("--num-samples", type=int, help="trials to run (overrides search.num_samples)")
     p.add_argument("--epochs", type=int, help="epochs per trial (overrides train.epochs)")
@@ -54,9 +61,10 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///RESULTS_DIR/mlflow.db)")
     p.add_argument("--storage", help="Ray Tune storage every node can reach: s3://BUCKET/PATH, gs://BUCKET/PATH or "
                    "an absolute shared path (default: RESULTS_DIR/NAME/ray); trials.csv and optuna.log stay local")
-    p.add_argument("--resource-wait", type=_seconds, default=RESOURCE_WAIT_S, metavar="SECONDS",
+    # No default here: run_sweep's (sweep.RESOURCE_WAIT_S) applies, and importing sweep would load Ray for --help.
+    p.add_argument("--resource-wait", type=_seconds, metavar="SECONDS",
                    help="on a cluster joined with --address that has no node fitting one trial (e.g. no GPU yet): "
-                        f"how long to wait for its autoscaler before failing (default {RESOURCE_WAIT_S:g})")
+                        "how long to wait for its autoscaler before failing (default 600)")
     p.add_argument("--resume", action="store_true", help="continue the sweep stored under RESULTS_DIR/NAME")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved space and budget, start nothing")
     p.add_argument("--seed", type=int, help="seed of the sampler and of training (overrides search.seed, train.seed)")
@@ -107,17 +115,43 @@ def _validate_parser() -> argparse.ArgumentParser:
 
 
 def _load(args) -> object:
-    from ncssl_tune.data import DatasetError, check_dataset
-    from ncssl_tune.spec import SpecError, load_spec
+    from ncssl_tune.spec import load_spec
 
-    spec = load_spec(args.space, args.set, num_samples=args.num_samples, epochs=args.epochs, seed=args.seed,
+    return load_spec(args.space, args.set, num_samples=args.num_samples, epochs=args.epochs, seed=args.seed,
                      name=args.name)
+
+
+def _missing_data(spec) -> str | None:
+    """What of the spec's dataset is not on this machine ("data.root: ..."), or None. A valid file may name
+    data that lives elsewhere (a cluster, a later --set data.root=...): `validate` and --dry-run only note it,
+    starting a sweep is an error."""
+    from ncssl_tune.data import DatasetError, check_dataset
+
     cfg = spec.train_config()
     try:
         check_dataset(cfg.data.dataset, cfg.data.root)
     except DatasetError as e:
-        raise SpecError(f"{spec.path}: data.root: {e}") from None
-    return spec
+        return f"data.root: {e}"
+    return None
+
+
+def _validate(args) -> int:
+    """Every file checked and reported on its own line (ok on stdout, errors on stderr); 2 if any failed."""
+    from ncssl_tune.spec import SpecError
+
+    failed = 0
+    for path in args.spaces:
+        ns = argparse.Namespace(space=path, set=args.set, num_samples=None, epochs=None, seed=None, name=None)
+        try:
+            spec = _load(ns)
+        except SpecError as e:
+            print(f"ncssl-sweep: error: {e}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
+        missing = _missing_data(spec)
+        note = f"; note: data missing on this machine, a sweep needs it: {missing}" if missing else ""
+        print(f"{path}: ok ({len(spec.space)} swept keys, {spec.search.num_samples} trials){note}", flush=True)
+    return 2 if failed else 0
 
 
 def _dry_run(spec) -> None:
@@ -142,6 +176,10 @@ def _sweep(args) -> int:
     from ncssl_tune.sweep import SweepError, check_storage, run_sweep
 
     spec = _load(args)
+    missing = _missing_data(spec)
+    if missing and not args.dry_run:
+        print(f"ncssl-sweep: error: {spec.path}: {missing}", file=sys.stderr)
+        return 2
     if args.storage is not None:
         try:
             check_storage(args.storage)
@@ -154,11 +192,15 @@ def _sweep(args) -> int:
         print(f"tracking: {uri} (not contacted in a dry run)")
         if args.storage:
             print(f"ray tune storage: {args.storage.rstrip('/')}/{spec.name} (not contacted in a dry run)")
+        if missing:
+            print(f"note: data missing on this machine; starting this sweep fails (exit status 2) until it is "
+                  f"there: {missing}")
         return 0
     try:
         check_tracking_uri(uri)
+        wait = {} if args.resource_wait is None else {"resource_wait_s": args.resource_wait}
         result = run_sweep(spec, args.results_dir, resume=args.resume, address=args.address, tracking_uri=uri,
-                           storage=args.storage, resource_wait_s=args.resource_wait)
+                           storage=args.storage, **wait)
     except (SweepError, TrackingError) as e:
         print(f"ncssl-sweep: error: {e}", file=sys.stderr)
         return 2
@@ -183,12 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "analyze":
             return _analyze(_analyze_parser().parse_args(argv[1:]))
         if argv and argv[0] == "validate":
-            args = _validate_parser().parse_args(argv[1:])
-            for path in args.spaces:
-                ns = argparse.Namespace(space=path, set=args.set, num_samples=None, epochs=None, seed=None, name=None)
-                spec = _load(ns)
-                print(f"{path}: ok ({len(spec.space)} swept keys, {spec.search.num_samples} trials)")
-            return 0
+            return _validate(_validate_parser().parse_args(argv[1:]))
         return _sweep(_run_parser().parse_args(argv))
     except (_UsageError, SpecError) as e:
         print(f"ncssl-sweep: error: {e}", file=sys.stderr)

@@ -13,8 +13,9 @@ TAG_SAMPLED = "sampled_params"  # JSON list of the keys Optuna sampled for this 
 TAG_NODE = "node_id"  # Ray node that produced the trial's latest result (multi-node and autoscaling sweeps)
 PARENT_TAG = "mlflow.parentRunId"
 
-SPECTRUM_CSV = "spectrum.csv"  # columns k, z, h: eigenvalues of the final epoch's covariance (descending)
-SPECTRUM_PNG = "spectrum.png"
+SPECTRUM_CSV = "spectrum.csv"  # columns epoch, k, z, h: covariance eigenvalues of every measured epoch (spectra.py)
+SPECTRUM_PNG = "spectrum.png"  # the spectra of z and h at the trial's last measured epoch
+SPECTRUM_EPOCHS_PNG = "spectrum_epochs.png"  # the spectrum after every epoch, coloured by epoch
 STEP_METRIC = "epoch"  # its history tells which epochs a child already holds
 RESOLVED_CONFIG = "resolved_config"  # key of a trial's first result: its whole configuration, {dotted key: value}
 

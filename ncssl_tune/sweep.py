@@ -4,10 +4,12 @@ per-trial resources, restore. Output lands in <results_dir>/<sweep name>/."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -33,6 +35,24 @@ TUNE_NAME = "tune"
 SEARCHER_STATE = "searcher_state.pkl"  # the searcher's latest state (Ray's copy lags it), in the sweep folder
 REFERENCE_FILE = "reference.json"  # downstream scores of the random-init encoder and of raw pixels, once per sweep
 DOWNSTREAM = ("fewshot_acc", "knn_acc", "probe_acc")
+
+
+class _Drop(logging.Filter):
+    """Drops the records of one logger whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+# Every local Ray start warns that token authentication is on by default ("Set RAY_AUTH_MODE=disabled to opt out").
+# On is what we want (README, "Security defaults"), and setting RAY_AUTH_MODE=token ourselves only works before
+# Ray is imported, so this one line is dropped; Ray's other authentication messages still pass.
+logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+    _Drop("Token authentication is enabled for this Ray cluster"))
 
 
 class SweepError(RuntimeError):
@@ -105,8 +125,15 @@ def _trainable(spec: SweepSpec):
 def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: Stopper,
                 storage: str | None = None) -> tune.Tuner:
     s = spec.search
+    with warnings.catch_warnings():
+        # Multivariate, grouped TPE (space.make_sampler) is what we mean to use; Optuna flags both options
+        # "experimental" with a warning on every sweep that no user can act on.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = make_sampler(spec)
+    # Optuna logs every study it creates or loads at INFO; the live table is the sweep's progress report.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = OptunaSearcher(DefineByRun(spec.space, spec.base), metric=s.metric, mode=spec.mode,
-                              sampler=make_sampler(spec), storage=optuna_storage(out_dir), study_name=spec.name,
+                              sampler=sampler, storage=optuna_storage(out_dir), study_name=spec.name,
                               max_concurrent=s.max_concurrent, state_path=out_dir / SEARCHER_STATE)
     if s.scheduler.name == "asha":
         epochs = spec.train_config().train.epochs
@@ -224,11 +251,16 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
     # Trials checkpoint every epoch on purpose (exact resume); Ray then warns about frequent experiment snapshots
     # several times a minute. The snapshot cost (~20 ms) is measured in benchmarks/bench_engine.py instead.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Ray Tune's newer console output prints its own experiment box and results path whatever RunConfig(verbose=0)
+    # says; the classic output honours verbose=0 and leaves the console to the live table (SweepMonitor).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     started_ray = False
     if not ray.is_initialized():
         # Without --address the sweep starts its own Ray ("local"): a bare ray.init() would join any cluster that
         # `ray start` left on this machine (and then refuse num_cpus), so no --address would mean "somewhere".
+        # logging_level: Ray's INFO lines (cluster started, result files written) are not the sweep's progress.
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING,
                  **({} if address else {"num_cpus": os.cpu_count()}))
         started_ray = True
     try:

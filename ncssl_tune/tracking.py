@@ -33,15 +33,13 @@ from ncssl_tune.schema import (
     NOT_METRICS,
     RESOLVED_CONFIG,
     RUN_STATUS,
-    SPECTRUM_CSV,
-    SPECTRUM_PNG,
     TAG_NODE,
     TAG_REASON,
     TAG_STATUS,
     TAG_TRIAL,
 )
 from ncssl_tune.spec import SweepSpec
-from ncssl_tune.spectra import save_spectrum_png, write_spectrum_csv
+from ncssl_tune.spectra import SpectrumHistory, write_trial_spectra
 from ncssl_tune.unsent import UNSENT_FILE, report_unsent
 
 __all__ = ["HTTP_ENV", "OUTBOX_FILE", "UNSENT_FILE", "MlflowTracker", "metrics_of", "safe_key"]
@@ -84,7 +82,7 @@ class MlflowTracker(Callback):
     Parent run (experiment = sweep name): the whole spec as params, tags, the YAML as artifact. Child run per
     trial (tag mlflow.parentRunId): sampled and full config as params (the latter as the trial reports it), per-epoch metrics (step = epoch, sent in
     batches every `flush_s` seconds and at trial end), final status FINISHED / FAILED (diverged, error) /
-    KILLED (stopped early), tags status / stop_reason / collapse, the final spectrum as CSV and PNG.
+    KILLED (stopped early), tags status / stop_reason / collapse, the spectra of every epoch (spectra.py).
 
     Every MLflow write goes through one ordered `Outbox` (child creation, metric batches, tags, status changes,
     artifacts), retried while the store is down and at the end of the sweep for up to `end_wait_s` seconds, and
@@ -113,6 +111,7 @@ class MlflowTracker(Callback):
         self._pending: dict[str, list] = {}  # trial id -> metrics not yet queued
         self._pending_tags: dict[str, dict] = {}  # trial id -> tags not yet queued (sent with the metrics)
         self._node: dict[str, str] = {}  # trial id -> Ray node id of its latest result (tag TAG_NODE)
+        self._spectra = SpectrumHistory()  # every epoch's spectra, kept in <sweep folder>/spectra/ until the end
         self._last_flush = time.monotonic()
 
     # --- Ray's saved state (kept with the experiment, given back on resume)
@@ -287,21 +286,19 @@ class MlflowTracker(Callback):
         if "time_total_s" in result:
             metrics.append(_metric("time_total_s", result["time_total_s"], self._last_step.get(tid, 0)))
         self.outbox.put("batch", tid, {"metrics": metrics, "tags": tags})
-        if result.get("spectrum") or result.get("spectrum_h"):
-            self.outbox.put("artifacts", tid, self._spectrum_files(tid, result))
+        title = f"{self.spec.name} trial {tid}: {status}" + (f" ({reason})" if reason else "")
+        self.outbox.put("artifacts", tid, self._spectrum_files(tid, title))
         self.outbox.put("terminate", tid, RUN_STATUS.get(status, "KILLED"))
         self._closed.add(tid)
         self.outbox.drain()
 
-    def _spectrum_files(self, tid: str, result: dict) -> str:
-        """A folder with the final spectrum (CSV, PNG), removed once sent: in the sweep folder, so that it
-        outlives a killed driver, or a temporary folder when the sweep folder is unknown."""
+    def _spectrum_files(self, tid: str, title: str) -> str:
+        """A folder with the trial's spectra of every epoch (CSV and two plots), removed once sent: in the sweep
+        folder, so that it outlives a killed driver, or a temporary folder when the sweep folder is unknown."""
         if self.out_dir is not None:
             (self.out_dir / OUTBOX_DIR).mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=f"{tid}_", dir=self.out_dir / OUTBOX_DIR if self.out_dir else None))
-        z, h = result.get("spectrum"), result.get("spectrum_h")
-        write_spectrum_csv(folder / SPECTRUM_CSV, z, h)
-        save_spectrum_png(folder / SPECTRUM_PNG, z, h, f"{self.spec.name} trial {tid}, epoch {result.get('epoch')}")
+        write_trial_spectra(folder, self._spectra.epochs(tid, self.out_dir), title)
         return str(folder)
 
     # --- batched logging
@@ -310,6 +307,7 @@ class MlflowTracker(Callback):
         if not isinstance(step, int) or step <= self._last_step.get(tid, 0):
             return  # an epoch replayed after a restore from an older checkpoint: MLflow holds it already
         self._last_step[tid] = step
+        self._spectra.add(tid, result, self.out_dir)
         self._pending.setdefault(tid, []).extend(_metric(k, v, step) for k, v in metrics_of(result).items())
         node = result.get(TAG_NODE)
         if isinstance(node, str) and node != self._node.get(tid):  # a trial restored elsewhere moves node

@@ -200,9 +200,8 @@ class _Run:
             raise FloatingPointError(f"non-finite embeddings after epoch {ep}")
         for rep, suffix in ((z, ""), (h, "_h")):
             m = collapse_metrics(rep, self.thresholds, suffix=suffix)
-            spec = m.pop(f"spectrum{suffix}")
-            if final:  # the full spectrum is large; the last epoch's is what the analysis plots
-                out[f"spectrum{suffix}"] = [float(v) for v in spec]
+            # every epoch's: the driver keeps them all for the trial's spectrum-over-epochs record
+            out[f"spectrum{suffix}"] = [float(v) for v in m.pop(f"spectrum{suffix}")]
             out.update(m)
         if e.cond_views:
             x_cond = x_eval[:e.cond_samples]  # (Mc, C, H, W)

@@ -99,7 +99,7 @@ def test_storage_must_be_reachable_from_every_node(storage, message, capsys, mon
     assert err.startswith("ncssl-sweep: error: --storage") and message in err
 
 
-@pytest.mark.parametrize("storage", ["s3://bucket/sweeps", "gs://bucket/sweeps/", "/mnt/shared/ray"])
+@pytest.mark.parametrize("storage", ["s3://bucket/sweeps", "gs://bucket/sweeps/", "/mnt/nfs/ray"])
 def test_cloud_and_shared_storage_pass_the_dry_run(storage, capsys):
     assert cli.main(["search_spaces/vicreg.yaml", "--storage", storage, "--dry-run"]) == 0
     assert f"ray tune storage: {storage.rstrip('/')}/vicreg" in capsys.readouterr().out

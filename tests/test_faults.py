@@ -21,8 +21,9 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 
 from ncssl_tune.mlflow_store import default_tracking_uri
-from ncssl_tune.schema import TAG_TRIAL
+from ncssl_tune.schema import SPECTRUM_CSV, TAG_TRIAL
 from ncssl_tune.spec import load_spec
+from ncssl_tune.spectra import read_spectra_csv
 from ncssl_tune.sweep import optuna_storage, run_sweep
 from ncssl_tune.tracking import OUTBOX_DIR, OUTBOX_FILE
 
@@ -246,6 +247,12 @@ def test_resume_after_the_driver_is_killed_mid_sweep(tmp_path):
     for k in kids:
         assert steps(client, k.info.run_id) == list(range(1, epoch_of[k.data.tags[TAG_TRIAL]] + 1))
         assert k.info.status in ("FINISHED", "KILLED")
+        # the spectra of the epochs the killed driver saw are kept too (in the sweep folder), none twice
+        spectra = read_spectra_csv(client.download_artifacts(k.info.run_id, SPECTRUM_CSV, str(tmp_path / k.info.run_id)))
+        assert sorted(spectra) == list(range(1, epoch_of[k.data.tags[TAG_TRIAL]] + 1))
+    # the console is the sweep's own: no experiment box from Ray Tune, no Optuna experimental warnings
+    assert "Configuration for experiment" not in resumed.stdout
+    assert "Warning" not in resumed.stderr, resumed.stderr[-3000:]
 
 
 
@@ -352,6 +359,7 @@ def test_outbox_of_a_driver_killed_during_an_outage_is_sent_on_resume(own_server
         assert k.info.status == "FINISHED" and k.data.tags["status"] == "finished"
         history = client.get_metric_history(run_id, "effective_rank")
         assert sorted(m.step for m in history) == list(range(1, epochs + 1))  # every epoch, none twice
-        assert sorted(a.path for a in client.list_artifacts(run_id)) == ["spectrum.csv", "spectrum.png"]
+        assert sorted(a.path for a in client.list_artifacts(run_id)) == ["spectrum.csv", "spectrum.png",
+                                                                          "spectrum_epochs.png"]
     assert not (out_dir / OUTBOX_FILE).exists()
     assert not any((out_dir / OUTBOX_DIR).iterdir())  # each spectrum folder removed once sent

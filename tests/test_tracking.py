@@ -157,7 +157,7 @@ def test_callback_statuses_tags_and_replayed_epochs(server):
     assert "collapse" not in fin.data.metrics and fin.data.tags["collapse"] == "none"
     assert fin.data.params["loss.vicreg.lam"] == "10.0" and fin.data.params["train.threads"] == "1"
     c = mlflow_client(server)
-    assert {a.path for a in c.list_artifacts(fin.info.run_id)} == {"spectrum.csv", "spectrum.png"}
+    assert {a.path for a in c.list_artifacts(fin.info.run_id)} == {"spectrum.csv", "spectrum.png", "spectrum_epochs.png"}
     spectra = read_spectrum_csv(c.download_artifacts(fin.info.run_id, SPECTRUM_CSV))
     assert spectra == {"z": [4.0, 1.0, 0.0], "h": [2.0, 1e-3]}
     assert steps(server, by_id["col"].info.run_id) == [1, 2]
@@ -249,7 +249,7 @@ def test_sweep_records_params_metrics_and_artifacts(sweep, server):
         assert {"effective_rank", "effective_rank_h", "effective_rank_frac", "probe_acc", "knn_acc", "loss_var",
                 "avg_corr", "std_l2_h", "images_per_s"} <= set(run.data.metrics)
         assert not {"collapse", "spectrum", "objective", "pid"} & set(run.data.metrics)
-        assert {a.path for a in c.list_artifacts(run.info.run_id)} == {SPECTRUM_CSV, "spectrum.png"}
+        assert {a.path for a in c.list_artifacts(run.info.run_id)} == {SPECTRUM_CSV, "spectrum.png", "spectrum_epochs.png"}
         spectra = read_spectrum_csv(c.download_artifacts(run.info.run_id, SPECTRUM_CSV))
         assert len(spectra["z"]) == int(run.data.params["model.projector"].split("-")[-1])
         assert len(spectra["h"]) == 16  # model.width
@@ -340,7 +340,7 @@ def test_server_restart_mid_sweep_loses_nothing(own_server, ray_session, tmp_pat
         assert steps(own_server.uri, run.info.run_id) == [1, 2, 3]  # every epoch, none twice
         assert steps(own_server.uri, run.info.run_id, "epoch") == [1, 2, 3]
         assert len(c.get_metric_history(run.info.run_id, "time_total_s")) == 1
-        assert {a.path for a in c.list_artifacts(run.info.run_id)} == {SPECTRUM_CSV, "spectrum.png"}
+        assert {a.path for a in c.list_artifacts(run.info.run_id)} == {SPECTRUM_CSV, "spectrum.png", "spectrum_epochs.png"}
 
 
 def test_server_down_until_the_end_reports_what_was_not_sent(own_server, ray_session, tmp_path, monkeypatch,
@@ -362,7 +362,7 @@ def test_server_down_until_the_end_reports_what_was_not_sent(own_server, ray_ses
         assert r["final_status"] == "FINISHED" and r["tags"]["status"] == "finished"
         assert r["epochs"] and set(r["epochs"]) <= {1, 2, 3} and r["epochs"][-1] == 3
         assert {m[2] for m in r["metrics"] if m[0] == "effective_rank"} == set(r["epochs"])
-        assert sorted(Path(a).name for a in r["artifacts"]) == [SPECTRUM_CSV, "spectrum.png"]
+        assert sorted(Path(a).name for a in r["artifacts"]) == [SPECTRUM_CSV, "spectrum.png", "spectrum_epochs.png"]
         assert all(Path(a).is_file() and str(result.out_dir) in a for a in r["artifacts"])
     assert sum(r["run_created"] for r in runs.values() if r["trial_id"]) >= 1  # started before the outage
     err = capsys.readouterr().err

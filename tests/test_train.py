@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ncssl_tune.config import TrainConfig
+from ncssl_tune.metrics import gaussian_entropy
 from ncssl_tune.optim import LARS, build_optimizer, lr_at
 from ncssl_tune.train import load_state, reference_scores, save_state, train
 
@@ -72,8 +73,13 @@ def test_report_carries_every_metric_each_epoch():
                   "probe_acc", "epoch_seconds", "images_per_s"):
             assert n in r and math.isfinite(r[n]), n
     assert [r["status"] for r in reports] == ["running", "finished"]
-    assert "spectrum" in reports[-1] and "spectrum" not in reports[0]
-    assert len(reports[-1]["spectrum"]) == 512 and len(reports[-1]["spectrum_h"]) == 128
+    for r in reports:  # the spectrum of every epoch, the one the entropy of that epoch was computed from
+        assert len(r["spectrum"]) == 512 and len(r["spectrum_h"]) == 128
+        assert r["spectrum"] == sorted(r["spectrum"], reverse=True)
+        for suffix, d in (("", 512), ("_h", 128)):
+            got = gaussian_entropy(torch.tensor(r["spectrum" + suffix]), d)
+            assert got == pytest.approx(r["entropy" + suffix], rel=1e-9)
+    assert reports[0]["spectrum"] != reports[1]["spectrum"]
     assert all(s is not None for s in states)  # checkpoint_every defaults to 1
 
 
