@@ -13,7 +13,7 @@ from ncssl_tune.analysis import analyze, load_epochs, load_runs, run_analysis, s
 from ncssl_tune.analysis_report import markdown, spectrum_picks, summary_lines
 from ncssl_tune.analysis_stats import equal_budget, selection, spearman
 from ncssl_tune.mlflow_store import TrackingError
-from ncssl_tune.spectra import write_spectrum_csv
+from ncssl_tune.spectra import write_spectra_csv
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -131,7 +131,7 @@ def store(tmp_path_factory):
             metrics += [Metric(k, v, 0, e) for k, v in m.items()]
         c.log_batch(rid, metrics=metrics)
         if i in (0, 2, 3, 5):  # final spectra of some trials only
-            write_spectrum_csv(tmp / "spectrum.csv", [4.0, 2.0, 1.0 / (i + 1)], [1.0, 0.5])
+            write_spectra_csv(tmp / "spectrum.csv", {7: ([4.0, 2.0, 1.0 / (i + 1)], [1.0, 0.5])})
             c.log_artifact(rid, str(tmp / "spectrum.csv"))
         c.set_terminated(rid, "FAILED" if i == 8 else "FINISHED")
     return uri
