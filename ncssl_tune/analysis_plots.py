@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +107,8 @@ def rho_over_epochs(result: dict, path: Path) -> None:
             ax.set(ylim=(-1.05, 1.05), xlabel="epoch", ylabel="Spearman ρ (oriented)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ns = ", ".join(f"{e}: {s['epochs'].get(str(e), s['epochs'].get(e))}" for e in s["qualifying_epochs"])
-            ax.set_title(f"{name}, metrics of {rep} (trials per epoch {ns})", fontsize=8)
+            # Two lines, wrapped: a one-line title with the per-epoch counts runs into its neighbour's.
+            ax.set_title(textwrap.fill(f"{name}, metrics of {rep}; trials per epoch {ns}", 60), fontsize=8)
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:  # a sweep may log no metric of h (or of z)
                 ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
