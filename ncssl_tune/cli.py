@@ -7,7 +7,6 @@ each command imports what it uses when it runs.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -206,15 +205,22 @@ def _sweep(args) -> int:
         return 2
     print(f"\n{result.num_trials} trials ({result.errors} errored); results in {result.out_dir}")
     if result.best_metrics:
-        m = result.best_metrics
-        print(f"best trial {m.get('trial_id')}: {spec.search.metric} = {m.get(spec.search.metric)}")
-        print(json.dumps(result.best_config, indent=2, sort_keys=True, default=str))
+        _print_best(result.best_metrics, result.best_config or {}, spec.search.metric)
     print(f"per-trial table: {result.out_dir / 'trials.csv'}")
     print(f"MLflow: mlflow ui --host 127.0.0.1 --backend-store-uri {uri}  (experiment {spec.name!r})")
     analysis_dir = result.out_dir / "analysis"
     _print_analysis(run_analysis(spec.name, uri, analysis_dir, parent_run_id=result.mlflow_parent_run_id),
                     analysis_dir)
     return 1 if result.errors == result.num_trials and result.num_trials else 0
+
+
+def _print_best(metrics: dict, config: dict, metric: str) -> None:
+    """The best trial, rounded for reading (trials.csv and MLflow keep full precision)."""
+    from ncssl_tune.naming import fmt_number
+
+    print(f"best trial {metrics.get('trial_id')}: {metric} = {fmt_number(metrics.get(metric))}")
+    for key, value in sorted(config.items()):
+        print(f"  {key} = {fmt_number(value)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,10 @@ from typing import Any
 
 from ncssl_tune.config import flatten
 from ncssl_tune.mlflow_store import TrackingError, sqlite_path
+from ncssl_tune.naming import run_name
 from ncssl_tune.schema import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
     PARENT_TAG,
     STEP_METRIC,
     TAG_KIND,
@@ -144,7 +147,10 @@ class SweepRuns:
                                 f"it (mlflow experiments restore --experiment-id {exp.experiment_id}) or run the "
                                 f"sweep under another --name")
         self.experiment_id = exp.experiment_id if exp else c.create_experiment(
-            name, artifact_location=artifact_location(self.tracking_uri, name))
+            name, artifact_location=artifact_location(self.tracking_uri, name),
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        if exp is not None and exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before the tag, or by hand
+            c.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         found = c.search_runs([self.experiment_id],
                               f"tags.{TAG_KIND} = 'sweep' and tags.{TAG_UID} = '{self.sweep_uid}'", max_results=1)
         s = self.spec.search
@@ -185,8 +191,9 @@ class SweepRuns:
         return self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.run_id(None)}' and "
                                                              f"tags.{TAG_TRIAL} = '{trial_id}'", max_results=1)
 
-    def attach_child(self, trial_id: str, config: dict, running: bool) -> int:
-        """Create the trial's child run or find it again; returns the last epoch the store holds for it."""
+    def attach_child(self, trial_id: str, config: dict, running: bool, index: int | None = None) -> int:
+        """Create the trial's child run or find it again; returns the last epoch the store holds for it.
+        `index`: Ray's number of the trial, for the run name."""
         c = self.client
         found = self._find_child(trial_id)
         params = trial_params(config)
@@ -199,11 +206,12 @@ class SweepRuns:
                 c.update_run(run_id, status="RUNNING")
                 self.send(run_id, [], {TAG_STATUS: "running"})
         else:
+            method = str(config.get("loss.method", self.spec.base.loss.method))
             tags = {PARENT_TAG: self.run_id(None), TAG_KIND: "trial", TAG_SWEEP: self.spec.name,
-                    TAG_UID: self.sweep_uid, TAG_TRIAL: trial_id, TAG_STATUS: "running",
-                    "method": str(config.get("loss.method", self.spec.base.loss.method)),
+                    TAG_UID: self.sweep_uid, TAG_TRIAL: trial_id, TAG_STATUS: "running", "method": method,
                     TAG_SAMPLED: json.dumps(sorted(config))}
-            run_id = c.create_run(self.experiment_id, tags=tags, run_name=trial_id).info.run_id
+            run_id = c.create_run(self.experiment_id, tags=tags,
+                                  run_name=run_name(index, trial_id, method, config)).info.run_id
             self.log_params(run_id, params, {})
         self.runs[trial_id] = run_id
         return self.floor.get(trial_id, 0)

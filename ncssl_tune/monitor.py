@@ -12,8 +12,11 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
+from ncssl_tune.naming import fmt_number, short_names
 from ncssl_tune.spec import CollapseStopConfig
 
+ID_COLUMNS = ("trial_id", "method", "status", "stop_reason")
+PARAM_PREFIX = "param."  # trials.csv: one column per sampled key, param.<dotted key>
 FINAL_COLUMNS = ("epoch", "loss", "effective_rank", "effective_rank_frac", "effective_rank_h", "entropy",
                  "entropy_cond", "avg_corr", "std_l2", "lidar", "lidar_h", "alpha_req", "alpha_req_h", "collapse",
                  "collapse_h", "fewshot_acc", "knn_acc", "probe_acc", "probe_epoch", "images_per_s", "epoch_seconds",
@@ -66,20 +69,45 @@ def trial_outcome(result: dict | None, collapse_stop: CollapseStopConfig, schedu
     return status or "stopped", ""
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
-    return str(v)
-
-
 def read_trials(out_dir: str | Path) -> list[dict]:
     """The rows of <sweep folder>/trials.csv, as strings (what SweepMonitor wrote)."""
     with open(Path(out_dir) / "trials.csv", newline="") as f:
         return list(csv.DictReader(f))
 
 
+def csv_columns(rows: list[dict]) -> list[str]:
+    """trials.csv's columns in a stable order whatever order trials report in: who the trial is, its parameters
+    (sorted by key), its metrics (FINAL_COLUMNS order), then anything else (sorted)."""
+    keys = {k for row in rows for k in row}
+    params = sorted(k for k in keys if k.startswith(PARAM_PREFIX))
+    known = [*ID_COLUMNS, *params, *(k for k in FINAL_COLUMNS if k in keys)]
+    return [*known, *sorted(keys - set(known))]
+
+
+# The live table's metric columns: (header, key in the trial's row).
+TABLE_METRICS = (("epoch", "epoch"), ("eff_rank", "effective_rank"), ("knn", "knn_acc"), ("probe", "probe_acc"))
+
+
+def table_lines(trials, rows: dict[str, dict]) -> list[str]:
+    """The live table: trial, method, the sampled parameters under short unambiguous names (loss.vicreg.lam and
+    loss.barlow_twins.lam are vicreg.lam and barlow_twins.lam), the metrics rounded for reading, status."""
+    keys = sorted({k for t in trials for k in t.config} - {"loss.method"})  # the method column shows it
+    fixed = ["trial", "method", *(h for h, _ in TABLE_METRICS), "status"]
+    names = short_names(keys, taken=fixed)
+    head = ["trial", "method", *(names[k] for k in keys), *(h for h, _ in TABLE_METRICS), "status"]
+    lines = []
+    for t in trials:
+        r = rows.get(t.trial_id, {})
+        lines.append([t.trial_id, r.get("method") or t.config.get("loss.method", ""),
+                      *(fmt_number(t.config.get(k, "-")) for k in keys),
+                      *(fmt_number(r.get(k, "-")) for _, k in TABLE_METRICS), r.get("status", t.status.lower())])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    return ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [head, *lines]]
+
+
 class SweepMonitor(Callback):
-    """Live table on stdout and results/<sweep>/trials.csv, one row per trial, rewritten as trials end.
+    """Live table on stdout and results/<sweep>/trials.csv, one row per trial, rewritten as trials end. The table
+    rounds numbers for reading; trials.csv keeps them at full precision.
 
     Its rows are part of the experiment state (get_state/set_state), so a resumed sweep keeps them.
     """
@@ -103,7 +131,7 @@ class SweepMonitor(Callback):
 
     def _row(self, trial, result: dict | None, status: str | None = None, reason: str = "") -> dict:
         row = self.rows.setdefault(trial.trial_id, {"trial_id": trial.trial_id})
-        row.update({f"param.{k}": v for k, v in trial.config.items()})
+        row.update({f"{PARAM_PREFIX}{k}": v for k, v in trial.config.items()})
         if result:
             row["method"] = result.get("method", row.get("method", ""))
             for k in FINAL_COLUMNS:
@@ -140,9 +168,7 @@ class SweepMonitor(Callback):
     def write_csv(self) -> None:
         if not self.rows:
             return
-        cols: list[str] = ["trial_id", "method", "status", "stop_reason"]
-        for row in self.rows.values():
-            cols += [k for k in row if k not in cols]
+        cols = csv_columns(list(self.rows.values()))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.out_dir / "trials.csv.tmp"
         with open(tmp, "w", newline="") as f:
@@ -157,15 +183,4 @@ class SweepMonitor(Callback):
         if not force and now - self._last_print < self.interval_s:
             return
         self._last_print = now
-        keys = sorted({k for t in trials for k in t.config})
-        short = [k.split(".")[-1] for k in keys]
-        head = ["trial", "method", *short, "epoch", "eff_rank", "knn", "probe", "status"]
-        lines = []
-        for t in trials:
-            r = self.rows.get(t.trial_id, {})
-            lines.append([t.trial_id[-5:], r.get("method", ""), *[_fmt(t.config.get(k, "-")) for k in keys],
-                          _fmt(r.get("epoch", "-")), _fmt(r.get("effective_rank", "-")), _fmt(r.get("knn_acc", "-")),
-                          _fmt(r.get("probe_acc", "-")), r.get("status", t.status.lower())])
-        widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-        out = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [head, *lines]]
-        print("\n".join(out) + "\n", file=self.stream or sys.stdout, flush=True)
+        print("\n".join(table_lines(trials, self.rows)) + "\n", file=self.stream or sys.stdout, flush=True)

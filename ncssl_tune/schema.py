@@ -12,6 +12,11 @@ TAG_REASON = "stop_reason"
 TAG_SAMPLED = "sampled_params"  # JSON list of the keys Optuna sampled for this trial
 TAG_NODE = "node_id"  # Ray node that produced the trial's latest result (multi-node and autoscaling sweeps)
 PARENT_TAG = "mlflow.parentRunId"
+# The experiment tag MLflow 3's UI reads to choose the experiment's view ("custom_model_development": Runs, the
+# "Machine learning" view; unset it guesses, and with no traces guesses GenAI). Values: mlflow/server/js,
+# ExperimentKind.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 SPECTRUM_CSV = "spectrum.csv"  # columns epoch, k, z, h: covariance eigenvalues of every measured epoch (spectra.py)
 SPECTRUM_PNG = "spectrum.png"  # the spectra of z and h at the trial's last measured epoch
@@ -19,8 +24,10 @@ SPECTRUM_EPOCHS_PNG = "spectrum_epochs.png"  # the spectrum after every epoch, c
 STEP_METRIC = "epoch"  # its history tells which epochs a child already holds
 RESOLVED_CONFIG = "resolved_config"  # key of a trial's first result: its whole configuration, {dotted key: value}
 
-# A trial's status tag -> the MLflow run status it ends with.
-RUN_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "error": "FAILED", "stopped": "KILLED"}
+# A trial's status tag -> the MLflow run status it ends with. A trial stopped early (ASHA, the collapse stopper) ran
+# as it should: FINISHED, told apart by its status and stop_reason tags. KILLED is left to interrupted sweeps.
+RUN_STATUS = {"finished": "FINISHED", "stopped": "FINISHED", "diverged": "FAILED", "error": "FAILED",
+              "interrupted": "KILLED"}
 # Bookkeeping Ray adds to every result, the trainable's copy of the objective and its count of epochs in the same
 # collapse state (for the collapse stopper): not metrics of the trial.
 NOT_METRICS = frozenset({"objective", "collapse_streak", "timestamp", "training_iteration", "time_this_iter_s", "time_total_s",

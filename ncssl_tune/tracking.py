@@ -28,6 +28,7 @@ from ray.tune import Callback
 from ncssl_tune.mlflow_runs import SweepRuns, safe_key, trial_params
 from ncssl_tune.mlflow_store import TrackingError, check_tracking_uri
 from ncssl_tune.monitor import trial_outcome
+from ncssl_tune.naming import trial_index
 from ncssl_tune.outbox import Op, Outbox
 from ncssl_tune.schema import (
     NOT_METRICS,
@@ -80,9 +81,11 @@ class MlflowTracker(Callback):
     """Ray Tune callback recording a sweep in MLflow (driver side only).
 
     Parent run (experiment = sweep name): the whole spec as params, tags, the YAML as artifact. Child run per
-    trial (tag mlflow.parentRunId): sampled and full config as params (the latter as the trial reports it), per-epoch metrics (step = epoch, sent in
-    batches every `flush_s` seconds and at trial end), final status FINISHED / FAILED (diverged, error) /
-    KILLED (stopped early), tags status / stop_reason / collapse, the spectra of every epoch (spectra.py).
+    trial (tag mlflow.parentRunId), named by trial number, method and sampled values: sampled and full config as
+    params (the latter as the trial reports it), per-epoch metrics (step = epoch, sent in batches every `flush_s`
+    seconds and at trial end), final status FINISHED (finished, or stopped early: tag status=stopped) / FAILED
+    (diverged, error) / KILLED (interrupted sweep), tags status / stop_reason / collapse, the spectra of every epoch
+    (spectra.py). The experiment is tagged so that MLflow's UI opens it on its runs (schema.EXPERIMENT_KIND).
 
     Every MLflow write goes through one ordered `Outbox` (child creation, metric batches, tags, status changes,
     artifacts), retried while the store is down and at the end of the sweep for up to `end_wait_s` seconds, and
@@ -206,7 +209,7 @@ class MlflowTracker(Callback):
                 if tid in self._known or (statuses is not None and tid in statuses):
                     self._child(t, running=False)
                     self.outbox.put("batch", tid, {"metrics": [], "tags": {TAG_STATUS: "interrupted"}})
-                    self.outbox.put("terminate", tid, "KILLED")
+                    self.outbox.put("terminate", tid, RUN_STATUS["interrupted"])
                     self._closed.add(tid)
         self.outbox.put("batch", None, {"metrics": [], "tags": {
             "num_trials": len(trials), "num_unfinished": unfinished,
@@ -241,7 +244,7 @@ class MlflowTracker(Callback):
         elif kind == "parent_files":
             runs.log_spec_files()
         elif kind == "child":
-            floor = runs.attach_child(tid, payload["config"], payload["running"])
+            floor = runs.attach_child(tid, payload["config"], payload["running"], payload.get("index"))
             self._last_step[tid] = max(self._last_step.get(tid, 0), floor)
         elif kind == "params":
             runs.log_trial_params(tid, payload)
@@ -272,7 +275,8 @@ class MlflowTracker(Callback):
             return
         self._known.add(tid)
         self._last_step.setdefault(tid, 0)
-        self.outbox.put("child", tid, {"config": dict(trial.config), "running": running})
+        self.outbox.put("child", tid, {"config": dict(trial.config), "running": running,
+                                       "index": trial_index(getattr(trial, "experiment_tag", None))})
 
     def _finish(self, trial, error: str | None = None) -> None:
         tid = trial.trial_id
@@ -288,7 +292,7 @@ class MlflowTracker(Callback):
         self.outbox.put("batch", tid, {"metrics": metrics, "tags": tags})
         title = f"{self.spec.name} trial {tid}: {status}" + (f" ({reason})" if reason else "")
         self.outbox.put("artifacts", tid, self._spectrum_files(tid, title))
-        self.outbox.put("terminate", tid, RUN_STATUS.get(status, "KILLED"))
+        self.outbox.put("terminate", tid, RUN_STATUS[status])
         self._closed.add(tid)
         self.outbox.drain()
 

@@ -18,7 +18,8 @@ from ray.tune import Callback
 from ncssl_tune.config import flatten
 from ncssl_tune.mlflow_store import TrackingError, check_tracking_uri, default_tracking_uri
 from ncssl_tune.monitor import trial_outcome
-from ncssl_tune.schema import PARENT_TAG, SPECTRUM_CSV
+from ncssl_tune.naming import fmt_number
+from ncssl_tune.schema import EXPERIMENT_KIND_TAG, PARENT_TAG, SPECTRUM_CSV
 from ncssl_tune.spec import CollapseStopConfig, load_spec
 from ncssl_tune.spectra import read_spectrum_csv
 from ncssl_tune.tracking import UNSENT_FILE, MlflowTracker, safe_key
@@ -103,9 +104,10 @@ def test_safe_key_keeps_valid_keys_and_shortens_long_ones_uniquely():
 
 # --- the callback on fake trials (no Ray): status mapping, replayed epochs, pickling
 
-def fake_trial(tid: str, config: dict | None = None):
-    return types.SimpleNamespace(trial_id=tid, config=config or {"loss.vicreg.lam": 10.0}, last_result=None,
-                                 status="RUNNING", error_file=None)
+def fake_trial(tid: str, config: dict | None = None, number: int = 1):
+    config = config or {"loss.vicreg.lam": 10.0}
+    return types.SimpleNamespace(trial_id=tid, config=config, last_result=None, status="RUNNING", error_file=None,
+                                 experiment_tag=f"{number}_" + ",".join(f"{k}={v}" for k, v in config.items()))
 
 
 def report(tracker, trial, epoch: int, status: str = "running", **extra):
@@ -120,7 +122,7 @@ def test_callback_statuses_tags_and_replayed_epochs(server):
     spec = load_spec("search_spaces/vicreg.yaml", name="trk_fake", epochs=3)
     tracker = MlflowTracker(spec, server, "ray://head:10001", flush_s=3600)
     tracker.setup(stop={}, num_samples=4, total_num_samples=4)
-    trials = {name: fake_trial(name) for name in ("fin", "div", "col", "err")}
+    trials = {name: fake_trial(name, number=i) for i, name in enumerate(("fin", "div", "col", "err"), start=1)}
     for name, t in trials.items():
         tracker.on_trial_start(0, [], t)
         # the first result carries the trial's whole configuration, as run_trial reports it
@@ -139,6 +141,8 @@ def test_callback_statuses_tags_and_replayed_epochs(server):
 
     parents, children = runs_of(server, "trk_fake")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    experiment = mlflow_client(server).get_experiment_by_name("trk_fake")
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"  # MLflow's UI opens on Runs
     p = parents[0]
     assert p.data.tags["ray_address"] == "ray://head:10001"
     assert p.data.tags["objective"] == f"{spec.search.metric} ({spec.mode})" == "fewshot_acc (max)"
@@ -146,10 +150,11 @@ def test_callback_statuses_tags_and_replayed_epochs(server):
     assert p.data.params["space.loss.vicreg.lam.type"] == "logfloat"
     by_id = {r.data.tags["ray_trial_id"]: r for r in children}
     expected = {"fin": ("FINISHED", "finished", ""), "div": ("FAILED", "diverged", "non-finite loss 1e9"),
-                "col": ("KILLED", "stopped", "collapse_total (epoch 2)"), "err": ("FAILED", "error", "/x/error.txt")}
-    for name, (mlflow_status, status, reason) in expected.items():
+                "col": ("FINISHED", "stopped", "collapse_total (epoch 2)"), "err": ("FAILED", "error", "/x/error.txt")}
+    for i, (name, (mlflow_status, status, reason)) in enumerate(expected.items(), start=1):
         run = by_id[name]
         assert run.data.tags[PARENT_TAG] == p.info.run_id
+        assert run.info.run_name == f"#{i} vicreg lam=10"
         assert (run.info.status, run.data.tags["status"], run.data.tags["stop_reason"]) == (mlflow_status, status, reason)
     fin = by_id["fin"]
     assert steps(server, fin.info.run_id) == [1, 2, 3]
@@ -162,6 +167,16 @@ def test_callback_statuses_tags_and_replayed_epochs(server):
     assert spectra == {"z": [4.0, 1.0, 0.0], "h": [2.0, 1e-3]}
     assert steps(server, by_id["col"].info.run_id) == [1, 2]
     assert "collapse_streak" not in by_id["col"].data.metrics and by_id["col"].data.tags["collapse"] == "total"
+
+
+def test_an_experiment_made_without_the_kind_tag_gets_it(server):
+    """Experiments of sweeps recorded before the tag (or made by hand) open on their runs too."""
+    mlflow_client(server).create_experiment("trk_untagged")
+    spec = load_spec("search_spaces/vicreg.yaml", name="trk_untagged", epochs=3)
+    tracker = MlflowTracker(spec, server, flush_s=3600)
+    tracker.setup(stop={}, num_samples=1, total_num_samples=1)
+    tags = mlflow_client(server).get_experiment_by_name("trk_untagged").tags
+    assert tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
 
 
 def test_load_runs_names_a_missing_experiment(server):
@@ -240,8 +255,11 @@ def test_sweep_records_params_metrics_and_artifacts(sweep, server):
             assert 0.25 <= ref[kind][m] <= 1  # 4 classes: chance is 0.25
             assert p.data.metrics[f"reference_{kind}_{m}"] == pytest.approx(ref[kind][m])
             assert len(c.get_metric_history(p.info.run_id, f"reference_{kind}_{m}")) == 1
+    assert sorted(int(r.info.run_name.split()[0][1:]) for r in children) == [1, 2, 3]  # Ray's trial numbers
     for run in children:
         assert run.data.tags["method"] == "vicreg" and run.data.tags["collapse"] in ("none", "dimensional", "total")
+        words = run.info.run_name.split()
+        assert words[1] == "vicreg" and f"lam={fmt_number(float(run.data.params['loss.vicreg.lam']))}" in words
         sampled = {"loss.vicreg.lam", "loss.vicreg.mu", "loss.vicreg.nu", "loss.vicreg.gamma", "model.projector",
                    "train.lr"}
         assert set(run.data.params) >= sampled | {"data.dataset", "eval.eval_samples", "train.threads"}

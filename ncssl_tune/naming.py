@@ -1,0 +1,67 @@
+"""Names and numbers as people read them: short, unambiguous column names for dotted config keys, rounded numbers
+for the console, and readable MLflow run names. Full precision stays in trials.csv and MLflow; this is display."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+RUN_NAME_MAX = 120  # MLflow shows about this much in its runs table before cutting
+
+
+def short_names(keys: Iterable[str], taken: Iterable[str] = ()) -> dict[str, str]:
+    """{dotted key: the shortest tail of it that no other key (and no name in `taken`) shares}.
+
+    loss.vicreg.lam and loss.barlow_twins.lam become vicreg.lam and barlow_twins.lam; train.lr becomes lr; a key
+    whose last part is a name in `taken` (e.g. loss.method beside a metric column "method") keeps one more part.
+    """
+    keys = list(dict.fromkeys(keys))
+    taken = set(taken)
+    parts = {k: k.split(".") for k in keys}
+    depth = dict.fromkeys(keys, 1)
+    while True:
+        names = {k: ".".join(parts[k][-depth[k]:]) for k in keys}
+        clash = [k for k in keys if depth[k] < len(parts[k])
+                 and (names[k] in taken or sum(n == names[k] for n in names.values()) > 1)]
+        if not clash:
+            return names
+        for k in clash:
+            depth[k] += 1
+
+
+def fmt_number(value: Any, digits: int = 3) -> str:
+    """A value as a person reads it: floats to `digits` significant digits (0.9972222447395325 -> 0.997,
+    0.000123 -> 1.23e-04, 12345.6 -> 12346), integers and strings as they are."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    v = float(value)
+    if not math.isfinite(v):
+        return str(v)
+    if v == 0:
+        return "0"
+    if 1e-3 <= abs(v) < 10 ** digits:
+        return f"{v:.{digits}g}"
+    if 10 ** digits <= abs(v) < 1e6:
+        return f"{v:.0f}"
+    return f"{v:.{digits - 1}e}"
+
+
+def trial_index(experiment_tag: str | None) -> int | None:
+    """The 1-based number Ray gives a trial when it creates it: the head of its experiment tag
+    (`<number>_<key>=<value>,...`), or None."""
+    head = str(experiment_tag or "").split("_", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def run_name(index: int | None, trial_id: str, method: str, sampled: dict[str, Any]) -> str:
+    """An MLflow run name a person can scan: `#3 vicreg lam=25.1 lr=0.00312` (trial number, method, each sampled
+    value but the method under its short name). The Ray trial id stays in the run's tags; it heads the name only
+    when the number is unknown."""
+    names = short_names(sampled)
+    values = [f"{names[k]}={fmt_number(v)}" for k, v in sorted(sampled.items()) if k != "loss.method"]
+    name = " ".join([f"#{index}" if index is not None else str(trial_id), str(method), *values])
+    return name if len(name) <= RUN_NAME_MAX else name[:RUN_NAME_MAX - 1] + "…"
