@@ -70,6 +70,7 @@ def describe(spec: SweepSpec) -> list[str]:
         dist = f"one of {p.values}" if p.type == "categorical" else f"{p.type} [{p.low}, {p.high}]"
         cond = " when " + ", ".join(f"{k}={v}" for k, v in p.when.items()) if p.when else ""
         lines.append(f"  {p.key}: {dist}{cond}")
+    lines += [f"  {k}: pinned to {v!r} by --set (not swept)" for k, v in spec.pinned.items()]
     return lines
 
 

@@ -107,6 +107,7 @@ class SweepSpec:
     resources: ResourcesConfig
     space: list[Param]
     raw: dict  # the whole file after --set overrides, for logging
+    pinned: dict = field(default_factory=dict)  # swept keys fixed by --set (removed from the space)
 
     @property
     def mode(self) -> str:
@@ -161,12 +162,16 @@ def load_spec(path: str | Path, sets: list[str] | None = None, **flags: Any) -> 
     # An empty section (`search:` with nothing under it) means all defaults, and --set can fill it.
     raw = {k: {} if v is None and k in TOP_KEYS[1:] else v for k, v in raw.items()}
     overrides = parse_set(sets or [])
+    origin = {key: f"--set {item.strip()}" for item, (key, _) in zip(sets or [], overrides)}  # key -> its flag
     for name, key in (("num_samples", "search.num_samples"), ("epochs", "train.epochs"),
                       ("seed", "search.seed"), ("name", "name")):
         if flags.get(name) is not None:
             overrides.append((key, flags[name]))
+            origin[key] = f"--{name.replace('_', '-')} {flags[name]}"
     if flags.get("seed") is not None:
         overrides.append(("train.seed", flags["seed"]))
+        origin["train.seed"] = f"--seed {flags['seed']}"
+    pinned: dict[str, Any] = {}
     try:
         for key, value in overrides:
             if key.split(".")[0] not in TOP_KEYS:
@@ -174,9 +179,47 @@ def load_spec(path: str | Path, sets: list[str] | None = None, **flags: Any) -> 
             if key.startswith("space."):
                 raise ConfigError(key, "the search space cannot be changed with --set; edit the file")
             set_dotted(raw, key, value)
-        return _validate(raw, p)
+            if isinstance(raw.get("space"), dict) and key in raw["space"]:
+                pinned[key] = value
+        if pinned:
+            raw["space"] = pin(raw["space"], pinned)
+        spec = _validate(raw, p)
     except ConfigError as e:
-        raise SpecError(f"{p}: {e.key}: {e.message}") from None
+        flag = _flag_of(e.key, origin)
+        raise SpecError(f"{flag or p}: {e.key}: {e.message}") from None
+    spec.pinned = pinned
+    return spec
+
+
+def _flag_of(key: str, origin: dict[str, str]) -> str | None:
+    """The flag that set `key`, a section above it or a key below it (the value under validation is the flag's)."""
+    for k, flag in origin.items():
+        if key == k or key.startswith(k + ".") or k.startswith(key + "."):
+            return flag
+    return None
+
+
+def pin(raw_space: dict, pinned: dict[str, Any]) -> dict:
+    """The space without the keys `pinned` by flags: a fixed value is not sampled. A parameter conditioned on a
+    pinned key is kept, its condition dropped, when the pinned value meets it, and removed when it does not (it
+    could never be sampled), as is, in turn, one conditioned on a removed key."""
+    space = {k: v for k, v in raw_space.items() if k not in pinned}
+    gone: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for key, entry in list(space.items()):
+            when = entry.get("when") if isinstance(entry, dict) else None
+            if not isinstance(when, dict):
+                continue
+            if any(k in gone or (k in pinned and pinned[k] != v) for k, v in when.items()):
+                del space[key]
+                gone.add(key)
+                changed = True
+            elif any(k in pinned for k in when):
+                rest = {k: v for k, v in when.items() if k not in pinned}
+                space[key] = {**{f: v for f, v in entry.items() if f != "when"}, **({"when": rest} if rest else {})}
+    return space
 
 
 def _validate(raw: dict, p: Path) -> SweepSpec:

@@ -7,6 +7,7 @@ import yaml
 
 from ncssl_tune.cli import main
 from ncssl_tune.data import DATASETS
+from ncssl_tune.spec import load_spec
 
 SPACE_FILES = sorted((Path(__file__).resolve().parent.parent / "search_spaces").glob("*.yaml"))
 
@@ -143,28 +144,31 @@ CASES = [
     case("set-without-eq", BASE, "--set 'train.lr': expected KEY=VALUE", args=("--set", "train.lr"),
          names_file=False),
     case("set-without-key", BASE, "--set '=5': expected KEY=VALUE", args=("--set", "=5"), names_file=False),
-    case("set-unknown-key", BASE, "train.bogus: unknown key; allowed keys in train",
-         args=("--set", "train.bogus=1")),
-    case("set-unknown-section", BASE, "trian.lr: unknown key; allowed top-level keys: name, data",
-         args=("--set", "trian.lr=1")),
-    case("set-below-a-value", BASE, "train.lr.peak: 'lr' is a value, not a section",
-         args=("--set", "train.lr.peak=1")),
-    case("set-wrong-type", BASE, "train.epochs: expected an integer, got 'many'",
-         args=("--set", "train.epochs=many")),
+    case("set-unknown-key", BASE, "--set train.bogus=1: train.bogus: unknown key; allowed keys in train",
+         args=("--set", "train.bogus=1"), names_file=False),
+    case("set-unknown-section", BASE, "--set trian.lr=1: trian.lr: unknown key; allowed top-level keys: name, data",
+         args=("--set", "trian.lr=1"), names_file=False),
+    case("set-below-a-value", BASE, "--set train.lr.peak=1: train.lr.peak: 'lr' is a value, not a section",
+         args=("--set", "train.lr.peak=1"), names_file=False),
+    case("set-wrong-type", BASE, "--set train.epochs=many: train.epochs: expected an integer, got 'many'",
+         args=("--set", "train.epochs=many"), names_file=False),
     case("set-invalid-yaml", BASE, "--set 'train.lr=[1e-3': train.lr: value '[1e-3' is not valid YAML",
          args=("--set", "train.lr=[1e-3"), names_file=False),
-    case("set-space", BASE, "space.train.lr: the search space cannot be changed with --set",
-         args=("--set", "space.train.lr=1")),
-    case("set-gpu-fraction", BASE, "resources.gpu: above 1 must be a whole number of GPUs, got 1.5",
-         args=("--set", "resources.gpu=1.5")),
+    case("set-space", BASE, "--set space.train.lr=1: space.train.lr: the search space cannot be changed with --set",
+         args=("--set", "space.train.lr=1"), names_file=False),
+    case("set-gpu-fraction", BASE, "--set resources.gpu=1.5: resources.gpu: above 1 must be a whole number of GPUs",
+         args=("--set", "resources.gpu=1.5"), names_file=False),
     case("unknown-flag", BASE, "unrecognized arguments: --bogus", args=("--bogus",), names_file=False),
-    case("num-samples-zero", BASE, "search.num_samples: must be >= 1, got 0", args=("--num-samples", "0")),
+    case("num-samples-zero", BASE, "--num-samples 0: search.num_samples: must be >= 1, got 0",
+         args=("--num-samples", "0"), names_file=False),
     case("num-samples-not-int", BASE, "argument --num-samples: invalid int value: 'ten'",
          args=("--num-samples", "ten"), names_file=False),
     case("epochs-not-int", BASE, "argument --epochs: invalid int value: '2.5'", args=("--epochs", "2.5"),
          names_file=False),
-    case("epochs-zero", BASE, "train.epochs: must be > 0, got 0", args=("--epochs", "0")),
-    case("seed-negative", BASE, "train.seed: must be >= 0, got -1", args=("--seed", "-1")),
+    case("epochs-zero", BASE, "--epochs 0: train.epochs: must be > 0, got 0", args=("--epochs", "0"),
+         names_file=False),
+    case("seed-negative", BASE, "--seed -1: train.seed: must be >= 0, got -1", args=("--seed", "-1"),
+         names_file=False),
     case("when-with-grid", _space(METHODS, LAM_WHEN % "vicreg", search="{algorithm: grid}"),
          "space.loss.vicreg.lam.when: conditional parameters need algorithm tpe or random, not grid"),
     case("when-on-unswept-key", _space(LAM_WHEN % "vicreg"),
@@ -373,6 +377,26 @@ def test_dry_run_shows_conditions(tmp_path, capsys):
     assert "loss.vicreg.gamma: float [0.05, 2.0] when loss.method=vicreg" in out
     assert "budget: 16 trials x 20 epochs" in out
     assert not list(tmp_path.iterdir())
+
+
+def test_set_on_a_swept_key_pins_it(tmp_path, capsys):
+    vicreg = next(p for p in SPACE_FILES if p.name == "vicreg.yaml")
+
+    assert main([str(vicreg), "--dry-run", "--results-dir", str(tmp_path), "--set", "loss.vicreg.lam=3"]) == 0
+
+    out = capsys.readouterr().out
+    assert "loss.vicreg.lam: pinned to 3 by --set (not swept)" in out
+    assert "loss.vicreg.lam: logfloat" not in out and "train.lr: logfloat" in out
+    spec = load_spec(vicreg, ["loss.vicreg.lam=3"])
+    assert "loss.vicreg.lam" not in {p.key for p in spec.space} and spec.base.loss.vicreg.lam == 3
+
+
+def test_pinning_a_condition_keeps_what_it_allows_and_drops_the_rest():
+    compare = next(p for p in SPACE_FILES if p.name == "compare.yaml")
+    spec = load_spec(compare, ["loss.method=vicreg"])
+    assert {p.key: p.when for p in spec.space} == {"loss.vicreg.lam": {}, "loss.vicreg.gamma": {}, "train.lr": {}}
+    assert spec.pinned == {"loss.method": "vicreg"} and spec.base.loss.method == "vicreg"
+    assert set(spec.raw["space"]) == {"loss.vicreg.lam", "loss.vicreg.gamma", "train.lr"}  # as logged to MLflow
 
 
 # --- bad tracking URIs on the real path (no --dry-run): rejected before Ray or any trial starts
