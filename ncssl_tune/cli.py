@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -169,7 +170,19 @@ def _dry_run(spec) -> None:
           f"{s.max_concurrent} at once, {spec.resources.cpu:g} cpu + {spec.resources.gpu:g} gpu per trial")
 
 
-def _sweep(args) -> int:
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this sweep: the same arguments, with --resume."""
+    return shlex.join(["ncssl-sweep", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
+def _interrupted(argv: list[str], trials: list[str]) -> int:
+    named = f"; {len(trials)} trials did not finish: {', '.join(trials)}" if trials else ""
+    print(f"ncssl-sweep: interrupted{named} (status 'interrupted' in trials.csv). The state is saved; continue "
+          f"with:\n  {resume_command(argv)}", file=sys.stderr)
+    return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl+C
+
+
+def _sweep(args, argv: list[str]) -> int:
     from ncssl_tune.analysis import run_analysis
     from ncssl_tune.mlflow_store import TrackingError, check_tracking_uri, default_tracking_uri
     from ncssl_tune.sweep import SweepError, check_storage, run_sweep
@@ -203,11 +216,19 @@ def _sweep(args) -> int:
     except (SweepError, TrackingError) as e:
         print(f"ncssl-sweep: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl+C skips Ray's last save: the previous save is resumed
+        return _interrupted(argv, [])
+    if result.interrupted:
+        return _interrupted(argv, result.interrupted)
     print(f"\n{result.num_trials} trials ({result.errors} errored); results in {result.out_dir}")
     if result.best_metrics:
         _print_best(result.best_metrics, result.best_config or {}, spec.search.metric)
     print(f"per-trial table: {result.out_dir / 'trials.csv'}")
     print(f"MLflow: mlflow ui --host 127.0.0.1 --backend-store-uri {uri}  (experiment {spec.name!r})")
+    if result.mlflow_experiment_id:
+        # MLflow 3's UI opens in its GenAI view whatever the experiment's tags; the link selects Model training.
+        print(f"  then open http://127.0.0.1:5000/#/experiments/{result.mlflow_experiment_id}/runs"
+              f"?workflowType=machine_learning")
     analysis_dir = result.out_dir / "analysis"
     _print_analysis(run_analysis(spec.name, uri, analysis_dir, parent_run_id=result.mlflow_parent_run_id),
                     analysis_dir)
@@ -232,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             return _analyze(_analyze_parser().parse_args(argv[1:]))
         if argv and argv[0] == "validate":
             return _validate(_validate_parser().parse_args(argv[1:]))
-        return _sweep(_run_parser().parse_args(argv))
+        return _sweep(_run_parser().parse_args(argv), argv)
     except (_UsageError, SpecError) as e:
         print(f"ncssl-sweep: error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from ray.tune.stopper import Stopper
 from ncssl_tune.naming import fmt_number, short_names
 from ncssl_tune.spec import CollapseStopConfig
 
+ENDED = ("finished", "stopped", "diverged", "error")  # statuses of a trial Ray ended (not an interrupted one)
 ID_COLUMNS = ("trial_id", "method", "status", "stop_reason")
 PARAM_PREFIX = "param."  # trials.csv: one column per sampled key, param.<dotted key>
 FINAL_COLUMNS = ("epoch", "loss", "effective_rank", "effective_rank_frac", "effective_rank_h", "entropy",
@@ -120,6 +121,7 @@ class SweepMonitor(Callback):
         self.interval_s = interval_s
         self.stream = stream  # None: sys.stdout at print time (a stream does not pickle)
         self.rows: dict[str, dict] = {}
+        self.interrupted: list[str] = []  # trials the sweep left unfinished (Ctrl+C), set at its end
         self._last_print = 0.0
 
     # --- state carried across a resumed sweep
@@ -163,6 +165,13 @@ class SweepMonitor(Callback):
         self.print_table(trials)
 
     def on_experiment_end(self, trials, **info):
+        """A trial Ray did not end (no on_trial_complete/error: the sweep was interrupted, Ctrl+C) is marked
+        interrupted; a resumed sweep runs it again."""
+        self.interrupted = []
+        for t in trials:
+            if self.rows.get(t.trial_id, {}).get("status") not in ENDED:
+                self._row(t, None, "interrupted", "")
+                self.interrupted.append(t.trial_id)
         self.write_csv()
 
     def write_csv(self) -> None:

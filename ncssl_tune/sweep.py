@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -22,11 +22,12 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.stopper import Stopper
 
 from ncssl_tune import live
+from ncssl_tune.config import flatten
 from ncssl_tune.mlflow_store import check_tracking_uri
 from ncssl_tune.monitor import CollapseStopper, SweepMonitor, read_trials
 from ncssl_tune.search import OptunaSearcher
 from ncssl_tune.space import DefineByRun, make_sampler
-from ncssl_tune.spec import SweepSpec
+from ncssl_tune.spec import SweepSpec, resolved
 from ncssl_tune.tracking import MlflowTracker
 from ncssl_tune.trainable import run_trial
 
@@ -53,6 +54,17 @@ class _Drop(logging.Filter):
 # Ray is imported, so this one line is dropped; Ray's other authentication messages still pass.
 logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
     _Drop("Token authentication is enabled for this Ray cluster"))
+
+
+class _NoRestoreHint(logging.Filter):
+    """Ray Tune ends an interrupted run with 'Resume experiment with: Tuner.restore(path=...)'; a sweep resumes with
+    `ncssl-sweep ... --resume` instead (the CLI prints the exact command), so Ray's hint is dropped at its logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Resume experiment with" not in record.getMessage()
+
+
+logging.getLogger("ray.tune.tune").addFilter(_NoRestoreHint())
 
 
 class SweepError(RuntimeError):
@@ -97,6 +109,32 @@ def _tune_exists(path: str) -> bool:
         raise SweepError(f"--storage: cannot read {path}: {e}") from None
 
 
+SPEC_FILE = "sweep_spec.json"  # the resolved spec a sweep started with, flattened; a resume must match it
+
+
+def spec_record(spec: SweepSpec) -> dict[str, str]:
+    """The resolved spec (defaults included) as {dotted key: value as JSON}, for comparing two sessions."""
+    flat = flatten({k: v for k, v in resolved(spec).items() if k != "space"})
+    flat.update({f"space.{p['key']}": p for p in resolved(spec)["space"]})
+    return {k: json.dumps(v, sort_keys=True, default=str) for k, v in flat.items()}
+
+
+def check_same_spec(spec: SweepSpec, out_dir: Path) -> None:
+    """Refuse a --resume whose spec differs from the one the sweep started with: Ray Tune restores the stored
+    sweep (its budget, scheduler, searcher) as saved, so a changed value would be silently ignored or mixed in."""
+    path = out_dir / SPEC_FILE
+    if not path.is_file():
+        return  # a sweep from before this record: nothing to compare with
+    before = json.loads(path.read_text())
+    now = spec_record(spec)
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k, '(unset)')} -> {now.get(k, '(unset)')}" for k in changed[:5])
+        raise SweepError(f"--resume: sweep {spec.name!r} was started with other settings ({shown}"
+                         f"{'; ...' if len(changed) > 5 else ''}); a stored sweep resumes as it was saved. "
+                         f"Resume with the same file and flags, or start a new sweep with --name NEW")
+
+
 @dataclass
 class SweepResult:
     out_dir: Path
@@ -105,6 +143,8 @@ class SweepResult:
     num_trials: int
     errors: int
     mlflow_parent_run_id: str | None = None
+    mlflow_experiment_id: str | None = None
+    interrupted: list[str] = field(default_factory=list)  # trials left unfinished (Ctrl+C): resume them
 
 
 def sweep_dir(spec: SweepSpec, results_dir: str | os.PathLike) -> Path:
@@ -243,6 +283,8 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
     if exists and not resume:
         raise SweepError(f"{out_dir} already holds sweep {spec.name!r}; pass --resume to continue it, or "
                          f"--name NEW to start another")
+    if resume:
+        check_same_spec(spec, out_dir)
     if tracking_uri:
         check_tracking_uri(tracking_uri)  # an unreachable server is reported before any trial starts
     # Ray's per-trial CSV/TensorBoard loggers would duplicate what trials.csv and MLflow hold (and mangle the
@@ -267,6 +309,8 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
         if started_ray:
             check_resources(spec, wait_s=resource_wait_s if address else 0.0)
         out_dir.mkdir(parents=True, exist_ok=True)
+        if not (out_dir / SPEC_FILE).exists():
+            (out_dir / SPEC_FILE).write_text(json.dumps(spec_record(spec), indent=1, sort_keys=True, default=str))
         monitor = SweepMonitor(out_dir, spec.search.collapse_stop, spec.search.scheduler.name,
                                interval_s=monitor_interval_s)
         # flush_s=0: each result's metrics (one log_batch per epoch) reach MLflow in on_trial_result, which Ray
@@ -309,7 +353,9 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
             pass
         return SweepResult(out_dir=out_dir, best_config=best.config if best else None,
                            best_metrics=best.metrics if best else None, num_trials=len(grid), errors=errors,
-                           mlflow_parent_run_id=tracker.parent_run_id if tracker else None)
+                           mlflow_parent_run_id=tracker.parent_run_id if tracker else None,
+                           mlflow_experiment_id=tracker.runs.experiment_id if tracker else None,
+                           interrupted=list(monitor.interrupted))
     finally:
         if started_ray:
             ray.shutdown()

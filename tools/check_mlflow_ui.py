@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -61,13 +62,16 @@ def stop_server(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def experiment_id(port: int, name: str) -> str:
+def experiment_and_stopped_run(port: int, name: str) -> tuple[str, str | None]:
+    """The experiment's id and one trial stopped early (None when no trial was)."""
     from mlflow import MlflowClient
 
-    exp = MlflowClient(f"http://127.0.0.1:{port}").get_experiment_by_name(name)
+    client = MlflowClient(f"http://127.0.0.1:{port}")
+    exp = client.get_experiment_by_name(name)
     if exp is None:
         raise LookupError(f"no MLflow experiment {name!r} in the store")
-    return exp.experiment_id
+    stopped = client.search_runs([exp.experiment_id], "tags.status = 'stopped'", max_results=1)
+    return exp.experiment_id, stopped[0].info.run_id if stopped else None
 
 
 def screenshot(browser: str, url: str, png: Path, wait_ms: int) -> None:
@@ -97,12 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     proc = start_server(args.db, port, args.out / "server.log")
     try:
         try:
-            eid = experiment_id(port, args.experiment)
+            eid, stopped = experiment_and_stopped_run(port, args.experiment)
         except LookupError as e:
             print(f"check_mlflow_ui: error: --experiment: {e}", file=sys.stderr)
             return 2
         base = f"http://127.0.0.1:{port}/#/experiments/{eid}"
-        pages = {"experiment": base, "runs": f"{base}/runs"}
+        ml = "workflowType=machine_learning"  # the UI's GenAI / Model training switch, as a link sets it
+        trials = "searchFilter=" + urllib.parse.quote("tags.run_kind = 'trial'")  # the children, unnested
+        pages = {"experiment": base, "runs": f"{base}/runs", "experiment_ml": f"{base}?{ml}",
+                 "trials_ml": f"{base}/runs?{ml}&{trials}"}
+        if stopped:
+            pages["stopped_trial"] = f"{base}/runs/{stopped}?{ml}"
         for name, url in pages.items():
             png = args.out / f"{name}.png"
             screenshot(args.browser, url, png, args.wait_ms)
