@@ -283,12 +283,3 @@ def load_dataset(name: str, *, root: str | None = None, seed: int = 0, test_frac
     check_dataset(name, root)
     return s.load(root=root, seed=seed, test_fraction=test_fraction, image_size=image_size,
                   synthetic=synthetic)
-
-
-def batches(n: int, batch_size: int, generator: torch.Generator | None = None,
-            drop_last: bool = True) -> Iterator[torch.Tensor]:
-    """Index tensors (batch_size,) over one random permutation of range(n)."""
-    perm = torch.randperm(n, generator=generator)
-    stop = n - n % batch_size if drop_last else n
-    for i in range(0, stop, batch_size):
-        yield perm[i:i + batch_size]

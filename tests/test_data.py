@@ -10,7 +10,6 @@ from PIL import Image
 from ncssl_tune.data import (
     DATASETS,
     DatasetError,
-    batches,
     check_dataset,
     load_dataset,
 )
@@ -199,9 +198,3 @@ def test_unknown_dataset_and_misplaced_options():
     with pytest.raises(ValueError, match="synthetic options"):
         load_dataset("digits", synthetic={"n": 10})
 
-
-def test_batches_cover_indices():
-    g = torch.Generator().manual_seed(0)
-    idx = list(batches(10, 4, g))
-    assert [len(b) for b in idx] == [4, 4] and len(set(torch.cat(idx).tolist())) == 8
-    assert sorted(torch.cat(list(batches(10, 4, g, drop_last=False))).tolist()) == list(range(10))
