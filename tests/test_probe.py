@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from ncssl_tune.probe import fewshot_probe, label_draws
+from ncssl_tune.probe import _fit_logreg, fewshot_probe, label_draws, linear_probe
 
 
 def blobs(n_per_class: int, classes: int, dim: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,3 +59,33 @@ def test_fewshot_end_points():
     assert chance < 0.2  # 10 classes: 0.1 expected
     const = torch.ones(300, 16)  # a totally collapsed representation
     assert fewshot_probe(const, ytr, const, yte, k=5, draws=3)["fewshot_acc"] == pytest.approx(0.1)
+
+
+def test_linear_probe_matches_sklearn_and_picks_the_decay_on_validation():
+    xtr, ytr = blobs(60, 4, 6, spread=1.5, seed=3)
+    xte, yte = blobs(60, 4, 6, spread=1.5, seed=4)
+    wd = 0.02
+    got = linear_probe(xtr, ytr, xte, yte, weight_decays=[wd], max_iter=500)
+    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
+    clf = LogisticRegression(C=1.0 / (len(ytr) * wd), max_iter=5000, tol=1e-10)
+    clf.fit(((xtr - mean) / std).numpy(), ytr.numpy())
+    want = float((clf.predict(((xte - mean) / std).numpy()) == yte.numpy()).mean())
+    assert got["probe_wd"] == wd
+    assert got["probe_acc"] == pytest.approx(want, abs=1.5 / len(yte))
+    # the grid keeps the decay with the best validation accuracy, the first of equals
+    grid = [0.0, 1e-2, 1.0, 30.0]
+    val = [linear_probe(xtr, ytr, xte, yte, weight_decays=[d], max_iter=500)["probe_val_acc"] for d in grid]
+    chosen = linear_probe(xtr, ytr, xte, yte, weight_decays=grid, max_iter=500)
+    assert chosen["probe_val_acc"] == max(val) and chosen["probe_wd"] == grid[val.index(max(val))]
+
+
+def test_joint_fit_equals_separate_fits_when_each_converges():
+    """The B problems share no parameter: fit together, each lands on its own minimiser."""
+    x, y = blobs(20, 3, 5, spread=1.0, seed=5)
+    wds = [0.3, 0.1, 0.05]
+    w, b = _fit_logreg(x, y, 3, wds, max_iter=500)
+    for i, wd in enumerate(wds):
+        wi, bi = _fit_logreg(x, y, 3, [wd], max_iter=500)
+        # float32 L-BFGS stops on its 1e-9 loss-change tolerance: both land within ~5e-4 of the minimiser
+        assert torch.allclose(w[i], wi[0], atol=2e-3) and torch.allclose(b[i], bi[0], atol=2e-3)
+    assert not torch.allclose(w[0], w[2], atol=1e-2)  # the decays do make different classifiers
