@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -36,6 +37,7 @@ TUNE_NAME = "tune"
 SEARCHER_STATE = "searcher_state.pkl"  # the searcher's latest state (Ray's copy lags it), in the sweep folder
 REFERENCE_FILE = "reference.json"  # downstream scores of the random-init encoder and of raw pixels, once per sweep
 DOWNSTREAM = ("fewshot_acc", "knn_acc", "probe_acc")
+MAX_PENDING = "TUNE_MAX_PENDING_TRIALS_PG"  # read by Ray Tune when tuner.fit() builds its controller
 
 
 class _Drop(logging.Filter):
@@ -145,6 +147,7 @@ class SweepResult:
     mlflow_parent_run_id: str | None = None
     mlflow_experiment_id: str | None = None
     interrupted: list[str] = field(default_factory=list)  # trials left unfinished (Ctrl+C): resume them
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each phase: ray_start, references, tune
 
 
 def sweep_dir(spec: SweepSpec, results_dir: str | os.PathLike) -> Path:
@@ -163,7 +166,7 @@ def _trainable(spec: SweepSpec):
 
 
 def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: Stopper,
-                storage: str | None = None) -> tune.Tuner:
+                storage: str | None = None, reuse_actors: bool = True) -> tune.Tuner:
     s = spec.search
     with warnings.catch_warnings():
         # Multivariate, grouped TPE (space.make_sampler) is what we mean to use; Optuna flags both options
@@ -185,7 +188,8 @@ def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: Stoppe
     return tune.Tuner(
         _trainable(spec),
         tune_config=tune.TuneConfig(search_alg=searcher,
-                                    scheduler=scheduler, num_samples=s.num_samples, reuse_actors=False),
+                                    scheduler=scheduler, num_samples=s.num_samples,
+                                    reuse_actors=reuse_actors),
         run_config=tune.RunConfig(
             name=TUNE_NAME, storage_path=tune_storage(spec, out_dir, storage), stop=stopper, callbacks=callbacks,
             verbose=0,
@@ -210,16 +214,32 @@ def _reference_task(cfg):
     return reference_scores(cfg)
 
 
-def reference_scores(spec: SweepSpec, out_dir: Path) -> tuple[dict[str, dict[str, float]], bool]:
+def reference_scores(spec: SweepSpec, out_dir: Path, on_worker: bool = True
+                     ) -> tuple[dict[str, dict[str, float]], bool]:
     """({"random_init": {metric: v}, "pixels": {...}}, computed now?) for the sweep's base configuration.
 
-    Computed once per sweep, kept in <sweep>/reference.json: on a Ray worker with one trial's resources, because
-    that is where a cluster has the data and the accelerator. The floor any trial of the sweep must beat."""
+    Computed once per sweep, kept in <sweep>/reference.json. on_worker: on a Ray worker with one trial's
+    resources, because on a cluster that is where the data and the accelerator are; else in this process, which
+    spares a worker start (~5 s of a 2-core machine; the computation itself is ~1 s on digits). The floor any
+    trial of the sweep must beat."""
     path = out_dir / REFERENCE_FILE
     if path.exists():
         return json.loads(path.read_text()), False
-    bundle = _trial_bundle(spec)
-    scores = ray.get(_reference_task.options(num_cpus=bundle["CPU"], num_gpus=bundle["GPU"]).remote(spec.base))
+    if on_worker:
+        bundle = _trial_bundle(spec)
+        task = _reference_task.options(num_cpus=bundle["CPU"], num_gpus=bundle["GPU"])
+        scores = ray.get(task.remote(spec.base))
+    else:
+        import torch
+
+        from ncssl_tune.train import reference_scores as compute
+
+        # the threads one trial gets: more than the cores would spin against the trial workers starting meanwhile
+        threads = torch.get_num_threads()
+        try:
+            scores = compute(spec.base.with_overrides({"train.threads": max(1, math.ceil(spec.resources.cpu))}))
+        finally:
+            torch.set_num_threads(threads)
     ref = {kind: {k: float(v) for k, v in s.items() if k in DOWNSTREAM} for kind, s in scores.items()}
     path.write_text(json.dumps(ref, indent=2))
     return ref, True
@@ -259,7 +279,8 @@ def check_resources(spec: SweepSpec, wait_s: float = 0.0) -> None:
 def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, resume: bool = False,
               address: str | None = None, tracking_uri: str | None = None, extra_callbacks: list | None = None,
               monitor_interval_s: float = 10.0, storage: str | None = None,
-              resource_wait_s: float = RESOURCE_WAIT_S, stoppers: list | None = None) -> SweepResult:
+              resource_wait_s: float = RESOURCE_WAIT_S, stoppers: list | None = None,
+              reuse_actors: bool = True) -> SweepResult:
     """Run (or resume) the sweep; returns where the results are and the best trial.
 
     storage: Ray Tune's storage (checkpoints, result logs) for a multi-node cluster: s3://, gs:// or an absolute
@@ -272,6 +293,10 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
 
     resource_wait_s: on a cluster joined with `address`, how long to wait for the autoscaler to add a node that
     fits one trial before failing (a Ray this process starts is all there is: checked at once).
+
+    reuse_actors: a worker that ended a trial starts the next one (Ray Tune's reuse_actors) instead of a fresh
+    process importing torch again (~5 s a trial on 2 cores; benchmarks/bench_sweep.py measures both). A resumed
+    sweep keeps the setting it started with.
     """
     out_dir = sweep_dir(spec, results_dir)
     if storage is not None:
@@ -297,6 +322,14 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
     # says; the classic output honours verbose=0 and leaves the console to the live table (SweepMonitor).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     started_ray = False
+    clock = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[phase], clock = now - clock, now
+
     if not ray.is_initialized():
         # Without --address the sweep starts its own Ray ("local"): a bare ray.init() would join any cluster that
         # `ray start` left on this machine (and then refuse num_cpus), so no --address would mean "somewhere".
@@ -305,6 +338,7 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
                  logging_level=logging.WARNING,
                  **({} if address else {"num_cpus": os.cpu_count()}))
         started_ray = True
+    lap("ray_start")
     try:
         if started_ray:
             check_resources(spec, wait_s=resource_wait_s if address else 0.0)
@@ -316,7 +350,11 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
         # flush_s=0: each result's metrics (one log_batch per epoch) reach MLflow in on_trial_result, which Ray
         # calls before it registers that result's checkpoint and saves the experiment state. A driver killed
         # with epochs still buffered would otherwise resume the trial past them and leave a gap in MLflow.
-        reference, fresh = reference_scores(spec, out_dir)
+        # A Ray this sweep started itself runs on this machine alone: the data is here, and only GPU trials need
+        # a worker's device. A joined cluster (address) or a Ray the caller started keeps the worker path.
+        local = started_ray and address is None and spec.resources.gpu == 0
+        reference, fresh = reference_scores(spec, out_dir, on_worker=not local)
+        lap("references")
         metric = spec.search.metric
         if metric in DOWNSTREAM:
             print(f"reference {metric}: random-init encoder {reference['random_init'][metric]:.3f}, raw pixels "
@@ -339,10 +377,22 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
             else:
                 tuner = build_tuner(spec, out_dir, [live.LiveCallbacks(tune_path, session_callbacks),
                                                     JsonLoggerCallback()],
-                                    live.LiveStopper(tune_path, session_stoppers), storage)
-            grid = tuner.fit()
+                                    live.LiveStopper(tune_path, session_stoppers), storage, reuse_actors)
+            # Ray Tune keeps one trial PENDING at a time for a searcher it does not wrap itself, so the second slot
+            # was filled only once the first trial's worker had started, or by reusing it: trials ran one at a time
+            # on 2 cores. The searcher holds the limit (max_concurrent); Tune may stage that many (unless the
+            # variable is set already: benchmarks/bench_sweep.py sets 1 to measure the engine as it was).
+            own = MAX_PENDING not in os.environ
+            if own:
+                os.environ[MAX_PENDING] = str(spec.search.max_concurrent or spec.search.num_samples)
+            try:
+                grid = tuner.fit()
+            finally:
+                if own:
+                    del os.environ[MAX_PENDING]
         finally:
             live.unregister(tune_path)
+        lap("tune")
         monitor.write_csv()
         errors = sum(1 for r in grid if r.error is not None)
         best = None
@@ -355,7 +405,7 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
                            best_metrics=best.metrics if best else None, num_trials=len(grid), errors=errors,
                            mlflow_parent_run_id=tracker.parent_run_id if tracker else None,
                            mlflow_experiment_id=tracker.runs.experiment_id if tracker else None,
-                           interrupted=list(monitor.interrupted))
+                           interrupted=list(monitor.interrupted), seconds=seconds)
     finally:
         if started_ray:
             ray.shutdown()

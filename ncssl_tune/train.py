@@ -115,6 +115,18 @@ class _Run:
         self.epoch = 0
         self.last_probe: dict[str, float] = {}
 
+    def close(self) -> None:
+        """Drop every tensor this run holds (model, optimizer, data), and on CUDA hand the cached blocks back.
+
+        A trial stopped by its scheduler ends inside `report` (Ray raises SystemExit there); the traceback keeps
+        this run alive while the exception is handled, and a reused worker (reuse_actors) starts the next trial
+        in the same process: without this, two trials' models would share the device for a while.
+        """
+        cuda = self.device.type == "cuda"
+        self.__dict__.clear()
+        if cuda:
+            torch.cuda.empty_cache()
+
     def state(self) -> dict:
         """A snapshot, detached from the live tensors (state_dict() alone returns views that keep training)."""
         s = {"model": _to_cpu(self.model.state_dict()), "optimizer": _to_cpu(self.opt.state_dict()),
@@ -231,6 +243,13 @@ def train(cfg: TrainConfig, report: Report | None = None, resume: dict | None = 
     no exception escapes for it.
     """
     run = _Run(cfg)
+    try:
+        return _train(run, cfg, report, resume)
+    finally:
+        run.close()
+
+
+def _train(run: _Run, cfg: TrainConfig, report: Report | None, resume: dict | None) -> dict:
     if resume is not None:
         run.restore(resume)
     t = cfg.train

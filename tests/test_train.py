@@ -141,3 +141,46 @@ def test_reference_scores_of_random_init_and_pixels():
     # 5 labels per class see far less than the full train split, on either representation
     for scores in ref.values():
         assert 0.1 < scores["fewshot_acc"] < scores["probe_acc"]
+
+
+def _live_models() -> list:
+    import gc
+
+    from ncssl_tune.models import SSLModel
+
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, SSLModel)]
+
+
+def test_a_run_stopped_from_its_report_leaves_no_model_behind():
+    """Ray stops a trial by raising SystemExit inside tune.report; with reused workers the next trial starts in the
+    same process while that exception is handled, so the stopped run must already have let go of its tensors."""
+    before = len(_live_models())
+    calls = []
+
+    def stop_at_second(metrics, state):
+        calls.append(metrics["epoch"])
+        assert len(_live_models()) == before + 1  # the live run holds its model until then
+        if len(calls) == 2:
+            raise SystemExit(0)
+
+    with pytest.raises(SystemExit) as stopped:
+        train(cfg(train={"epochs": 4}), stop_at_second)
+    assert calls == [1, 2]
+    assert stopped.value.__traceback__ is not None  # the frames are still alive here, as in Ray's handler
+    assert len(_live_models()) == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_finished_or_stopped_run_returns_its_cuda_memory():
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_reserved()
+    train(cfg(train={"device": "cuda"}))
+    assert torch.cuda.memory_reserved() == base
+
+    def stop(metrics, state):
+        raise SystemExit(0)
+
+    with pytest.raises(SystemExit):
+        train(cfg(train={"device": "cuda"}), stop)
+    assert torch.cuda.memory_reserved() == base
