@@ -235,6 +235,12 @@ class MlflowTracker(Callback):
             head = [op for op in self.outbox.ops if op.kind == "parent"]
             rest = [op for op in self.outbox.ops if op.kind != "parent"]
             self.outbox.replace([*head, *left, *rest])
+        # A driver killed between creating a trial's spectrum folder and queueing it leaves a folder no operation
+        # names: the trial's end is recorded again in this session, with a new folder.
+        queued = {Path(op.payload).name for op in self.outbox.ops if op.kind == "artifacts"}  # mkdtemp: unique names
+        folder = self.out_dir / OUTBOX_DIR
+        for orphan in (p for p in (folder.iterdir() if folder.is_dir() else []) if p.name not in queued):
+            shutil.rmtree(orphan, ignore_errors=True)
 
     def _execute(self, op: Op) -> None:
         kind, tid, payload = op

@@ -22,7 +22,7 @@ from ncssl_tune.naming import fmt_number
 from ncssl_tune.schema import EXPERIMENT_KIND_TAG, PARENT_TAG, SPECTRUM_CSV
 from ncssl_tune.spec import CollapseStopConfig, load_spec
 from ncssl_tune.spectra import read_spectrum_csv
-from ncssl_tune.tracking import UNSENT_FILE, MlflowTracker, safe_key
+from ncssl_tune.tracking import OUTBOX_DIR, OUTBOX_FILE, UNSENT_FILE, MlflowTracker, safe_key
 from ncssl_tune.trainable import build_config
 
 # Tiny trials: a small synthetic dataset keeps one epoch well under a second on a CPU core.
@@ -167,6 +167,31 @@ def test_callback_statuses_tags_and_replayed_epochs(server):
     assert spectra == {"z": [4.0, 1.0, 0.0], "h": [2.0, 1e-3]}
     assert steps(server, by_id["col"].info.run_id) == [1, 2]
     assert "collapse_streak" not in by_id["col"].data.metrics and by_id["col"].data.tags["collapse"] == "total"
+
+
+def test_a_resumed_tracker_sends_queued_spectrum_folders_and_drops_orphans(server, tmp_path):
+    """A driver killed between making a trial's spectrum folder and queueing it leaves a folder no operation names;
+    the next session removes it, and sends (then removes) the folders its outbox file still names."""
+    spec = load_spec("search_spaces/vicreg.yaml", name="trk_orphans", epochs=3)
+    first = MlflowTracker(spec, server, flush_s=3600, out_dir=tmp_path)
+    first.setup(stop={}, num_samples=1, total_num_samples=1)
+    trial = fake_trial("t1")
+    first.on_trial_start(0, [], trial)
+    report(first, trial, 1, spectrum=[2.0, 1.0], spectrum_h=[1.0])
+    first.outbox.execute = lambda op: (_ for _ in ()).throw(ConnectionError("store down"))  # the outage
+    trial.status = "TERMINATED"
+    first.on_trial_complete(0, [], trial)
+    queued = [Path(op.payload) for op in first.outbox.ops if op.kind == "artifacts"]
+    assert len(queued) == 1 and queued[0].is_dir() and (tmp_path / OUTBOX_FILE).exists()
+    orphan = tmp_path / OUTBOX_DIR / "t2_killed"  # as mkdtemp names them: <trial id>_<random>
+    orphan.mkdir()
+    second = MlflowTracker(spec, server, flush_s=3600, out_dir=tmp_path)  # the resumed session
+    second.set_state(first.get_state())
+    second.setup(stop={}, num_samples=1, total_num_samples=1)
+    assert not orphan.exists()
+    assert not queued[0].exists() and not (tmp_path / OUTBOX_FILE).exists()  # sent, then removed
+    kid = runs_of(server, "trk_orphans")[1][0]
+    assert {a.path for a in mlflow_client(server).list_artifacts(kid.info.run_id)} >= {"spectrum.csv"}
 
 
 def test_an_experiment_made_without_the_kind_tag_gets_it(server):
