@@ -13,6 +13,7 @@ import os
 import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -71,21 +72,70 @@ def _resize(x: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
 
 
 def _split(y: np.ndarray, seed: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified (train indices, test indices), fixed by seed."""
-    from sklearn.model_selection import train_test_split
+    """Stratified (train indices, test indices), fixed by seed: exactly scikit-learn's
+    `train_test_split(np.arange(n), test_size=test_fraction, stratify=y, random_state=seed)`.
 
+    Written out because importing sklearn.model_selection costs 1.5-4 s, paid by every trial worker that starts;
+    tests/test_data.py checks the indices against scikit-learn's for several seeds, sizes and class balances.
+    """
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    return train_test_split(np.arange(len(y)), test_size=test_fraction, stratify=y, random_state=seed)
+    n = len(y)
+    n_test = math.ceil(test_fraction * n)
+    n_train = n - n_test
+    classes, y_idx, counts = np.unique(y, return_inverse=True, return_counts=True)
+    if counts.min() < 2 or n_train < len(classes) or n_test < len(classes):
+        raise ValueError(f"cannot split {n} samples of {len(classes)} classes (smallest {counts.min()}) "
+                         f"with test_fraction {test_fraction}: each class needs a sample on both sides")
+    class_idx = np.split(np.argsort(y_idx, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(counts, n_train, rng)
+    t_i = _approximate_mode(counts - n_i, n_test, rng)
+    train, test = [], []
+    for i in range(len(classes)):
+        perm = class_idx[i].take(rng.permutation(counts[i]), mode="clip")
+        train.extend(perm[:n_i[i]])
+        test.extend(perm[n_i[i]:n_i[i] + t_i[i]])
+    return rng.permutation(train), rng.permutation(test)
+
+
+def _approximate_mode(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """Samples per class of `draws` stratified draws: floor of the proportional share, the rest to the largest
+    remainders, ties broken by rng (scikit-learn's utils.extmath._approximate_mode, same draws from rng)."""
+    continuous = counts / counts.sum() * draws
+    floored = np.floor(continuous)
+    need = int(draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add = min(len(inds), need)
+            floored[rng.choice(inds, size=add, replace=False)] += 1
+            need -= add
+            if need == 0:
+                break
+    return floored.astype(int)
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits as (data (1797, 64) in 0..16, target (1797,)), read from its CSV without
+    importing sklearn.datasets (~1.5-3 s); equal to `load_digits()` (tests/test_data.py)."""
+    import gzip
+    from importlib.util import find_spec
+
+    spec = find_spec("sklearn")  # locates the package without importing it
+    if spec is None or spec.origin is None:
+        raise ImportError("the digits dataset ships with scikit-learn, which is not installed")
+    with gzip.open(Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz", "rt") as f:
+        raw = np.loadtxt(f, delimiter=",")  # (1797, 65): 64 pixels, then the label
+    return raw[:, :-1], raw[:, -1].astype(int)
 
 
 def _load_digits(*, seed: int, test_fraction: float, image_size: int | None, **_) -> ImageData:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()  # bundled with scikit-learn: no download
-    x = (d.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)  # (1797, 1, 8, 8); pixels are 0..16
-    tr, te = _split(d.target, seed, test_fraction)
-    return _finish("digits", x[tr], d.target[tr], x[te], d.target[te], 10, image_size)
+    data, target = _digits_arrays()  # bundled with scikit-learn: no download
+    x = (data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)  # (1797, 1, 8, 8); pixels are 0..16
+    tr, te = _split(target, seed, test_fraction)
+    return _finish("digits", x[tr], target[tr], x[te], target[te], 10, image_size)
 
 
 SYNTHETIC_DEFAULTS = {"n": 2000, "size": 32, "channels": 3, "classes": 10, "noise": 0.05}

@@ -10,6 +10,8 @@ from PIL import Image
 from ncssl_tune.data import (
     DATASETS,
     DatasetError,
+    _digits_arrays,
+    _split,
     check_dataset,
     load_dataset,
 )
@@ -41,6 +43,32 @@ def test_digits_split_depends_only_on_seed():
     assert not torch.equal(a.train_x, c.train_x)
     # Same images overall, only the partition moves.
     assert torch.isclose(torch.cat([a.train_x, a.test_x]).sum(), torch.cat([c.train_x, c.test_x]).sum())
+
+
+def test_digits_read_without_sklearn_datasets_equal_load_digits():
+    from sklearn.datasets import load_digits
+
+    data, target = _digits_arrays()
+    ref = load_digits()
+    assert np.array_equal(data, ref.data) and np.array_equal(target, ref.target)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+@pytest.mark.parametrize("fraction", [0.2, 0.3, 0.5])
+def test_split_equals_sklearn_train_test_split(seed, fraction):
+    """The written-out split gives scikit-learn's indices exactly (the study's numbers depend on the split)."""
+    from sklearn.model_selection import train_test_split
+
+    rng = np.random.RandomState(seed + 100)
+    labels = {"digits": _digits_arrays()[1],
+              "imbalanced": np.repeat(np.arange(5), [3, 11, 40, 7, 29]),  # remainders tie: rng breaks them
+              "shuffled": rng.randint(0, 7, size=203)}
+    for name, y in labels.items():
+        want = train_test_split(np.arange(len(y)), test_size=fraction, stratify=y, random_state=seed)
+        got = _split(y, seed, fraction)
+        assert all(np.array_equal(g, w) for g, w in zip(got, want)), (name, seed, fraction)
+    with pytest.raises(ValueError, match="each class needs a sample on both sides"):
+        _split(np.array([0, 0, 1, 1, 2]), 0, 0.4)
 
 
 def test_digits_resized():
