@@ -10,7 +10,6 @@ import itertools
 from collections.abc import Callable
 
 import torch
-import torchvision
 from torch import nn
 
 NORMS = ("batch", "none")
@@ -58,6 +57,10 @@ class SmallCNN(nn.Module):
 
 
 def _resnet(arch: str, in_channels: int, image_size: int) -> nn.Module:
+    # imported here: torchvision.models pulls in torch._dynamo (~2.5 s), which every trial worker would pay at
+    # start-up although the default backbone (small_cnn) never needs it
+    import torchvision
+
     net = getattr(torchvision.models, arch)(weights=None)
     if image_size <= 64:
         # CIFAR stem (as in SimCLR/VICReg CIFAR code): a 7x7 stride-2 conv and max-pool would shrink a
