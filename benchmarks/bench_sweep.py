@@ -34,15 +34,30 @@ from ncssl_tune.sweep import MAX_PENDING, run_sweep
 
 
 class EpochSeconds(Callback):
-    """Σ of the trials' reported epoch_seconds (training + evaluation), and the number of epochs reported."""
+    """Σ of the trials' reported epoch_seconds (training + evaluation), the number of epochs reported, and each
+    trial's start and end on the driver's clock (its slot is occupied in between)."""
 
     def __init__(self) -> None:
         self.seconds, self.epochs = 0.0, 0
+        self.spans: dict[str, list[float]] = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.spans[trial.trial_id] = [time.perf_counter()] * 2
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("epoch_seconds") is not None:
             self.seconds += float(result["epoch_seconds"])
             self.epochs += 1
+        self.spans.setdefault(trial.trial_id, [time.perf_counter()] * 2)[1] = time.perf_counter()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.spans.setdefault(trial.trial_id, [time.perf_counter()] * 2)[1] = time.perf_counter()
+
+    on_trial_error = on_trial_complete
+
+    def occupied(self) -> float:
+        """Σ over trials of start to end: slot-seconds spent inside trials (epochs plus what lies between)."""
+        return sum(end - start for start, end in self.spans.values())
 
 
 def one_sweep(space: str, quick: dict, before: bool) -> dict:
@@ -70,7 +85,12 @@ def one_sweep(space: str, quick: dict, before: bool) -> dict:
             "slots": slots, "trial_seconds": counter.seconds, "sweep_seconds": sweep_s,
             "phase_seconds": {**result.seconds, "analysis": total_s - sweep_s,
                               "other": sweep_s - sum(result.seconds.values())},
-            "wall_seconds": total_s, "efficiency_sweep": counter.seconds / (sweep_s * slots),
+            "wall_seconds": total_s,
+            # where the slot-seconds of the sweep went: epochs, inside trials between epochs (set-up, reports,
+            # checkpoints, the epoch a stopped trial finishes), and slots with no trial (starts, the tail, phases)
+            "slot_seconds": {"epochs": counter.seconds, "in_trials_between_epochs": counter.occupied() - counter.seconds,
+                             "no_trial": sweep_s * slots - counter.occupied()},
+            "efficiency_sweep": counter.seconds / (sweep_s * slots),
             "efficiency_total": counter.seconds / (total_s * slots), f"best_{spec.search.metric}": best}
 
 
@@ -96,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
         label = f"{name} (reuse {'on' if r['reuse_actors'] else 'off'}, staged {r['staged_trials']})"
         print(f"{label:28} {r['trials']:6d} {r['epochs']:6d} {r['trial_seconds']:8.1f} {r['sweep_seconds']:8.1f} "
               f"{r['efficiency_sweep']:5.2f} {r['wall_seconds']:11.1f} {r['efficiency_total']:5.2f}  {phases}")
+    for name, r in runs.items():
+        print(f"{name}: slot-seconds " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in r["slot_seconds"].items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     return out
