@@ -1,4 +1,4 @@
-"""Two-view augmentation of whole batches on the training device, with per-sample random parameters (kornia).
+"""Two-view augmentation of whole batches on the training device, with per-sample random parameters.
 
 Defaults depend on the image size: digits (8x8, grayscale), CIFAR-like (32x32 RGB) and 96+ px.
 """
@@ -9,9 +9,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-import kornia.augmentation as K
 import torch
 from torch import nn
+
+from ncssl_tune import augment_ops as ops
 
 CPU_CHUNK_FLOATS = 2**22  # 16 MB of float32 per augmentation call on CPU: 32 px batches stay whole
 
@@ -87,9 +88,12 @@ def default_augment(image_size: int, channels: int, overrides: dict | None = Non
 
 
 class TwoViewAugment(nn.Module):
-    """Random augmentation of whole batches with per-sample parameters (kornia) on the input's device.
+    """Random augmentation of whole batches with per-sample parameters, on the input's device.
 
-    Randomness comes from torch's global RNG, so torch.manual_seed makes it reproducible.
+    The recipe, in torchvision's order: random resized crop, horizontal flip, colour jitter (a random order of
+    the four per image), grayscale, Gaussian blur, solarize, pixel noise. All per-image parameters of a call are
+    drawn at once from torch's global CPU RNG (the pixel noise from the input device's), so torch.manual_seed
+    makes it reproducible and the same seed gives the same crops, factors and choices on CPU and GPU.
     """
 
     def __init__(self, config: AugmentConfig, image_size: int, channels: int):
@@ -100,36 +104,66 @@ class TwoViewAugment(nn.Module):
             if channels != 3 and getattr(c, key):
                 raise ValueError(f"augment.{key}={getattr(c, key)} needs 3 channels but images have "
                                  f"{channels}; set it to 0")
-        self.config = c
-        # cropping_mode="resample" crops with one batched warp; kornia's default "slice" loops over images.
-        ops: list[nn.Module] = [K.RandomResizedCrop((image_size, image_size), scale=c.crop_scale,
-                                                    ratio=c.crop_ratio, cropping_mode="resample")]
-        if c.flip_p:
-            ops.append(K.RandomHorizontalFlip(p=c.flip_p))
-        if c.jitter_p and (c.brightness or c.contrast or c.saturation or c.hue):
-            ops.append(K.ColorJitter(c.brightness, c.contrast, c.saturation, c.hue, p=c.jitter_p))
-        if c.grayscale_p:
-            ops.append(K.RandomGrayscale(p=c.grayscale_p))
-        if c.blur_p:
-            k = int(0.1 * image_size) | 1  # odd kernel, ~10% of the image as in SimCLR
-            ops.append(K.RandomGaussianBlur((k, k), (0.1, 2.0), p=c.blur_p))
-        if c.solarize_p:
-            ops.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=c.solarize_p))  # threshold = 0.5
+        self.config, self.image_size = c, image_size
+        self.blur_size = int(0.1 * image_size) | 1  # odd kernel, ~10% of the image as in SimCLR
+        # factor ranges of torchvision's ColorJitter: [max(0, 1 - s), 1 + s] for the first three, [-h, h] for hue
+        lo = [max(0.0, 1 - s) for s in (c.brightness, c.contrast, c.saturation)] + [-c.hue]
+        hi = [1 + s for s in (c.brightness, c.contrast, c.saturation)] + [c.hue]
+        self.jitter_lo, self.jitter_span = torch.tensor(lo), torch.tensor(hi) - torch.tensor(lo)
+
+    def draw(self, n: int, height: int, width: int) -> dict[str, torch.Tensor]:
+        """Every random parameter for n images, on CPU, from one draw of the global RNG.
+
+        boxes (n, 4) int (top, left, h, w); flip, gray, blur, solarize (n,) bool; factors (n, 4) (brightness,
+        contrast, saturation, hue; neutral 1, 1, 1, 0 where jitter is not applied); order (n, 4) the jitter
+        order per image; sigma (n,) of the blur.
+        """
+        c = self.config
+        u = torch.rand(n, 36)  # 22 crop, flip, jitter gate, 4 factors, 4 order keys, gray, blur gate, sigma, solarize
+        jitter = u[:, 23] < c.jitter_p
+        factors = self.jitter_lo + self.jitter_span * u[:, 24:28]  # (n, 4)
+        factors = torch.where(jitter[:, None], factors, torch.tensor([1.0, 1.0, 1.0, 0.0]))
+        return {"boxes": ops.sample_crop_boxes(n, height, width, c.crop_scale, c.crop_ratio, u[:, :22]),
+                "flip": u[:, 22] < c.flip_p, "factors": factors, "order": u[:, 28:32].argsort(1),
+                "gray": u[:, 32] < c.grayscale_p, "blur": u[:, 33] < c.blur_p, "sigma": 0.1 + 1.9 * u[:, 34],
+                "solarize": u[:, 35] < c.solarize_p}
+
+    def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """x: (N, C, H, W) in [0, 1], p: draw(N, H, W) (on CPU) -> (N, C, S, S) in [0, 1]."""
+        c, dev = self.config, x.device
+        # where-to-apply subsets are found on CPU: no device sync on a GPU
+        pick = {k: p[k].nonzero().squeeze(1).to(dev) for k in ("gray", "blur", "solarize") if p[k].any()}
+        y = ops.resized_crop(x, p["boxes"].to(dev), p["flip"].to(dev), self.image_size)
+        if p["factors"].ne(torch.tensor([1.0, 1.0, 1.0, 0.0])).any():
+            ops.colour_jitter(y, p["factors"], p["order"])
+        if "gray" in pick:
+            i = pick["gray"]
+            y[i] = ops.grayscale(y[i])
+        if "blur" in pick and self.blur_size > 1:
+            i = pick["blur"]
+            y[i] = ops.gaussian_blur(y[i], p["sigma"][p["blur"]].to(dev), self.blur_size)
+        if "solarize" in pick:
+            i = pick["solarize"]
+            y[i] = ops.solarize_(y[i])
         if c.noise_std:
-            ops.append(K.RandomGaussianNoise(std=c.noise_std, p=1.0))
-        self.ops = nn.Sequential(*ops)
+            y.add_(torch.randn_like(y), alpha=c.noise_std)
+        return y.clamp_(0, 1)
 
     def views(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """x: (N, C, H, W) in [0, 1] -> (k, N, C, H, W): k independent augmentations of every image."""
-        # One pipeline call on k stacked copies: kornia's per-call overhead dominates on small images. On CPU,
-        # large images go in chunks of <= CPU_CHUNK_FLOATS: each op makes full-size temporaries, and a chunk that
-        # stays in cache is ~2x faster at 96 px than one 256-image call (benchmarks/bench_augment.py).
-        stacked = x.repeat(k, 1, 1, 1)  # (k * N, C, H, W)
-        step = stacked.shape[0] if x.is_cuda else max(1, CPU_CHUNK_FLOATS // x[0].numel())
-        out = torch.cat([self.ops(part) for part in stacked.split(step)]).clamp_(0, 1)
-        return out.reshape(k, *x.shape)
+        """x: (N, C, H, W) in [0, 1] -> (k, N, C, S, S): k independent augmentations of every image."""
+        n, ch, h, w = x.shape
+        p = self.draw(k * n, h, w)  # view j of image i is row j * n + i
+        out = torch.empty(k * n, ch, self.image_size, self.image_size, device=x.device)
+        # On CPU the pipeline runs on chunks of <= CPU_CHUNK_FLOATS output floats, start to end: every op's
+        # temporaries then stay in the cache (benchmarks/bench_augment.py).
+        step = k * n if x.is_cuda else max(1, CPU_CHUNK_FLOATS // out[0].numel())
+        for s in range(0, k * n, step):
+            e = min(s + step, k * n)
+            src = x[s % n:(e - 1) % n + 1] if s // n == (e - 1) // n else x[torch.arange(s, e, device=x.device) % n]
+            out[s:e] = self.apply(src, {key: v[s:e] for key, v in p.items()})
+        return out.view(k, n, ch, self.image_size, self.image_size)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (N, C, H, W) in [0, 1] -> two views, each (N, C, H, W) in [0, 1]."""
-        v = self.views(x, 2)  # (2, N, C, H, W)
+        """x: (N, C, H, W) in [0, 1] -> two views, each (N, C, S, S) in [0, 1]."""
+        v = self.views(x, 2)  # (2, N, C, S, S)
         return v[0], v[1]
