@@ -89,26 +89,29 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """x: (N, 3, H, W) in [0, 1], shift: (N,) in [-0.5, 0.5] -> (N, 3, H, W): hue rotated by shift turns.
 
-    torchvision's adjust_hue (RGB -> HSV, h += shift mod 1, back) without building the HSV image: with
-    V = max, V*S = max - min and k = (n + 6h) mod 6, channel n in (5, 3, 1) is V - V*S*clamp(min(k, 4-k), 0, 1).
-    Branches are float masks from comparisons written into float tensors: torch.where and the bool-to-float
+    torchvision's adjust_hue (RGB -> HSV, h += shift mod 1, back) without building the HSV image. With
+    V = max, V*S = max - min = delta and q = 6h in [0, 6), channel n (R, G, B: c = 3, 5, 1) is
+    V - delta * clamp(2 - d, 0, 1), d = the distance from q to c around the circle of length 6 = 3 - ||q - c| - 3|.
+    Branches are float masks (comparisons written into float tensors, lerp by them): torch.where and bool
     casts are ~15x slower per element than arithmetic on CPU.
     """
     r, g, b = x.unbind(1)  # (N, H, W) each
     maxc = torch.maximum(r, g)
     torch.maximum(maxc, b, out=maxc)
-    delta = maxc - torch.minimum(torch.minimum(r, g), b)
-    is_r = torch.ge(r, maxc, out=torch.empty_like(maxc))  # 1.0 where red is the max
-    is_g = torch.ge(g, maxc, out=torch.empty_like(maxc)).sub_(is_r).clamp_(min=0)  # green max, red not (ties: red)
-    is_b = (1 - is_r).sub_(is_g)
-    # 6 * hue = (g - b) / delta | (b - r) / delta + 2 | (r - g) / delta + 4 for a red | green | blue max
-    h6 = (g - b).mul_(is_r).addcmul_((b - r).add_(delta, alpha=2), is_g).addcmul_((r - g).add_(delta, alpha=4), is_b)
-    h6.div_(delta + 1e-30)  # a gray pixel (delta 0) has h6 0 here and comes back as max whatever its hue
-    h6.add_((6 * shift).view(-1, 1, 1))
-    k = h6[:, None] + torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)  # (N, 3, H, W)
-    k.sub_(torch.floor(k * (1 / 6)).mul_(6))  # mod 6 (torch.remainder is ~5x slower)
-    k = torch.minimum(k, 4 - k).clamp_(0, 1)
-    return k.mul_(-delta[:, None]).add_(maxc[:, None])
+    delta = torch.minimum(r, g)
+    torch.minimum(delta, b, out=delta)
+    torch.sub(maxc, delta, out=delta)
+    is_r = torch.ge(r, maxc, out=torch.empty_like(maxc))  # 1.0 where red is the max (red wins ties, as there)
+    is_g = torch.ge(g, maxc, out=torch.empty_like(maxc))
+    # delta * 6h = g - b | b - r + 2 delta | r - g + 4 delta for a red | green | blue max
+    h6 = torch.lerp((r - g).add_(delta, alpha=4), (b - r).add_(delta, alpha=2), is_g)
+    h6 = torch.lerp(h6, g - b, is_r)
+    h6.div_(delta + 1e-30)  # in [-1, 5); a gray pixel (delta 0) comes back as max whatever its hue
+    h6.add_((6 * shift + 1).view(-1, 1, 1))  # in [-3, 9): + 1 moves the circle's origin (c + 1 below)
+    h6.sub_(torch.floor(h6 * (1 / 6)).mul_(6))  # mod 6 (torch.remainder is ~5x slower)
+    d = h6[:, None] - torch.tensor([4.0, 6.0, 2.0], device=x.device).view(1, 3, 1, 1)  # (N, 3, H, W), c + 1
+    d.abs_().sub_(3).abs_().clamp_(1, 2).sub_(1)  # clamp(2 - (3 - ||q - c| - 3|), 0, 1)
+    return torch.addcmul(maxc[:, None], d, delta[:, None], value=-1)
 
 
 def colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -116,28 +119,29 @@ def colour_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -
 
     x: (N, C, H, W) in [0, 1]; factors: (N, 4) brightness, contrast, saturation (1 = unchanged) and hue shift
     (0 = unchanged); order: (N, 4) a permutation of 0..3 per image (0 brightness, 1 contrast, 2 saturation,
-    3 hue); factors and order may stay on CPU. Brightness, contrast and saturation are each a blend x <- f x + (1 - f) t toward black, the
-    image's mean gray, or its gray, clamped to [0, 1] as torchvision does; so step j applies to every image
-    whichever of the three its order puts there, in one pass.
+    3 hue); factors and order may stay on CPU. Brightness, contrast and saturation are each a blend
+    x <- f x + (1 - f) t toward black, the image's mean gray, or its gray, clamped to [0, 1] as torchvision
+    does; so step j applies to every image whichever of the three its order puts there, in one pass.
     """
     n, dev = x.shape[0], x.device
-    for step in range(4):  # the decisions below are on the parameters' device (CPU: no GPU sync)
-        op = order[:, step]  # (N,)
-        f = torch.where(op < 3, factors.gather(1, op.clamp(max=2)[:, None]).squeeze(1), 1.0)  # (N,)
-        to_gray = torch.where(op == 2, 1 - f, 0.0)  # weight of the gray image (saturation)
-        to_mean = torch.where(op == 1, 1 - f, 0.0)  # weight of the mean gray (contrast)
-        if bool((f != 1).any()):
-            if bool((to_gray != 0).any() | (to_mean != 0).any()):
-                gray = grayscale(x)  # (N, 1, H, W)
-                mean = gray.mean((1, 2, 3))  # (N,)
-                target = gray.mul_(to_gray.to(dev).view(n, 1, 1, 1)).add_((to_mean.to(dev) * mean).view(n, 1, 1, 1))
-                x.mul_(f.to(dev).view(n, 1, 1, 1)).add_(target)
-            else:
-                x.mul_(f.to(dev).view(n, 1, 1, 1))
-            x.clamp_(0, 1)
-        hue = ((op == 3) & (factors[:, 3] != 0)).nonzero().squeeze(1)
-        if hue.numel():
-            x[hue.to(dev)] = adjust_hue(x[hue.to(dev)], factors[hue, 3].to(dev))
+    # per step j (columns), on the parameters' device (CPU: no GPU sync for the decisions)
+    f = torch.where(order < 3, factors.gather(1, order.clamp(max=2)), 1.0)  # (N, 4) blend factor
+    to_gray = torch.where(order == 2, 1 - f, 0.0)  # weight of the gray image (saturation)
+    to_mean = torch.where(order == 1, 1 - f, 0.0)  # weight of the mean gray (contrast)
+    hue = (order == 3) & (factors[:, 3:] != 0)  # (N, 4)
+    scale, blend, any_hue = (f != 1).any(0).tolist(), ((to_gray != 0) | (to_mean != 0)).any(0).tolist(), hue.any(0).tolist()
+    f, to_gray, to_mean = (t.to(dev).view(n, 4, 1, 1, 1) for t in (f, to_gray, to_mean))  # (N, 4, 1, 1, 1)
+    for j in range(4):
+        if blend[j]:
+            gray = grayscale(x)  # (N, 1, H, W)
+            mean = gray.mean((1, 2, 3), keepdim=True).mul_(to_mean[:, j])  # before gray is scaled in place
+            target = gray.mul_(to_gray[:, j]).add_(mean)
+            torch.addcmul(target, x, f[:, j], out=x).clamp_(0, 1)
+        elif scale[j]:
+            x.mul_(f[:, j]).clamp_(0, 1)
+        if any_hue[j]:
+            i = hue[:, j].nonzero().squeeze(1)
+            x[i.to(dev)] = adjust_hue(x[i.to(dev)], factors[i, 3].to(dev))
     return x
 
 
