@@ -1,6 +1,9 @@
 """Two-view augmentation of whole batches on the training device, with per-sample random parameters.
 
-Defaults depend on the image size: digits (8x8, grayscale), CIFAR-like (32x32 RGB) and 96+ px.
+Defaults depend on the image size: digits (8x8, grayscale), CIFAR-like (32x32 RGB) and 96+ px. Each image gets
+what torchvision's per-image transforms would give it (RandomResizedCrop's box rule and bilinear resize, ColorJitter
+in a random order of its own, rgb_to_grayscale, gaussian_blur, solarize): the ops in augment_ops.py are checked
+against torchvision's functional ops in tests/test_augment_ops.py.
 """
 
 from __future__ import annotations
