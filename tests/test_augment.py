@@ -48,7 +48,7 @@ def test_chunked_cpu_calls_keep_shape_range_and_per_sample_randomness(monkeypatc
     whole = aug.views(x, 2)
     monkeypatch.setattr(ncssl_tune.augment, "CPU_CHUNK_FLOATS", 3 * 96 * 96 * 3)  # 3 images per call
     torch.manual_seed(5)
-    v = aug.views(x, 2)  # 8 stacked images in chunks of 3, 3, 2; chunks 2 and 3 straddle the two views
+    v = aug.views(x, 2)  # 8 stacked images in chunks of 3, 3, 2; the second straddles the two views
     assert v.shape == (2, 4, 3, 96, 96) and v.min() >= 0 and v.max() <= 1
     flat = v.reshape(8, -1)
     assert all(not torch.allclose(flat[i], flat[j]) for i in range(8) for j in range(i + 1, 8))
