@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     train(cfg, lambda m, s: reports.append(m))
     wall = time.perf_counter() - start
-    # The first epoch pays one-off costs (allocator, kornia kernels): report the steady state as the median.
+    # The first epoch pays one-off costs (allocator, first kernel calls): report the steady state as the median.
     def med(key: str) -> float:
         return statistics.median(r[key] for r in reports)
 
