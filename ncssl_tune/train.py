@@ -19,7 +19,14 @@ from ncssl_tune.augment import TwoViewAugment, default_augment
 from ncssl_tune.config import TrainConfig
 from ncssl_tune.data import load_dataset
 from ncssl_tune.losses import LOSSES, WhiteningError
-from ncssl_tune.metrics import CollapseThresholds, collapse_metrics, entropy_cond, lidar
+from ncssl_tune.metrics import (
+    CollapseThresholds,
+    LinearHead,
+    collapse_metrics,
+    entropy_cond,
+    lidar,
+    low_rank_route,
+)
 from ncssl_tune.models import SSLModel, build_backbone, build_projector
 from ncssl_tune.optim import build_optimizer, lr_at
 from ncssl_tune.probe import fewshot_probe, knn_acc, linear_probe
@@ -42,16 +49,34 @@ def load_state(path: str | os.PathLike) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def last_linear(model: SSLModel) -> torch.nn.Linear | None:
+    """The projector's last layer when it is an nn.Linear (build_projector's always is), else None."""
+    proj = model.projector
+    if isinstance(proj, torch.nn.Sequential) and len(proj) > 0 and isinstance(proj[-1], torch.nn.Linear):
+        return proj[-1]
+    return None
+
+
 @torch.no_grad()
-def embed(model: SSLModel, x: torch.Tensor, batch: int, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """h: (N, F), z: (N, D) in eval mode, float32."""
-    hs, zs = [], []
+def embed(model: SSLModel, x: torch.Tensor, batch: int, autocast, head_input: bool = False) -> tuple[torch.Tensor, ...]:
+    """h: (N, F), z: (N, D) in eval mode, float32; with head_input also a: (N, P), the input of the projector's
+    last nn.Linear (z = a Wᵀ + b, for metrics.LinearHead; head_input needs last_linear(model))."""
+    last = last_linear(model) if head_input else None
+    if head_input and last is None:
+        raise ValueError("embed: head_input needs a projector that ends with an nn.Linear")
+    hs, zs, as_ = [], [], []
     for i in range(0, x.shape[0], batch):
         with autocast():
-            h, z = model(x[i:i + batch])
+            if last is None:
+                h, z = model(x[i:i + batch])
+            else:  # SSLModel.forward split before the last layer, in one pass
+                h = model.backbone(x[i:i + batch])
+                a = model.projector[:-1](h)
+                z = last(a)
+                as_.append(a.float())
         hs.append(h.float())
         zs.append(z.float())
-    return torch.cat(hs), torch.cat(zs)
+    return (torch.cat(hs), torch.cat(zs), *((torch.cat(as_),) if head_input else ()))
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -199,19 +224,26 @@ class _Run:
         out: dict[str, Any] = {}
         do_knn = final or bool(e.knn_every and ep % e.knn_every == 0)
         do_probe = final or ep == 1 or bool(e.probe_every and ep % e.probe_every == 0)
+        # z = a Wᵀ through a narrow last layer (P < min(M, D)): the metrics decompose (P+1)² instead of min(M, D)²
+        last = last_linear(self.model)
+        low_rank = last is not None and low_rank_route(last.in_features, len(self.eval_idx), last.out_features)
+        a = None
         if do_knn or do_probe:
             # One pass over train serves kNN, the probe and (its rows at eval_idx) the collapse metrics.
-            htr, ztr = embed(self.model, self.train_x, 1024, self.autocast)
+            htr, ztr, *atr = embed(self.model, self.train_x, 1024, self.autocast, head_input=low_rank)
             hte, _ = embed(self.model, self.test_x, 1024, self.autocast)
             h, z = htr[self.eval_idx], ztr[self.eval_idx]
+            a = atr[0][self.eval_idx] if atr else None
         t0 = time.perf_counter()
         x_eval = self.train_x[self.eval_idx]  # (M, C, H, W)
         if not (do_knn or do_probe):
-            h, z = embed(self.model, x_eval, 1024, self.autocast)
+            h, z, *a_ = embed(self.model, x_eval, 1024, self.autocast, head_input=low_rank)
+            a = a_[0] if a_ else None
         if not (torch.isfinite(h).all() and torch.isfinite(z).all()):
             raise FloatingPointError(f"non-finite embeddings after epoch {ep}")
-        for rep, suffix in ((z, ""), (h, "_h")):
-            m = collapse_metrics(rep, self.thresholds, suffix=suffix)
+        head = LinearHead(a, last.weight, last.bias) if a is not None else None
+        for rep, suffix, rep_head in ((z, "", head), (h, "_h", None)):
+            m = collapse_metrics(rep, self.thresholds, suffix=suffix, head=rep_head)
             # every epoch's: the driver keeps them all for the trial's spectrum-over-epochs record
             out[f"spectrum{suffix}"] = [float(v) for v in m.pop(f"spectrum{suffix}")]
             out.update(m)

@@ -121,7 +121,8 @@ def test_no_d_by_d_decomposition_when_m_below_d(monkeypatch):
     m, d = 8, 64
     collapse_metrics(gaussian(m, d))
     entropy_cond(gaussian(2 * m, d).view(2, m, d))
-    assert shapes and all(s in {(m, m), (2 * m, 2 * m)} for s in shapes)
+    # (M+1)²: the uncentred Gram matrix bordered by the mean (metrics._gram_spectra)
+    assert shapes and all(s in {(m, m), (m + 1, m + 1), (2 * m, 2 * m)} for s in shapes)
 
 
 @pytest.mark.parametrize("m, d", [(60, 8), (5, 8)])
@@ -365,3 +366,197 @@ def test_lidar_needs_two_view_samples_in_the_config():
     with pytest.raises(ConfigError, match="eval.cond_samples: needs at least 2 samples, got 1"):
         TrainConfig.from_dict({"eval": {"cond_samples": 1}})
     assert TrainConfig.from_dict({"eval": {"cond_samples": 1, "cond_views": 0}}).eval.cond_samples == 1
+
+
+# --- the shared Gram matrix and the low-rank route (z = a Wᵀ + b through the projector's last nn.Linear)
+
+def np_metrics(z: np.ndarray) -> dict[str, float]:
+    """RankMe, the centred spectrum and avg_corr of a float64 z written out with numpy's SVD and corrcoef."""
+    m, d = z.shape
+    s = np.linalg.svd(z, compute_uv=False)
+    with np.errstate(invalid="ignore"):  # an all-zero z: NaN, and the caller skips it
+        p = s / s.sum() + 1e-7
+    n = min(m, d)
+    rank = float(np.exp(-(p * np.log(p)).sum() - (n - s.size) * 1e-7 * math.log(1e-7)))
+    sc = np.linalg.svd(z - z.mean(axis=0), compute_uv=False)
+    spec = np.zeros(d)
+    spec[:sc.size] = sc**2 / m
+    std = z.std(axis=0)
+    keep = std > 1e-9 * np.abs(z).max(axis=0)
+    c = np.zeros((d, d))
+    c[np.ix_(keep, keep)] = np.corrcoef(z[:, keep], rowvar=False)
+    return {"effective_rank": rank, "spectrum": spec, "avg_corr": np.abs(c[~np.eye(d, dtype=bool)]).mean()}
+
+
+def head_of(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> tuple[torch.Tensor, metrics.LinearHead]:
+    """z = a Wᵀ + b in float64 (the exact product the route describes) and its LinearHead."""
+    z = a.double() @ w.double().T + (0 if b is None else b.double())
+    return z, metrics.LinearHead(a, w, b)
+
+
+def head_cases() -> dict[str, tuple[torch.Tensor, metrics.LinearHead]]:
+    g = torch.Generator().manual_seed(7)
+    m, p, d = 300, 24, 80
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    w, b = rnd(d, p), rnd(d)
+    w_orth, _ = torch.linalg.qr(rnd(d, p))  # (D, P) orthonormal columns
+    mean_a = 1e3 * rnd(p)
+    return {
+        "random relu, bias": head_of(rnd(m, p).relu(), w, b),
+        "random, no bias": head_of(rnd(m, p), w),
+        "isotropic": head_of(rnd(m, p), w_orth),
+        "rank 1": head_of(rnd(m, 1) @ rnd(1, p), w),
+        "rank 3 + bias": head_of(rnd(m, 3) @ rnd(3, p), w, b),
+        "constant": head_of(mean_a.float().double().expand(m, p).clone(), w, b),  # float32 values, as a model's
+        "all zero": head_of(torch.zeros(m, p, dtype=torch.float64), w),
+        "1e-6 around a large mean": head_of(mean_a + 1e-6 * rnd(m, p), w, 1e3 * b),
+        "float32 a and weight": head_of(rnd(m, p).float().relu(), w.float()),
+    }
+
+
+@pytest.mark.parametrize("name", list(head_cases()))
+def test_low_rank_route_matches_numpy_and_the_direct_route(name):
+    z, head = head_cases()[name]
+    m, d = z.shape
+    assert metrics.low_rank_route(head.a.shape[1], m, d)
+    fast, direct, ref = collapse_metrics(z, head=head), collapse_metrics(z), np_metrics(z.numpy())
+    lam1 = ref["spectrum"][0]
+    # atol: numpy centres z itself in float64, which leaves ~(1e-16·|z|)² per direction, ~1e-8·λ1 at "1e-6 around a
+    # large mean" (the exact spectrum is checked at the end points)
+    atol = 1e-7 * lam1 + (1e-13 * z.abs().max().item()) ** 2
+    for got in (fast["spectrum"], direct["spectrum"]):
+        np.testing.assert_allclose(got, ref["spectrum"], rtol=1e-6, atol=atol)
+    # the route gives exact zeros for the D - P - 1 null directions: RankMe closer to numpy's SVD than the direct
+    # route, whose Gram matrix leaves ~1e-8·σ_max on each zero σ (3e-6 relative at rank 1)
+    if name != "all zero":  # numpy divides 0 by 0
+        assert fast["effective_rank"] == pytest.approx(ref["effective_rank"], rel=1e-7)
+    assert fast["effective_rank"] == pytest.approx(direct["effective_rank"], rel=1e-5)
+    assert fast["avg_corr"] == pytest.approx(ref["avg_corr"], rel=1e-8, abs=1e-12)
+    for key in ("std_l2", "effective_rank_frac", "entropy", "alpha_req"):  # α: the direct route's noise, ~1e-9
+        assert fast[key] == pytest.approx(direct[key], rel=1e-5, abs=1e-8), key
+    assert fast["collapse"] == direct["collapse"]
+
+
+def test_low_rank_route_at_the_end_points():
+    cases = head_cases()
+    for name in ("constant", "all zero"):
+        out = collapse_metrics(*cases[name][:1], head=cases[name][1])
+        assert out["effective_rank"] == pytest.approx(1.0, abs=0.01)
+        assert out["avg_corr"] == 0.0 and out["std_l2"] == pytest.approx(0.0, abs=1e-12)
+        assert out["collapse"] == "total" and max(out["spectrum"]) == 0.0
+    z, head = cases["rank 3 + bias"]
+    assert sum(v > 1e-9 * max(collapse_metrics(z, head=head)["spectrum"]) for v in
+               collapse_metrics(z, head=head)["spectrum"]) == 3
+    z, head = cases["isotropic"]  # isotropic in its P = 24 directions
+    assert collapse_metrics(z, head=head)["effective_rank"] > 0.9 * 24
+    z, head = cases["rank 1"]
+    assert collapse_metrics(z, head=head)["effective_rank"] < 2.1  # the direction and the mean
+    # 1e-6 deviations on a mean of 1e3: the centred spectrum is that of the deviations alone
+    z, head = cases["1e-6 around a large mean"]
+    dev = head.a - head.a.mean(dim=0)
+    exact = torch.linalg.svdvals(dev @ head.weight.T)[:24] ** 2 / z.shape[0]  # rank 24 = P
+    got = torch.tensor(collapse_metrics(z, head=head)["spectrum"], dtype=torch.float64)
+    torch.testing.assert_close(got[:24], exact, rtol=1e-12, atol=0.0)  # the direct route: 4e-8 (centring z)
+    assert (got[24:] == 0).all()
+
+
+def test_low_rank_route_decomposes_p_plus_one_only(monkeypatch):
+    shapes = []
+    eigvalsh = torch.linalg.eigvalsh
+
+    def recording_eigvalsh(x):
+        shapes.append(tuple(x.shape))
+        return eigvalsh(x)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", recording_eigvalsh)
+    z, head = head_cases()["random relu, bias"]  # M = 300, P = 24, D = 80
+    collapse_metrics(z, head=head)
+    assert sorted(shapes) == [(24, 24), (25, 25)]
+    shapes.clear()
+    collapse_metrics(z)  # D < M: the D×D Gram matrix, centred and uncentred
+    assert shapes == [(80, 80), (80, 80)]
+    shapes.clear()
+    a = torch.randn(300, 80)  # P = D: no cheaper, the direct route
+    collapse_metrics(a @ torch.randn(80, 80), head=metrics.LinearHead(a, torch.randn(80, 80)))
+    assert shapes == [(80, 80), (80, 80)]
+
+
+def test_low_rank_route_rejects_a_head_that_does_not_make_z():
+    z, head = head_cases()["random, no bias"]
+    with pytest.raises(ValueError, match=r"a \(300, 24\), weight \(81, 24\)"):
+        collapse_metrics(z, head=metrics.LinearHead(head.a, torch.randn(81, 24)))
+    with pytest.raises(ValueError, match=r"bias \(3,\)"):
+        collapse_metrics(z, head=metrics.LinearHead(head.a, head.weight, torch.zeros(3)))
+    bad = head.a.clone()
+    bad[0, 0] = math.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        collapse_metrics(z, head=metrics.LinearHead(bad, head.weight))
+
+
+@pytest.mark.parametrize("m, d", [(40, 10), (6, 10), (10, 10), (8, 64)])
+def test_collapse_metrics_rank_from_the_shared_gram_matches_numpy(m, d):
+    z = gaussian(m, d, seed=1) @ gaussian(d, d, seed=2) + 3.0
+    ref = np_metrics(z.numpy().astype(np.float64))
+    assert collapse_metrics(z)["effective_rank"] == pytest.approx(ref["effective_rank"], rel=1e-6)
+    assert collapse_metrics(z)["effective_rank"] == pytest.approx(effective_rank(z), rel=1e-9)
+
+
+def test_avg_corr_blocks_and_subset_match_numpy():
+    # 1100 columns: blocks of 512 that do not divide D; a common factor gives correlations of both signs
+    g = gaussian(400, 1, seed=2)
+    z = gaussian(400, 1100, seed=3) + g * torch.linspace(-2, 2, 1100)
+    z[:, 7] = 4.0  # constant: counts as 0
+    assert avg_corr(z) == pytest.approx(np_metrics(z.numpy().astype(np.float64))["avg_corr"], rel=1e-9)
+    idx = torch.randperm(1100, generator=torch.Generator().manual_seed(0))[:600].sort().values
+    sub = z[:, idx].numpy().astype(np.float64)
+    assert avg_corr(z, max_dims=600) == pytest.approx(np_metrics(sub)["avg_corr"], rel=1e-9)
+
+
+@pytest.mark.parametrize("d", [3, 600])
+def test_std_l2_in_slabs_matches_numpy(d):
+    z = gaussian(50, d, seed=4) * torch.linspace(0.1, 5.0, d) + 2.0  # 600: slabs of 256 that do not divide D
+    zn = z.numpy().astype(np.float64)
+    zn = zn / np.sqrt((zn**2).sum(1, keepdims=True))
+    assert std_l2(z) == pytest.approx(np.std(zn, axis=0, ddof=1).mean(), rel=1e-12)
+    assert std_l2(torch.full((5, d), -3.0)) == 0.0
+
+
+@pytest.mark.parametrize(("loss", "norm", "expected"), [("invariance", "none", "total"), ("vicreg", "batch", "none")])
+def test_training_on_the_low_rank_route_reports_the_direct_metrics(monkeypatch, loss, norm, expected):
+    """A real run whose projector ends 128 -> 512 (P = 128 < M = 256): the reported metrics of z come from the
+    route, and equal those computed directly on the embedded z of the final model; the collapse class holds."""
+    from ncssl_tune.config import TrainConfig
+    from ncssl_tune.train import _Run, embed, last_linear, train
+
+    calls = []
+    route = metrics._centred_low_rank
+    monkeypatch.setattr(metrics, "_centred_low_rank", lambda *a: calls.append(a[0].a.shape) or route(*a))
+    cfg = TrainConfig.from_dict({
+        "model": {"projector": "128-512", "norm": norm}, "loss": {"method": loss},
+        "train": {"epochs": 5, "threads": 1},
+        "eval": {"eval_samples": 256, "probe_every": 0, "knn_every": 0, "cond_views": 0}})
+    states: list[dict] = []
+    last = train(cfg, lambda r, s: states.append(s))
+    assert last["status"] == "finished" and last["collapse"] == expected
+    assert calls == [(256, 128)] * 5  # every epoch, for z only
+    run = _Run(cfg)
+    run.restore(states[-1])
+    run.model.eval()
+    x = run.train_x[run.eval_idx]
+    h, z, a = embed(run.model, x, 1024, run.autocast, head_input=True)  # one pass, split before the last layer
+    plain = embed(run.model, x, 1024, run.autocast)
+    assert torch.equal(plain[0], h) and torch.equal(plain[1], z) and torch.equal(last_linear(run.model)(a), z)
+    # against numpy's SVD of the exact product a Wᵀ, in float64
+    exact = np_metrics(a.double().numpy() @ last_linear(run.model).weight.detach().double().numpy().T)
+    assert last["effective_rank"] == pytest.approx(exact["effective_rank"], rel=1e-7)
+    assert last["avg_corr"] == pytest.approx(exact["avg_corr"], rel=1e-9)
+    np.testing.assert_allclose(last["spectrum"], exact["spectrum"], rtol=0, atol=1e-13 * exact["spectrum"][0])
+    # the direct route on the forward's float32 z: its rounding (~6e-8·|a||W| per entry) adds D - P small singular
+    # values the route does not see, 2e-5 of RankMe at total collapse
+    direct = collapse_metrics(z, run.thresholds)
+    for key in ("effective_rank", "entropy", "avg_corr", "std_l2", "alpha_req"):
+        assert last[key] == pytest.approx(direct[key], rel=1e-4, abs=1e-9), key
+    assert last["collapse"] == direct["collapse"]
