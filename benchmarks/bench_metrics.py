@@ -4,13 +4,16 @@ Epoch: a real VICReg epoch through the engine (`train(cfg, report)`): small_cnn,
 textures (dataset `synthetic`) at 8x8 grayscale, the size of digits and so of the engine's CPU sweeps; n = 2600
 images give 2080 training images (8 steps of 256), the smallest split that holds M = eval.eval_samples = 2048;
 kNN and probe every epoch (the defaults). Metrics time is the engine's own `metrics_seconds`: collapse metrics of
-z (M, D) and h (M, 128) plus entropy_cond with its forward passes. Per D, the median over the epochs after the
-first (which pays one-off costs) of metrics_seconds / epoch_seconds. 3 epochs, 2 at D = 8192 (slow on CPU).
-The ratio scales as 1 / epoch length, so the JSON also gives the epoch length that would meet the target
-(20 x metrics time). Pure cost: `collapse_metrics` alone on a random (2048, D) tensor (median of repeats), and one
-call split into its parts (spectrum, effective_rank, avg_corr, std_l2; and the Gram matmul and eigvalsh that
-spectrum and effective_rank each do once) to show what dominates.
-Target: metrics <= 5% of the epoch. Writes results/benchmarks/metrics.json; `--quick`: tiny data on
+z (M, D) and h (M, 128) plus entropy_cond and both LiDARs with the forward passes of their views. Per D, the median
+over the epochs after the first (which pays one-off costs) of metrics_seconds / epoch_seconds, printed next to
+metrics_seconds itself (the ratio also moves with the epoch's other parts). 3 epochs, 2 at D = 8192 (slow on CPU).
+At D = 2048 and 8192 the projector's last layer (512 -> D) is narrower than min(M, D), so the engine takes the
+low-rank route (metrics.LinearHead); at D = 128 the direct one.
+Pure cost, on z = relu(a) Wᵀ from random a (M, 512) and W (D, 512) (medians of repeats): `collapse_metrics` on the
+low-rank route and on the direct route side by side, the route's parts (QR and R Wᵀ; the shared Gram matrix and
+its two eigvalsh; avg_corr; std_l2), and LiDAR and entropy_cond on K x Mc = 2 x 128 views.
+Targets (issue 15): metrics <= 10% of the epoch at D = 2048, <= 5% at D = 8192 (and at D = 128).
+Writes results/benchmarks/metrics.json; `--quick`: tiny data (hidden width 16, so D = 32 takes the route) on
 1 thread, for the test suite. About 2 minutes on an idle 2-core machine, much longer on a busy one.
 """
 
@@ -27,9 +30,12 @@ from pathlib import Path
 
 import torch
 
+from ncssl_tune import metrics
 from ncssl_tune.config import TrainConfig
-from ncssl_tune.metrics import avg_corr, collapse_metrics, effective_rank, spectrum, std_l2
+from ncssl_tune.metrics import LinearHead, collapse_metrics, entropy_cond, lidar, std_l2
 from ncssl_tune.train import train
+
+TARGETS = {128: 0.05, 2048: 0.10, 8192: 0.05}  # metrics_seconds / epoch_seconds; issue 15
 
 
 def seconds(fn: Callable[[], object], repeats: int = 1) -> float:
@@ -42,22 +48,33 @@ def seconds(fn: Callable[[], object], repeats: int = 1) -> float:
     return statistics.median(times)
 
 
-def metric_parts(z: torch.Tensor) -> dict[str, float]:
-    """Seconds of each part of one collapse_metrics(z) call; z: (M, D)."""
-    x = z.double()
-    m, d = x.shape
-    gram = (lambda: x @ x.T) if m < d else (lambda: x.T @ x)  # (min(M, D), min(M, D)), as metrics.py forms it
-    g = gram()
-    return {"spectrum": seconds(lambda: spectrum(z)), "effective_rank": seconds(lambda: effective_rank(z)),
-            "avg_corr": seconds(lambda: avg_corr(z)), "std_l2": seconds(lambda: std_l2(z)),
-            "of_which_gram_matmul": seconds(gram), "of_which_eigvalsh": seconds(lambda: torch.linalg.eigvalsh(g))}
+def pure_costs(m: int, p: int, d: int, repeats: int) -> dict[str, float | None]:
+    """Seconds of collapse_metrics on both routes and of the route's parts; z = relu(a) Wᵀ: (M, D), a: (M, P)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(m, p, generator=g).relu()  # (M, P)
+    w = torch.randn(d, p, generator=g) / p**0.5  # (D, P)
+    z = a @ w.T  # (M, D)
+    head = LinearHead(a, w)
+    rows, mean = metrics._centred_low_rank(head, m, d)  # (P, D), (D,)
+    col_max = z.abs().amax(dim=0).double()
+    views = torch.randn(2, 128, d, generator=g)  # (K, Mc, D)
+    out = {"route": seconds(lambda: collapse_metrics(z, head=head), repeats) if metrics.low_rank_route(p, m, d)
+           else None,
+           "direct": seconds(lambda: collapse_metrics(z), repeats),
+           "route_qr_and_rows": seconds(lambda: metrics._centred_low_rank(head, m, d), repeats),
+           "route_gram_and_eigvalsh": seconds(lambda: metrics._gram_spectra(rows, mean, m), repeats),
+           "route_avg_corr": seconds(lambda: metrics._avg_abs_corr(rows, m, col_max), repeats),
+           "std_l2": seconds(lambda: std_l2(z), repeats),
+           "lidar_2x128_views": seconds(lambda: lidar(views), repeats),
+           "entropy_cond_2x128_views": seconds(lambda: entropy_cond(views), repeats)}
+    return out
 
 
-def engine_epochs(d: int, m: int, n: int, size: int, epochs: int, threads: int) -> list[dict]:
-    """The per-epoch reports of a VICReg run with projector 512-512-d and eval_samples m."""
+def engine_epochs(d: int, m: int, n: int, size: int, epochs: int, threads: int, hidden: int) -> list[dict]:
+    """The per-epoch reports of a VICReg run with projector hidden-hidden-d and eval_samples m."""
     cfg = TrainConfig.from_dict({
         "data": {"dataset": "synthetic", "synthetic": {"n": n, "size": size, "channels": 1 if size < 16 else 3}},
-        "model": {"projector": f"512-512-{d}"}, "loss": {"method": "vicreg"},
+        "model": {"projector": f"{hidden}-{hidden}-{d}"}, "loss": {"method": "vicreg"},
         "train": {"epochs": epochs, "threads": threads}, "eval": {"eval_samples": m}})
     reports: list[dict] = []
     train(cfg, lambda r, s: reports.append(r))
@@ -66,34 +83,34 @@ def engine_epochs(d: int, m: int, n: int, size: int, epochs: int, threads: int) 
     return reports
 
 
-def width_row(d: int, m: int, n: int, size: int, epochs: int, repeats: int, threads: int) -> dict:
+def width_row(d: int, m: int, n: int, size: int, epochs: int, repeats: int, threads: int, hidden: int) -> dict:
     """Engine epochs and pure metric cost at embedding width d."""
-    z = torch.randn(m, d, generator=torch.Generator().manual_seed(0))  # (M, D)
-    alone = seconds(lambda: collapse_metrics(z), repeats)
-    parts = metric_parts(z)
-    reports = engine_epochs(d, m, n, size, epochs, threads)
+    alone = pure_costs(m, hidden, d, repeats)
+    reports = engine_epochs(d, m, n, size, epochs, threads, hidden)
     steady = reports[1:] or reports
 
     def med(key: str) -> float:
         return statistics.median(r[key] for r in steady)
 
     epoch_s, metrics_s = med("epoch_seconds"), med("metrics_seconds")
-    return {"epochs": len(reports), "epoch_seconds": epoch_s, "train_seconds": med("train_seconds"),
-            "metrics_seconds": metrics_s, "metrics_over_epoch": metrics_s / epoch_s,
-            "epoch_seconds_for_5pct": 20 * metrics_s, "collapse_metrics_alone_seconds": alone,
-            "collapse_metrics_parts_seconds": parts, "final_effective_rank": reports[-1]["effective_rank"]}
+    target = TARGETS.get(d, 0.05)
+    return {"epochs": len(reports), "route": "low-rank" if metrics.low_rank_route(hidden, m, d) else "direct",
+            "epoch_seconds": epoch_s, "train_seconds": med("train_seconds"), "metrics_seconds": metrics_s,
+            "metrics_over_epoch": metrics_s / epoch_s, "target": target,
+            "epoch_seconds_for_target": metrics_s / target, "alone_seconds": alone,
+            "final_effective_rank": reports[-1]["effective_rank"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="tiny data and widths, for the test suite")
     p.add_argument("--epochs", type=int, default=3, help="epochs per width (2 at D >= 8192)")
-    p.add_argument("--repeats", type=int, default=3, help="timed collapse_metrics calls per width (median)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per pure cost (median)")
     p.add_argument("--size", type=int, default=8, help="image size of the synthetic data (< 16: grayscale)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="results/benchmarks/metrics.json")
     args = p.parse_args(argv)
-    widths, m, n = ((8, 32), 64, 100) if args.quick else ((128, 2048, 8192), 2048, 2600)
+    widths, m, n, hidden = ((8, 32), 64, 100, 16) if args.quick else ((128, 2048, 8192), 2048, 2600, 512)
     epochs = {d: 2 if args.quick or d >= 8192 else args.epochs for d in widths}
     repeats = 1 if args.quick else args.repeats
     # quick: 1 thread, because tiny ops on 2 threads crawl when the CI machine is busy (idle threads are descheduled)
@@ -102,23 +119,27 @@ def main(argv: list[str] | None = None) -> dict:
     out: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {threads} threads",
                  "torch": torch.__version__, "load_average_start": os.getloadavg()[0], "eval_samples": m,
                  "data": f"synthetic, n={n} ({int(0.8 * n)} train), {args.size}x{args.size}, "
-                         f"{1 if args.size < 16 else 3} channel(s)", "model": "small_cnn, projector 512-512-D, vicreg",
-                 "target": "metrics_seconds / epoch_seconds <= 5%"}
+                         f"{1 if args.size < 16 else 3} channel(s)",
+                 "model": f"small_cnn, projector {hidden}-{hidden}-D, vicreg",
+                 "target": "metrics_seconds / epoch_seconds <= 10% at D = 2048, <= 5% at D = 128 and 8192"}
     collapse_metrics(torch.randn(m, 16))  # first LAPACK/BLAS calls pay one-off set-up
     rows = {}
     for d in widths:
-        rows[d] = width_row(d, m, n, args.size, epochs[d], repeats, threads)
+        rows[d] = width_row(d, m, n, args.size, epochs[d], repeats, threads, hidden)
         torch.set_num_threads(threads)  # train() sets its own
         out[f"D={d}"] = rows[d]
         out[f"metrics_over_epoch_D{d}"] = rows[d]["metrics_over_epoch"]
     out["load_average_end"] = os.getloadavg()[0]
-    print(f"M = {m} eval samples; VICReg epoch on {out['data']}; medians (target: metrics <= 5% of the epoch)")
-    print(f"{'D':>6} {'epoch s':>8} {'train s':>8} {'metrics s':>9} {'metrics/epoch':>13} {'alone s':>8}  "
-          f"parts of one collapse_metrics call (s)")
+    print(f"M = {m} eval samples; VICReg epoch on {out['data']}, projector {hidden}-{hidden}-D; medians")
+    print(f"{'D':>6} {'route':>8} {'epoch s':>8} {'train s':>8} {'metrics s':>9} {'metrics/epoch':>13} {'target':>6}  "
+          "collapse_metrics alone: route / direct s; parts of the route s")
     for d, r in rows.items():
-        parts = ", ".join(f"{k.removeprefix('of_which_')} {v:.2f}" for k, v in r["collapse_metrics_parts_seconds"].items())
-        print(f"{d:6d} {r['epoch_seconds']:8.2f} {r['train_seconds']:8.2f} {r['metrics_seconds']:9.2f} "
-              f"{r['metrics_over_epoch']:13.1%} {r['collapse_metrics_alone_seconds']:8.2f}  {parts}")
+        a = r["alone_seconds"]
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in a.items() if k not in ("route", "direct"))
+        print(f"{d:6d} {r['route']:>8} {r['epoch_seconds']:8.2f} {r['train_seconds']:8.2f} {r['metrics_seconds']:9.3f} "
+              f"{r['metrics_over_epoch']:13.1%} {r['target']:6.0%}  "
+              f"{'-' if a['route'] is None else format(a['route'], '.3f')} / {a['direct']:.3f}; {parts}")
+    print(f"load average {out['load_average_start']:.2f} at the start, {out['load_average_end']:.2f} at the end")
     torch.set_num_threads(threads_before)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

@@ -29,6 +29,15 @@ _CORR_BLOCK = 512  # columns per block of avg_corr's correlation matrix
 _STD_SLAB = 256  # columns per slab of std_l2 (M = 2048 rows of float64: 4 MiB, in cache)
 
 
+def all_finite(*tensors: Tensor) -> bool:
+    """Whether every entry of every tensor is finite.
+
+    A sum is non-finite whenever an entry is (inf and NaN propagate) and costs a tenth of an isfinite mask; the
+    mask decides only then, as a finite sum may also overflow.
+    """
+    return all(math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def _as_matrix(z: Tensor, name: str = "z") -> Tensor:
     if z.ndim != 2 or z.shape[0] < 1 or z.shape[1] < 1:
         raise ValueError(f"{name} must have shape (M, D) with M, D >= 1, got {tuple(z.shape)}")
@@ -344,7 +353,7 @@ def _centred_low_rank(head: LinearHead, m: int, d: int) -> tuple[Tensor, Tensor]
         raise ValueError(f"LinearHead does not produce z of shape {(m, d)}: a {tuple(a.shape)}, weight "
                          f"{tuple(w.shape)}, bias {None if b is None else tuple(b.shape)} (expected a (M, P), "
                          "weight (D, P), bias (D,) or None)")
-    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(w).all())):
+    if not all_finite(a, w):
         raise ValueError("LinearHead: a or weight contains non-finite values")
     a_mean = a.mean(dim=0)  # (P,)
     r = torch.linalg.qr(a - a_mean, mode="r").R  # (P, P): min(M, P) = P rows, as P < M on this route
@@ -394,9 +403,7 @@ def collapse_metrics(
     m, d = x.shape
     if m < 2:
         raise ValueError(f"collapse metrics need at least 2 samples, got M={m}")
-    # a sum is non-finite whenever an entry is (inf and NaN propagate), and costs a tenth of an isfinite mask;
-    # the mask decides only then, as a finite sum may also overflow
-    if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise ValueError(f"z{suffix} of shape {tuple(x.shape)} contains non-finite values")
     col_max = x.abs().amax(dim=0).to(torch.float64)  # (D,)
     if head is not None and head.a.ndim == 2 and low_rank_route(head.a.shape[1], m, d):

@@ -22,6 +22,7 @@ from ncssl_tune.losses import LOSSES, WhiteningError
 from ncssl_tune.metrics import (
     CollapseThresholds,
     LinearHead,
+    all_finite,
     collapse_metrics,
     entropy_cond,
     lidar,
@@ -239,7 +240,7 @@ class _Run:
         if not (do_knn or do_probe):
             h, z, *a_ = embed(self.model, x_eval, 1024, self.autocast, head_input=low_rank)
             a = a_[0] if a_ else None
-        if not (torch.isfinite(h).all() and torch.isfinite(z).all()):
+        if not all_finite(h, z):
             raise FloatingPointError(f"non-finite embeddings after epoch {ep}")
         head = LinearHead(a, last.weight, last.bias) if a is not None else None
         for rep, suffix, rep_head in ((z, "", head), (h, "_h", None)):

@@ -560,3 +560,14 @@ def test_training_on_the_low_rank_route_reports_the_direct_metrics(monkeypatch, 
     for key in ("effective_rank", "entropy", "avg_corr", "std_l2", "alpha_req"):
         assert last[key] == pytest.approx(direct[key], rel=1e-4, abs=1e-9), key
     assert last["collapse"] == direct["collapse"]
+
+
+def test_all_finite():
+    x = torch.ones(4, 3)
+    assert metrics.all_finite(x, x.double())
+    for bad in (math.inf, -math.inf, math.nan):
+        y = x.clone()
+        y[2, 1] = bad
+        assert not metrics.all_finite(x, y)
+    big = torch.full((4, 3), 3e38)  # the sum overflows, every entry is finite
+    assert metrics.all_finite(big)
