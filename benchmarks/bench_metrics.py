@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ncssl_tune import metrics
+from ncssl_tune import metrics, metrics_linalg
 from ncssl_tune.config import TrainConfig
 from ncssl_tune.metrics import LinearHead, collapse_metrics, entropy_cond, lidar, std_l2
 from ncssl_tune.train import train
@@ -55,14 +55,14 @@ def pure_costs(m: int, p: int, d: int, repeats: int) -> dict[str, float | None]:
     w = torch.randn(d, p, generator=g) / p**0.5  # (D, P)
     z = a @ w.T  # (M, D)
     head = LinearHead(a, w)
-    rows, mean = metrics._centred_low_rank(head, m, d)  # (P, D), (D,)
+    rows, mean = metrics_linalg.centred_low_rank(head)  # (P, D), (D,)
     col_max = z.abs().amax(dim=0).double()
     views = torch.randn(2, 128, d, generator=g)  # (K, Mc, D)
     out = {"route": seconds(lambda: collapse_metrics(z, head=head), repeats) if metrics.low_rank_route(p, m, d)
            else None,
            "direct": seconds(lambda: collapse_metrics(z), repeats),
-           "route_qr_and_rows": seconds(lambda: metrics._centred_low_rank(head, m, d), repeats),
-           "route_gram_and_eigvalsh": seconds(lambda: metrics._gram_spectra(rows, mean, m), repeats),
+           "route_qr_and_rows": seconds(lambda: metrics_linalg.centred_low_rank(head), repeats),
+           "route_gram_and_eigvalsh": seconds(lambda: metrics_linalg.gram_spectra(rows, mean, m), repeats),
            "route_avg_corr": seconds(lambda: metrics._avg_abs_corr(rows, m, col_max), repeats),
            "std_l2": seconds(lambda: std_l2(z), repeats),
            "lidar_2x128_views": seconds(lambda: lidar(views), repeats),

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ncssl_tune.metrics_linalg import LinearHead, all_finite, centred_low_rank, gram_spectra, low_rank_route
+
 METRIC_NAMES: tuple[str, ...] = ("effective_rank", "effective_rank_frac", "entropy", "avg_corr", "std_l2",
                                   "alpha_req", "alpha_req_dev")
 """Scalar (float) keys of :func:`collapse_metrics`, before the suffix; ``entropy_cond`` and ``lidar`` are separate
@@ -27,15 +29,6 @@ _RANKME_EPS = 1e-7
 LIDAR_DELTA = 1e-4  # ridge on Σ_w, as in the LiDAR paper and galilai-group/stable-pretraining
 _CORR_BLOCK = 512  # columns per block of avg_corr's correlation matrix
 _STD_SLAB = 256  # columns per slab of std_l2 (M = 2048 rows of float64: 4 MiB, in cache)
-
-
-def all_finite(*tensors: Tensor) -> bool:
-    """Whether every entry of every tensor is finite.
-
-    A sum is non-finite whenever an entry is (inf and NaN propagate) and costs a tenth of an isfinite mask; the
-    mask decides only then, as a finite sum may also overflow.
-    """
-    return all(math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _as_matrix(z: Tensor, name: str = "z") -> Tensor:
@@ -226,7 +219,7 @@ def _avg_abs_corr(rows: Tensor, m: int, col_max: Tensor, max_dims: int = 2048, s
     """:func:`avg_corr` of the Z (M, D) whose centred column Gram matrix is ``rowsᵀ rows``, ``rows: (R, D)``.
 
     Correlations only need Z_cᵀ Z_c, so ``rows`` may be Z_c itself (R = M) or any matrix with the same
-    Gram matrix (:func:`_centred_low_rank`, R = P); ``col_max: (D,)`` is max_i |z_ij|, for the test of a
+    Gram matrix (:func:`~ncssl_tune.metrics_linalg.centred_low_rank`, R = P); ``col_max: (D,)`` is max_i |z_ij|, for the test of a
     constant dimension.
     """
     d = rows.shape[1]
@@ -315,73 +308,6 @@ def classify_collapse(
     return "none"
 
 
-@dataclass(frozen=True)
-class LinearHead:
-    """The last layer of the projector when it is an ``nn.Linear``: z = a Wᵀ + b.
-
-    ``a: (M, P)`` its input for the M samples of z, ``weight: (D, P)``, ``bias: (D,)`` or None. Given to
-    :func:`collapse_metrics`, it lets every decomposition be (P+1)×(P+1) instead of min(M, D)² when
-    P < min(M, D) (an expander: P = 512 to D = 8192).
-    """
-
-    a: Tensor
-    weight: Tensor
-    bias: Tensor | None = None
-
-
-def low_rank_route(p: int, m: int, d: int) -> bool:
-    """Whether :func:`collapse_metrics` takes the (P, D) route for M samples of z = a Wᵀ + b, a: (M, P), z: (M, D).
-
-    Only when P < min(M, D): otherwise the direct route's decompositions are no larger.
-    """
-    return p < min(m, d)
-
-
-def _centred_low_rank(head: LinearHead, m: int, d: int) -> tuple[Tensor, Tensor]:
-    """(rows (P, D), mean (D,)) of z = a Wᵀ + b with rowsᵀ rows = Z_cᵀ Z_c, Z_c the centred z (M, D).
-
-    Z_c = a_c Wᵀ (a_c = a - 1 āᵀ; the bias cancels) and z̄ = W ā + b. With a_c = Q R (Q orthonormal columns),
-    Z_cᵀ Z_c = W Rᵀ Qᵀ Q R Wᵀ = (R Wᵀ)ᵀ (R Wᵀ). Householder QR is backward stable (R is exact for a_c + δ,
-    |δ| ≲ 1e-16·|a_c|), so R Wᵀ carries ~1e-16·|a||W| of round-off per entry where the float32 forward rounded
-    z itself by ~6e-8·|a||W|: the spectra are those of the exact a Wᵀ + b, as precise as the direct route.
-    """
-    a = _as_matrix(head.a, "head.a")
-    w = _as_matrix(head.weight, "head.weight").to(a.device)
-    p = a.shape[1]
-    b = None if head.bias is None else head.bias.detach().to(a.device, torch.float64)
-    if a.shape[0] != m or w.shape != (d, p) or (b is not None and b.shape != (d,)):
-        raise ValueError(f"LinearHead does not produce z of shape {(m, d)}: a {tuple(a.shape)}, weight "
-                         f"{tuple(w.shape)}, bias {None if b is None else tuple(b.shape)} (expected a (M, P), "
-                         "weight (D, P), bias (D,) or None)")
-    if not all_finite(a, w):
-        raise ValueError("LinearHead: a or weight contains non-finite values")
-    a_mean = a.mean(dim=0)  # (P,)
-    r = torch.linalg.qr(a - a_mean, mode="r").R  # (P, P): min(M, P) = P rows, as P < M on this route
-    mean = w @ a_mean + (0 if b is None else b)  # (D,)
-    return r @ w.T, mean  # (P, D), (D,)
-
-
-def _gram_spectra(rows: Tensor, mean: Tensor, m: int) -> tuple[Tensor, Tensor]:
-    """(σ² of Z_c, σ² of Z), each descending, from one Gram matrix; ``rows: (R, D)`` with rowsᵀ rows = Z_cᵀ Z_c.
-
-    Z = Z_c + 1 z̄ᵀ and 1ᵀ Z_c = 0 give ZᵀZ = Z_cᵀ Z_c + M z̄ z̄ᵀ = [rows; √M z̄ᵀ]ᵀ [rows; √M z̄ᵀ]: the
-    uncentred Gram matrix is the centred one with terms added (a border row and column when R < D), never
-    subtracted, so each keeps the precision of a Gram matrix formed on its own (errors ~1e-16·σ_max²).
-    R values (centred) and R + 1 (uncentred) when R < D, else D and D.
-    """
-    r, d = rows.shape
-    if r < d:
-        g = rows @ rows.T  # (R, R)
-        side = math.sqrt(m) * (rows @ mean)  # (R,)
-        corner = (m * mean.dot(mean)).reshape(1)
-        gu = torch.cat([torch.cat([g, side[:, None]], dim=1), torch.cat([side, corner])[None]])  # (R+1, R+1)
-    else:
-        g = rows.T @ rows  # (D, D)
-        gu = g + m * torch.outer(mean, mean)  # (D, D)
-    # roundoff can make the zero eigenvalues of a PSD matrix slightly negative
-    return (torch.linalg.eigvalsh(g).flip(0).clamp_min(0), torch.linalg.eigvalsh(gu).flip(0).clamp_min(0))
-
-
 def collapse_metrics(
     z: Tensor, thresholds: CollapseThresholds = CollapseThresholds(), suffix: str = "",
     head: LinearHead | None = None,
@@ -393,9 +319,9 @@ def collapse_metrics(
     Raises ValueError if z is not finite (a diverged model has no meaningful collapse state).
 
     The same values as :func:`spectrum`, :func:`effective_rank`, :func:`avg_corr` and :func:`std_l2` on z, with
-    one Gram matrix for the centred and the uncentred spectrum (:func:`_gram_spectra`). With ``head``, the layer
+    one Gram matrix for the centred and the uncentred spectrum (:func:`~ncssl_tune.metrics_linalg.gram_spectra`). With ``head``, the layer
     that made z, and P < min(M, D), the spectra and correlations come from the (P, D) matrix of
-    :func:`_centred_low_rank` instead of z (M, D): the (P+1)² decompositions cost ~1/60 of two 2048² ones.
+    :func:`~ncssl_tune.metrics_linalg.centred_low_rank` instead of z (M, D): the (P+1)² decompositions cost ~1/60 of two 2048² ones.
     """
     if z.ndim != 2 or z.shape[1] < 1:
         raise ValueError(f"z must have shape (M, D) with M, D >= 1, got {tuple(z.shape)}")
@@ -406,13 +332,15 @@ def collapse_metrics(
     if not all_finite(x):
         raise ValueError(f"z{suffix} of shape {tuple(x.shape)} contains non-finite values")
     col_max = x.abs().amax(dim=0).to(torch.float64)  # (D,)
-    if head is not None and head.a.ndim == 2 and low_rank_route(head.a.shape[1], m, d):
-        rows, mean = _centred_low_rank(head, m, d)  # (P, D), (D,)
+    if head is not None:
+        head.check(m, d)
+    if head is not None and low_rank_route(head.a.shape[1], m, d):
+        rows, mean = centred_low_rank(head)  # (P, D), (D,)
     else:
         x64 = x.to(torch.float64)
         mean = x64.mean(dim=0)  # (D,)
         rows = x64 - mean  # (M, D)
-    sq_centred, sq = _gram_spectra(rows, mean, m)
+    sq_centred, sq = gram_spectra(rows, mean, m)
     spec = sq_centred[:d] / m  # (min(R, D),)
     if spec.numel() < d:
         spec = torch.cat([spec, spec.new_zeros(d - spec.numel())])  # (D,): C has rank < R

@@ -121,7 +121,7 @@ def test_no_d_by_d_decomposition_when_m_below_d(monkeypatch):
     m, d = 8, 64
     collapse_metrics(gaussian(m, d))
     entropy_cond(gaussian(2 * m, d).view(2, m, d))
-    # (M+1)²: the uncentred Gram matrix bordered by the mean (metrics._gram_spectra)
+    # (M+1)²: the uncentred Gram matrix bordered by the mean (metrics_linalg.gram_spectra)
     assert shapes and all(s in {(m, m), (m + 1, m + 1), (2 * m, 2 * m)} for s in shapes)
 
 
@@ -490,6 +490,9 @@ def test_low_rank_route_rejects_a_head_that_does_not_make_z():
         collapse_metrics(z, head=metrics.LinearHead(head.a, torch.randn(81, 24)))
     with pytest.raises(ValueError, match=r"bias \(3,\)"):
         collapse_metrics(z, head=metrics.LinearHead(head.a, head.weight, torch.zeros(3)))
+    a = torch.randn(300, 80)  # P = D: the direct route, and still a head that cannot make z is an error
+    with pytest.raises(ValueError, match=r"weight \(80, 79\)"):
+        collapse_metrics(a @ torch.randn(80, 80), head=metrics.LinearHead(a, torch.randn(80, 79)))
     bad = head.a.clone()
     bad[0, 0] = math.nan
     with pytest.raises(ValueError, match="non-finite"):
@@ -532,8 +535,8 @@ def test_training_on_the_low_rank_route_reports_the_direct_metrics(monkeypatch, 
     from ncssl_tune.train import _Run, embed, last_linear, train
 
     calls = []
-    route = metrics._centred_low_rank
-    monkeypatch.setattr(metrics, "_centred_low_rank", lambda *a: calls.append(a[0].a.shape) or route(*a))
+    route = metrics.centred_low_rank
+    monkeypatch.setattr(metrics, "centred_low_rank", lambda head: calls.append(head.a.shape) or route(head))
     cfg = TrainConfig.from_dict({
         "model": {"projector": "128-512", "norm": norm}, "loss": {"method": loss},
         "train": {"epochs": 5, "threads": 1},
