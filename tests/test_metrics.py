@@ -552,9 +552,10 @@ def test_training_on_the_low_rank_route_reports_the_direct_metrics(monkeypatch, 
     h, z, a = embed(run.model, x, 1024, run.autocast, head_input=True)  # one pass, split before the last layer
     plain = embed(run.model, x, 1024, run.autocast)
     assert torch.equal(plain[0], h) and torch.equal(plain[1], z) and torch.equal(last_linear(run.model)(a), z)
-    # against numpy's SVD of the exact product a Wᵀ, in float64
+    # against numpy's SVD of the exact product a Wᵀ, in float64; the (P+1)² Gram matrix still leaves ~1e-8·σ_max on
+    # each of the ~P near-zero σ of a collapsed z: rel 1e-6, as for the direct route's RankMe against numpy
     exact = np_metrics(a.double().numpy() @ last_linear(run.model).weight.detach().double().numpy().T)
-    assert last["effective_rank"] == pytest.approx(exact["effective_rank"], rel=1e-7)
+    assert last["effective_rank"] == pytest.approx(exact["effective_rank"], rel=1e-6)
     assert last["avg_corr"] == pytest.approx(exact["avg_corr"], rel=1e-9)
     np.testing.assert_allclose(last["spectrum"], exact["spectrum"], rtol=0, atol=1e-13 * exact["spectrum"][0])
     # the direct route on the forward's float32 z: its rounding (~6e-8·|a||W| per entry) adds D - P small singular
