@@ -104,7 +104,9 @@ def test_spectrum_matches_eigvalsh_of_covariance(m, d):
         assert got[m - 1].item() == pytest.approx(0.0, abs=1e-9)
 
 
-def test_no_d_by_d_decomposition_when_m_below_d(monkeypatch):
+@pytest.fixture
+def eig_shapes(monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes of every torch.linalg.eigvalsh call made while the test runs."""
     shapes = []
     eigvalsh = torch.linalg.eigvalsh
 
@@ -112,10 +114,16 @@ def test_no_d_by_d_decomposition_when_m_below_d(monkeypatch):
         shapes.append(tuple(x.shape))
         return eigvalsh(x)
 
+    monkeypatch.setattr(torch.linalg, "eigvalsh", recording_eigvalsh)
+    return shapes
+
+
+def test_no_d_by_d_decomposition_when_m_below_d(monkeypatch, eig_shapes):
+    shapes = eig_shapes
+
     def forbidden(*args, **kwargs):
         raise AssertionError("unexpected decomposition")
 
-    monkeypatch.setattr(torch.linalg, "eigvalsh", recording_eigvalsh)
     for name in ("eigh", "eig", "eigvals", "svd", "svdvals"):
         monkeypatch.setattr(torch.linalg, name, forbidden)
     m, d = 8, 64
@@ -463,15 +471,8 @@ def test_low_rank_route_at_the_end_points():
     assert (got[24:] == 0).all()
 
 
-def test_low_rank_route_decomposes_p_plus_one_only(monkeypatch):
-    shapes = []
-    eigvalsh = torch.linalg.eigvalsh
-
-    def recording_eigvalsh(x):
-        shapes.append(tuple(x.shape))
-        return eigvalsh(x)
-
-    monkeypatch.setattr(torch.linalg, "eigvalsh", recording_eigvalsh)
+def test_low_rank_route_decomposes_p_plus_one_only(eig_shapes):
+    shapes = eig_shapes
     z, head = head_cases()["random relu, bias"]  # M = 300, P = 24, D = 80
     collapse_metrics(z, head=head)
     assert sorted(shapes) == [(24, 24), (25, 25)]
