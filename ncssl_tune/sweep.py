@@ -347,9 +347,6 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
             (out_dir / SPEC_FILE).write_text(json.dumps(spec_record(spec), indent=1, sort_keys=True, default=str))
         monitor = SweepMonitor(out_dir, spec.search.collapse_stop, spec.search.scheduler.name,
                                interval_s=monitor_interval_s)
-        # flush_s=0: each result's metrics (one log_batch per epoch) reach MLflow in on_trial_result, which Ray
-        # calls before it registers that result's checkpoint and saves the experiment state. A driver killed
-        # with epochs still buffered would otherwise resume the trial past them and leave a gap in MLflow.
         # A Ray this sweep started itself runs on this machine alone: the data is here, and only GPU trials need
         # a worker's device. A joined cluster (address) or a Ray the caller started keeps the worker path.
         local = started_ray and address is None and spec.resources.gpu == 0
@@ -359,6 +356,9 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
         if metric in DOWNSTREAM:
             print(f"reference {metric}: random-init encoder {reference['random_init'][metric]:.3f}, raw pixels "
                   f"{reference['pixels'][metric]:.3f}", flush=True)
+        # flush_s=0: each result's metrics (one log_batch per epoch) reach MLflow in on_trial_result, which Ray
+        # calls before it registers that result's checkpoint and saves the experiment state. A driver killed
+        # with epochs still buffered would otherwise resume the trial past them and leave a gap in MLflow.
         tracker = MlflowTracker(spec, tracking_uri, address, flush_s=0.0, out_dir=out_dir,
                                 reference=reference if fresh else None) if tracking_uri else None
         # Ray keeps (pickled) what the Tuner was given and a resumed Tuner uses that: it is given stand-ins that
