@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from ncssl_tune import live
 from ncssl_tune.config import flatten
 from ncssl_tune.mlflow_store import check_tracking_uri
 from ncssl_tune.monitor import CollapseStopper, SweepMonitor, read_trials
+from ncssl_tune.references import DOWNSTREAM, reference_scores
 from ncssl_tune.search import OptunaSearcher
 from ncssl_tune.space import DefineByRun, make_sampler
 from ncssl_tune.spec import SweepSpec, resolved
@@ -35,8 +35,6 @@ from ncssl_tune.trainable import run_trial
 RAY_DIR = "ray"  # Ray Tune storage under the sweep folder
 TUNE_NAME = "tune"
 SEARCHER_STATE = "searcher_state.pkl"  # the searcher's latest state (Ray's copy lags it), in the sweep folder
-REFERENCE_FILE = "reference.json"  # downstream scores of the random-init encoder and of raw pixels, once per sweep
-DOWNSTREAM = ("fewshot_acc", "knn_acc", "probe_acc")
 MAX_PENDING = "TUNE_MAX_PENDING_TRIALS_PG"  # read by Ray Tune when tuner.fit() builds its controller
 
 
@@ -207,44 +205,6 @@ def _trial_bundle(spec: SweepSpec) -> dict[str, float]:
     return {"CPU": spec.resources.cpu, "GPU": spec.resources.gpu}
 
 
-@ray.remote
-def _reference_task(cfg):
-    from ncssl_tune.train import reference_scores
-
-    return reference_scores(cfg)
-
-
-def reference_scores(spec: SweepSpec, out_dir: Path, on_worker: bool = True
-                     ) -> tuple[dict[str, dict[str, float]], bool]:
-    """({"random_init": {metric: v}, "pixels": {...}}, computed now?) for the sweep's base configuration.
-
-    Computed once per sweep, kept in <sweep>/reference.json. on_worker: on a Ray worker with one trial's
-    resources, because on a cluster that is where the data and the accelerator are; else in this process, which
-    spares a worker start (~5 s of a 2-core machine; the computation itself is ~1 s on digits). The floor any
-    trial of the sweep must beat."""
-    path = out_dir / REFERENCE_FILE
-    if path.exists():
-        return json.loads(path.read_text()), False
-    if on_worker:
-        bundle = _trial_bundle(spec)
-        task = _reference_task.options(num_cpus=bundle["CPU"], num_gpus=bundle["GPU"])
-        scores = ray.get(task.remote(spec.base))
-    else:
-        import torch
-
-        from ncssl_tune.train import reference_scores as compute
-
-        # the threads one trial gets: more than the cores would spin against the trial workers starting meanwhile
-        threads = torch.get_num_threads()
-        try:
-            scores = compute(spec.base.with_overrides({"train.threads": max(1, math.ceil(spec.resources.cpu))}))
-        finally:
-            torch.set_num_threads(threads)
-    ref = {kind: {k: float(v) for k, v in s.items() if k in DOWNSTREAM} for kind, s in scores.items()}
-    path.write_text(json.dumps(ref, indent=2))
-    return ref, True
-
-
 def _lacking(spec: SweepSpec) -> list[str]:
     total = ray.cluster_resources()
     return [f"{key.lower()}={need:g} (resources.{key.lower()}) but the Ray cluster has {total.get(key, 0.0):g} {key}"
@@ -350,7 +310,7 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
         # A Ray this sweep started itself runs on this machine alone: the data is here, and only GPU trials need
         # a worker's device. A joined cluster (address) or a Ray the caller started keeps the worker path.
         local = started_ray and address is None and spec.resources.gpu == 0
-        reference, fresh = reference_scores(spec, out_dir, on_worker=not local)
+        reference, fresh = reference_scores(spec, out_dir, None if local else _trial_bundle(spec))
         lap("references")
         metric = spec.search.metric
         if metric in DOWNSTREAM:
