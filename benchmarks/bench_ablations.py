@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from ncssl_tune.config import SECTIONS, TrainConfig, set_dotted
-from ncssl_tune.train import reference_scores, train
+from ncssl_tune.core.train import reference_scores, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ABLATIONS = [  # (row name, shipped space, dotted overrides, predicted collapse class of z)

@@ -1,6 +1,6 @@
 """Augmentation throughput on 2 CPU cores: the engine's batched two-view pipeline vs torchvision per sample.
 
-Batched: ncssl_tune.augment.TwoViewAugment with the default recipe for the image size, built and called as
+Batched: ncssl_tune.core.augment.TwoViewAugment with the default recipe for the image size, built and called as
 train.py does (shuffled 256-image float batches already in memory): per-image parameters drawn for the whole batch
 at once, one grid_sample for crop + resize + flip, the other ops vectorised over cache-sized chunks. Torchvision: the usual SSL-library path, a
 Dataset whose __getitem__ applies one transforms.v2 Compose twice (RandomResizedCrop, flip, RandomApply(ColorJitter),
@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from ncssl_tune.augment import AugmentConfig, TwoViewAugment, default_augment
+from ncssl_tune.core.augment import AugmentConfig, TwoViewAugment, default_augment
 
 TARGETS = {32: 5, 96: 1.5}  # image size -> batched / best torchvision
 

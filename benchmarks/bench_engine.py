@@ -34,10 +34,10 @@ import yaml
 from ray.tune import Callback
 
 from ncssl_tune.config import TrainConfig
-from ncssl_tune.mlflow_store import default_tracking_uri
+from ncssl_tune.records.store import default_tracking_uri
 from ncssl_tune.spec import load_spec
-from ncssl_tune.sweep import run_sweep
-from ncssl_tune.trainable import build_config
+from ncssl_tune.sweep.runner import run_sweep
+from ncssl_tune.sweep.trainable import build_config
 
 TARGET = 0.95
 KEEP = ("images_per_s", "train_seconds", "epoch_seconds")
@@ -46,7 +46,7 @@ med = statistics.median
 # metrics with their report times (seconds since train() was called).
 BARE = f'''import json, sys, time
 from ncssl_tune.config import TrainConfig
-from ncssl_tune.train import train
+from ncssl_tune.core.train import train
 cfg, out = TrainConfig.from_dict(json.loads(sys.stdin.read())), []
 start = time.perf_counter()
 train(cfg, lambda m, s: out.append({{"t": time.perf_counter() - start, **{{k: m[k] for k in {KEEP}}}}}))

@@ -30,10 +30,11 @@ from pathlib import Path
 
 import torch
 
-from ncssl_tune import metrics, metrics_linalg
 from ncssl_tune.config import TrainConfig
-from ncssl_tune.metrics import LinearHead, collapse_metrics, entropy_cond, lidar, std_l2
-from ncssl_tune.train import train
+from ncssl_tune.core import linalg as metrics_linalg
+from ncssl_tune.core import metrics
+from ncssl_tune.core.metrics import LinearHead, collapse_metrics, entropy_cond, lidar, std_l2
+from ncssl_tune.core.train import train
 
 TARGETS = {128: 0.05, 2048: 0.10, 8192: 0.05}  # metrics_seconds / epoch_seconds; issue 15
 

@@ -47,7 +47,7 @@ from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
 from ncssl_tune.spec import load_spec
-from ncssl_tune.sweep import run_sweep
+from ncssl_tune.sweep.runner import run_sweep
 
 KEYS = ("fewshot_acc", "probe_acc", "knn_acc", "effective_rank", "effective_rank_h")
 OBJECTIVES = ("fewshot_acc", "knn_acc", "probe_acc")

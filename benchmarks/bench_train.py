@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ncssl_tune.config import TrainConfig
-from ncssl_tune.train import train
+from ncssl_tune.core.train import train
 
 
 def one_run(epochs: int, threads: int, evals: dict) -> dict:

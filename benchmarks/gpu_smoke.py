@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ncssl_tune.spec import load_spec
-from ncssl_tune.sweep import timed_sweep
+from ncssl_tune.sweep.runner import timed_sweep
 
 SETS = ["data.dataset=synthetic", "data.synthetic={n: 20000, size: 32, channels: 3, classes: 10}",
         "model.backbone=resnet18", "model.projector=2048-2048-2048", "train.batch_size=512",

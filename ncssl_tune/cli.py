@@ -85,8 +85,8 @@ def _analyze_parser() -> argparse.ArgumentParser:
 
 
 def _analyze(args) -> int:
-    from ncssl_tune.analysis import run_analysis
-    from ncssl_tune.mlflow_store import TrackingError, default_tracking_uri
+    from ncssl_tune.analysis.load import run_analysis
+    from ncssl_tune.records.store import TrackingError, default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri(args.results_dir)
     out = args.out or str(Path(args.results_dir) / args.experiment / "analysis")
@@ -101,7 +101,7 @@ def _analyze(args) -> int:
 
 
 def _print_analysis(result: dict, out: str | Path) -> None:
-    from ncssl_tune.analysis_report import summary_lines
+    from ncssl_tune.analysis.report import summary_lines
 
     print("\n".join(summary_lines(result)))
     print(f"analysis: {Path(out) / 'report.md'}")
@@ -125,7 +125,7 @@ def _missing_data(spec) -> str | None:
     """What of the spec's dataset is not on this machine ("data.root: ..."), or None. A valid file may name
     data that lives elsewhere (a cluster, a later --set data.root=...): `validate` and --dry-run only note it,
     starting a sweep is an error."""
-    from ncssl_tune.data import DatasetError, check_dataset
+    from ncssl_tune.core.data import DatasetError, check_dataset
 
     cfg = spec.train_config()
     try:
@@ -155,7 +155,7 @@ def _validate(args) -> int:
 
 
 def _dry_run(spec) -> None:
-    from ncssl_tune.space import describe, grid_size
+    from ncssl_tune.sweep.space import describe, grid_size
 
     cfg = spec.train_config()
     s = spec.search
@@ -183,9 +183,9 @@ def _interrupted(argv: list[str], trials: list[str]) -> int:
 
 
 def _sweep(args, argv: list[str]) -> int:
-    from ncssl_tune.analysis import run_analysis
-    from ncssl_tune.mlflow_store import TrackingError, check_tracking_uri, default_tracking_uri
-    from ncssl_tune.sweep import SweepError, check_storage, run_sweep
+    from ncssl_tune.analysis.load import run_analysis
+    from ncssl_tune.records.store import TrackingError, check_tracking_uri, default_tracking_uri
+    from ncssl_tune.sweep.runner import SweepError, check_storage, run_sweep
 
     spec = _load(args)
     missing = _missing_data(spec)

@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"  # registry name in ncssl_tune.data.DATASETS
+    dataset: str = "digits"  # registry name in ncssl_tune.core.data.DATASETS
     root: str | None = None  # folder holding the files of disk datasets (cifar10, stl10, imagefolder, ...)
     seed: int = 0  # seed of the fixed train/test split (independent of the training seed)
     test_fraction: float = 0.2  # share of the embedded/synthetic data held out for evaluation
@@ -36,7 +36,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "small_cnn"  # registry name in ncssl_tune.models.BACKBONES
+    backbone: str = "small_cnn"  # registry name in ncssl_tune.core.models.BACKBONES
     projector: str = "512-512-512"  # widths of the projector MLP; "" means z = h
     width: int | None = None  # small_cnn feature width F (None: its default, 128)
     norm: Literal["batch", "none"] = "batch"  # BatchNorm in small_cnn and projector hidden layers; "none"
@@ -45,7 +45,7 @@ class ModelConfig:
     compile: bool = False  # torch.compile the model (CUDA only; pays a start-up cost)
 
 
-# Keyword arguments of each loss in ncssl_tune.losses, with the paper defaults that the functions' own signatures
+# Keyword arguments of each loss in ncssl_tune.core.losses, with the paper defaults that the functions' own signatures
 # carry (tests/test_config.py checks that the two agree, name for name and value for value).
 @dataclass
 class VICRegParams:
@@ -80,7 +80,7 @@ class InvarianceParams:
 
 @dataclass
 class LossConfig:
-    method: str = "vicreg"  # registry name in ncssl_tune.losses.LOSSES
+    method: str = "vicreg"  # registry name in ncssl_tune.core.losses.LOSSES
     vicreg: VICRegParams = field(default_factory=VICRegParams)
     barlow_twins: BarlowTwinsParams = field(default_factory=BarlowTwinsParams)
     wmse: WMSEParams = field(default_factory=WMSEParams)
@@ -282,7 +282,7 @@ def _positive(key: str, value: float | None, allow_zero: bool = False) -> None:
 
 def _check_loss_params(loss: LossConfig) -> None:
     # Imported here: losses imports torch, and the registry is the single source of valid names.
-    from ncssl_tune.losses import LOSSES
+    from ncssl_tune.core.losses import LOSSES
 
     if loss.method not in LOSSES:
         raise ConfigError("loss.method", f"unknown method {loss.method!r}; choose from: {', '.join(sorted(LOSSES))}")
@@ -294,8 +294,8 @@ def _check_loss_params(loss: LossConfig) -> None:
 
 
 def _check_data(d: DataConfig) -> None:
-    from ncssl_tune.augment import AugmentConfig
-    from ncssl_tune.data import DATASETS, SYNTHETIC_DEFAULTS
+    from ncssl_tune.core.augment import AugmentConfig
+    from ncssl_tune.core.data import DATASETS, SYNTHETIC_DEFAULTS
 
     if d.dataset not in DATASETS:
         raise ConfigError("data.dataset",
@@ -315,7 +315,7 @@ def _check_data(d: DataConfig) -> None:
 
 
 def _check_values(cfg: TrainConfig) -> None:
-    from ncssl_tune.models import BACKBONES
+    from ncssl_tune.core.models import BACKBONES
 
     _check_data(cfg.data)
     if not 0 < cfg.data.test_fraction < 1:

@@ -17,15 +17,8 @@ from typing import Any, Literal
 import yaml
 
 from ncssl_tune.config import SECTIONS, ConfigError, TrainConfig, build, coerce, set_dotted
+from ncssl_tune.vocab import OBJECTIVES
 
-# Label-free collapse metrics and the direction in which each is taken to mean a better representation (docs/
-# metrics.md says why): objectives of a sweep and the predictors the analysis ranks. alpha_req itself is not
-# monotone (≈ 1 is best), so its distance from 1 stands for it; entropy_cond is lower when views agree (the IB
-# view) but also at collapse.
-LABEL_FREE = {f"{name}{suffix}": mode for suffix in ("", "_h") for name, mode in (
-    ("effective_rank", "max"), ("effective_rank_frac", "max"), ("lidar", "max"), ("alpha_req_dev", "min"),
-    ("entropy", "max"), ("avg_corr", "min"), ("std_l2", "max"))} | {"entropy_cond": "min"}
-OBJECTIVES = {"fewshot_acc": "max", "probe_acc": "max", "knn_acc": "max", **LABEL_FREE, "loss": "min"}
 PARAM_TYPES = ("float", "logfloat", "int", "logint", "categorical")
 
 

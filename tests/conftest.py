@@ -127,7 +127,7 @@ def mlflow_client(client_or_uri):
 
 def runs_of(client_or_uri, experiment: str) -> tuple[list, list]:
     """(parent runs, child runs) of a sweep's MLflow experiment."""
-    from ncssl_tune.schema import TAG_KIND
+    from ncssl_tune.vocab import TAG_KIND
 
     c = mlflow_client(client_or_uri)
     exp = c.get_experiment_by_name(experiment)

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from ncssl_tune.analysis import analyze, load_epochs, load_runs, run_analysis, scopes
-from ncssl_tune.analysis_report import markdown, spectrum_picks, summary_lines
-from ncssl_tune.analysis_stats import equal_budget, selection, spearman
-from ncssl_tune.mlflow_store import TrackingError
-from ncssl_tune.spectra import write_spectra_csv
+from ncssl_tune.analysis.load import analyze, load_epochs, load_runs, run_analysis, scopes
+from ncssl_tune.analysis.report import markdown, spectrum_picks, summary_lines
+from ncssl_tune.analysis.stats import equal_budget, selection, spearman
+from ncssl_tune.records.spectra import write_spectra_csv
+from ncssl_tune.records.store import TrackingError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -183,7 +183,7 @@ def test_known_sweep_end_to_end(store, tmp_path):
 
 
 def test_spectra_are_fetched_for_the_distinct_picks_only(store):
-    from ncssl_tune.analysis import fetch_spectra
+    from ncssl_tune.analysis.load import fetch_spectra
 
     df = load_runs("known", store)
     spectra = fetch_spectra(store, df[df["status"] != "diverged"], "knn_acc", "max")
@@ -237,7 +237,7 @@ def test_analysis_imports_neither_ray_nor_optuna():
     import subprocess
 
 
-    code = "import sys, ncssl_tune.analysis; print([m for m in ('ray', 'optuna', 'torch') if m in sys.modules])"
+    code = "import sys, ncssl_tune.analysis.load; print([m for m in ('ray', 'optuna', 'torch') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

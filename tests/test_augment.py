@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from ncssl_tune.augment import AugmentConfig, TwoViewAugment, default_augment
+from ncssl_tune.core.augment import AugmentConfig, TwoViewAugment, default_augment
 
 
 @pytest.mark.parametrize("channels, size", [(1, 8), (3, 32)])
@@ -40,13 +40,13 @@ def test_augment_is_per_sample():
 
 
 def test_chunked_cpu_calls_keep_shape_range_and_per_sample_randomness(monkeypatch):
-    import ncssl_tune.augment
+    import ncssl_tune.core.augment
 
     aug = TwoViewAugment(default_augment(96, 3), 96, 3)
     x = torch.rand(1, 3, 96, 96).expand(4, -1, -1, -1)
     torch.manual_seed(5)
     whole = aug.views(x, 2)
-    monkeypatch.setattr(ncssl_tune.augment, "CPU_CHUNK_FLOATS", 3 * 96 * 96 * 3)  # 3 images per call
+    monkeypatch.setattr(ncssl_tune.core.augment, "CPU_CHUNK_FLOATS", 3 * 96 * 96 * 3)  # 3 images per call
     torch.manual_seed(5)
     v = aug.views(x, 2)  # 8 stacked images in chunks of 3, 3, 2; the second straddles the two views
     assert v.shape == (2, 4, 3, 96, 96) and v.min() >= 0 and v.max() <= 1

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from ncssl_tune import augment_ops as ops
+from ncssl_tune.core import augment_ops as ops
 
 # Float32 tolerance: every op here computes the same formula as torchvision in a different order (a fused blend,
 # a separable blur, HSV without the HSV image), so results differ by rounding only: a few ulps of values in

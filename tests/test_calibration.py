@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ncssl_tune.train import train
+from ncssl_tune.core.train import train
 
 _path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_ablations.py"
 _spec = importlib.util.spec_from_file_location("bench_ablations", _path)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from ncssl_tune.cli import main
-from ncssl_tune.data import DATASETS
+from ncssl_tune.core.data import DATASETS
 from ncssl_tune.spec import load_spec
 
 SPACE_FILES = sorted((Path(__file__).resolve().parent.parent / "search_spaces").glob("*.yaml"))
@@ -306,12 +306,12 @@ def test_missing_data_is_a_note_in_validate_and_dry_run(tmp_path, capsys, text, 
 
 @pytest.mark.parametrize("text, problem", MISSING_DATA)
 def test_missing_data_is_an_error_when_the_sweep_starts(tmp_path, capsys, monkeypatch, text, problem):
-    import ncssl_tune.sweep
+    import ncssl_tune.sweep.runner
 
     def no_sweep(*args, **kwargs):
         raise AssertionError("run_sweep (and with it Ray) must not start without the data")
 
-    monkeypatch.setattr(ncssl_tune.sweep, "run_sweep", no_sweep)
+    monkeypatch.setattr(ncssl_tune.sweep.runner, "run_sweep", no_sweep)
     path = _missing_data_file(tmp_path, text)
     before = sorted(tmp_path.rglob("*"))
 
@@ -422,12 +422,12 @@ TRACKING_CASES = [
 def test_bad_tracking_uri_is_rejected_before_anything_starts(tmp_path, capsys, monkeypatch, make_uri, expected):
     import time
 
-    import ncssl_tune.sweep
+    import ncssl_tune.sweep.runner
 
     def no_sweep(*args, **kwargs):
         raise AssertionError("run_sweep (and with it Ray) must not start for a bad tracking URI")
 
-    monkeypatch.setattr(ncssl_tune.sweep, "run_sweep", no_sweep)
+    monkeypatch.setattr(ncssl_tune.sweep.runner, "run_sweep", no_sweep)
     path = tmp_path / "space.yaml"
     path.write_text(BASE)
     results = tmp_path / "results"

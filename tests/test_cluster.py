@@ -47,9 +47,9 @@ def test_sweep_runs_trials_on_more_than_one_node(tmp_path):
     from mlflow import MlflowClient
     from ray.cluster_utils import Cluster
 
-    from ncssl_tune.mlflow_store import default_tracking_uri
-    from ncssl_tune.monitor import read_trials
-    from ncssl_tune.sweep import RAY_DIR, TUNE_NAME, run_sweep
+    from ncssl_tune.records.store import default_tracking_uri
+    from ncssl_tune.sweep.monitor import read_trials
+    from ncssl_tune.sweep.runner import RAY_DIR, TUNE_NAME, run_sweep
 
     session_ray = ray.is_initialized()  # the session's local Ray (conftest): restored afterwards
     if session_ray:
@@ -91,9 +91,9 @@ def test_sweep_runs_trials_on_more_than_one_node(tmp_path):
     ("s3:///no-bucket", "no bucket"),
 ])
 def test_storage_must_be_reachable_from_every_node(storage, message, capsys, monkeypatch):
-    import ncssl_tune.sweep
+    import ncssl_tune.sweep.runner
 
-    monkeypatch.setattr(ncssl_tune.sweep, "run_sweep", lambda *a, **k: pytest.fail("run_sweep was called"))
+    monkeypatch.setattr(ncssl_tune.sweep.runner, "run_sweep", lambda *a, **k: pytest.fail("run_sweep was called"))
     assert cli.main(["search_spaces/vicreg.yaml", "--storage", storage]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ncssl-sweep: error: --storage") and message in err
@@ -106,8 +106,8 @@ def test_cloud_and_shared_storage_pass_the_dry_run(storage, capsys):
 
 
 def test_storage_becomes_ray_tunes_storage_path_per_sweep(tmp_path):
-    from ncssl_tune.monitor import CollapseStopper
-    from ncssl_tune.sweep import build_tuner, tune_storage
+    from ncssl_tune.sweep.monitor import CollapseStopper
+    from ncssl_tune.sweep.runner import build_tuner, tune_storage
 
     spec = load_spec("search_spaces/vicreg.yaml", [], name="remote")
     out_dir = tmp_path / "results" / "remote"
@@ -216,8 +216,8 @@ def test_autoscaler_adds_worker_nodes_for_a_sweep_and_removes_them_when_idle(aut
     from mlflow import MlflowClient
     from ray.tune import Callback
 
-    from ncssl_tune.mlflow_store import default_tracking_uri
-    from ncssl_tune.sweep import run_sweep
+    from ncssl_tune.records.store import default_tracking_uri
+    from ncssl_tune.sweep.runner import run_sweep
 
     ray.init(address=autoscaling_cluster, log_to_driver=False)
     try:
@@ -254,7 +254,7 @@ def test_autoscaler_adds_worker_nodes_for_a_sweep_and_removes_them_when_idle(aut
 
 
 def test_gpu_sweep_fails_when_the_autoscaler_cannot_add_a_gpu_node(autoscaling_cluster, tmp_path):
-    from ncssl_tune.sweep import SweepError, run_sweep
+    from ncssl_tune.sweep.runner import SweepError, run_sweep
 
     spec = load_spec("search_spaces/vicreg.yaml", ["resources.gpu=1"], num_samples=1, epochs=1, name="gpu")
     start = time.monotonic()

@@ -9,7 +9,7 @@ import inspect
 import pytest
 
 from ncssl_tune.config import LOSS_PARAMS, ConfigError, TrainConfig
-from ncssl_tune.losses import LOSSES
+from ncssl_tune.core.losses import LOSSES
 
 
 def test_every_loss_has_typed_parameters():

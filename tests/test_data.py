@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ncssl_tune.data import (
+from ncssl_tune.core.data import (
     DATASETS,
     DatasetError,
     _digits_arrays,

@@ -20,12 +20,12 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 from ray.tune import Callback
 
-from ncssl_tune.mlflow_store import default_tracking_uri
-from ncssl_tune.schema import SPECTRUM_CSV, TAG_TRIAL
+from ncssl_tune.records.spectra import read_spectra_csv
+from ncssl_tune.records.store import default_tracking_uri
 from ncssl_tune.spec import load_spec
-from ncssl_tune.spectra import read_spectra_csv
-from ncssl_tune.sweep import optuna_storage, run_sweep
-from ncssl_tune.tracking import OUTBOX_DIR, OUTBOX_FILE
+from ncssl_tune.sweep.runner import optuna_storage, run_sweep
+from ncssl_tune.sweep.tracker import OUTBOX_DIR, OUTBOX_FILE
+from ncssl_tune.vocab import SPECTRUM_CSV, TAG_TRIAL
 
 
 def _psutil():
@@ -167,7 +167,7 @@ def _cli(results: Path, *extra: str, num_samples: int, epochs: int) -> list[str]
 FROZEN_CLI = ["-c", """
 import pathlib, sys, time
 from ray.tune import Callback
-import ncssl_tune.sweep as sweep
+import ncssl_tune.sweep.runner as sweep
 from ncssl_tune.cli import main
 
 class Freeze(Callback):
@@ -260,8 +260,8 @@ def test_restored_searcher_takes_its_latest_state_not_rays_snapshot(tmp_path):
     """What the driver-kill test meets by chance, made certain: Ray saved the searcher state (t1 running), then
     the sweep moved on before the driver died (t2 suggested, t1 told COMPLETE), and one more Optuna trial was
     asked for just before the kill, before the searcher could record it."""
-    from ncssl_tune.search import OptunaSearcher
-    from ncssl_tune.space import DefineByRun
+    from ncssl_tune.sweep.searcher import OptunaSearcher
+    from ncssl_tune.sweep.space import DefineByRun
 
     spec = load_spec(SPACE)
 

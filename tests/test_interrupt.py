@@ -15,7 +15,7 @@ import pytest
 from conftest import TINY
 
 from ncssl_tune.cli import main
-from ncssl_tune.monitor import read_trials
+from ncssl_tune.sweep.monitor import read_trials
 
 REPO = Path(__file__).resolve().parent.parent
 SETS = [*TINY, "eval.eval_samples=64", "search.max_concurrent=2", "search.scheduler.name=fifo", "train.threads=1"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ncssl_tune.losses import (
+from ncssl_tune.core.losses import (
     LOSSES,
     WhiteningError,
     barlow_twins_loss,

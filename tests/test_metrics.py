@@ -7,8 +7,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from ncssl_tune import metrics
-from ncssl_tune.metrics import (
+from ncssl_tune.core import metrics
+from ncssl_tune.core.metrics import (
     METRIC_NAMES,
     CollapseThresholds,
     avg_corr,
@@ -21,7 +21,8 @@ from ncssl_tune.metrics import (
     spectrum,
     std_l2,
 )
-from ncssl_tune.spec import LABEL_FREE, OBJECTIVES, SpecError, load_spec
+from ncssl_tune.spec import SpecError, load_spec
+from ncssl_tune.vocab import LABEL_FREE, OBJECTIVES
 
 TWO_PI_E = 2 * math.pi * math.e
 
@@ -533,7 +534,7 @@ def test_training_on_the_low_rank_route_reports_the_direct_metrics(monkeypatch, 
     """A real run whose projector ends 128 -> 512 (P = 128 < M = 256): the reported metrics of z come from the
     route, and equal those computed directly on the embedded z of the final model; the collapse class holds."""
     from ncssl_tune.config import TrainConfig
-    from ncssl_tune.train import _Run, embed, last_linear, train
+    from ncssl_tune.core.train import _Run, embed, last_linear, train
 
     calls = []
     route = metrics.centred_low_rank

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ncssl_tune.models import BACKBONES, SSLModel, build_backbone, build_projector, parse_projector_spec
+from ncssl_tune.core.models import BACKBONES, SSLModel, build_backbone, build_projector, parse_projector_spec
 
 # Smallest inputs that still exercise each backbone; a new backbone runs on 32x32 RGB by default.
 INPUTS = {"small_cnn": [(1, 8), (3, 32)], "resnet18": [(1, 8), (3, 32)], "resnet50": [(3, 32)]}

@@ -6,8 +6,8 @@ from __future__ import annotations
 import io
 import types
 
-from ncssl_tune.monitor import SweepMonitor, read_trials
 from ncssl_tune.spec import CollapseStopConfig
+from ncssl_tune.sweep.monitor import SweepMonitor, read_trials
 
 
 def trial(tid: str, config: dict):

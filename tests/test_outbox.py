@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ncssl_tune.outbox import RETRY_FIRST_S, RETRY_MAX_S, Op, Outbox
+from ncssl_tune.records.outbox import RETRY_FIRST_S, RETRY_MAX_S, Op, Outbox
 
 
 class Down(ConnectionError):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from ncssl_tune.probe import _fit_logreg, fewshot_probe, label_draws, linear_probe
+from ncssl_tune.core.probe import _fit_logreg, fewshot_probe, label_draws, linear_probe
 
 
 def blobs(n_per_class: int, classes: int, dim: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

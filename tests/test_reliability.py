@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ncssl_tune.config import TrainConfig
-from ncssl_tune.losses import WhiteningError, whiten
+from ncssl_tune.core.losses import WhiteningError, whiten
+from ncssl_tune.core.train import train
 from ncssl_tune.spec import load_spec
-from ncssl_tune.train import train
 
 SMALL = {"data": {"dataset": "synthetic", "synthetic": {"n": 400, "size": 8, "channels": 1, "classes": 4}},
          "model": {"projector": "64-32", "width": 16},
@@ -36,9 +36,9 @@ def small(method: str, **train_over) -> TrainConfig:
 
 
 def test_diverging_trial_does_not_stop_the_sweep_and_is_excluded_from_the_analysis(tmp_path, ray_session):
-    from ncssl_tune.analysis import analyze, load_epochs, load_runs
-    from ncssl_tune.mlflow_store import default_tracking_uri
-    from ncssl_tune.sweep import run_sweep
+    from ncssl_tune.analysis.load import analyze, load_epochs, load_runs
+    from ncssl_tune.records.store import default_tracking_uri
+    from ncssl_tune.sweep.runner import run_sweep
 
     path = tmp_path / "diverge.yaml"
     path.write_text(DIVERGING_SWEEP)

@@ -6,8 +6,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from ncssl_tune.space import DefineByRun
 from ncssl_tune.spec import SpecError, SweepSpec, load_spec
+from ncssl_tune.sweep.space import DefineByRun
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 SPACE_FILES = sorted(SPACES.glob("*.yaml"))

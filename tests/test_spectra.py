@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ncssl_tune.spectra import (
+from ncssl_tune.records.spectra import (
     SPECTRUM_CSV,
     SPECTRUM_EPOCHS_PNG,
     SPECTRUM_PNG,
@@ -118,9 +118,9 @@ space:
 def test_every_child_run_of_a_sweep_has_its_spectra(ray_session, tmp_path):
     from mlflow import MlflowClient
 
-    from ncssl_tune.mlflow_store import default_tracking_uri
+    from ncssl_tune.records.store import default_tracking_uri
     from ncssl_tune.spec import load_spec
-    from ncssl_tune.sweep import run_sweep
+    from ncssl_tune.sweep.runner import run_sweep
 
     path = tmp_path / "spectra_sweep.yaml"
     path.write_text(SPACE)

@@ -12,12 +12,12 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
-from ncssl_tune.monitor import CollapseStopper, collapse_stop_reason, read_trials
-from ncssl_tune.search import OptunaSearcher
-from ncssl_tune.space import DefineByRun
 from ncssl_tune.spec import CollapseStopConfig, load_spec
-from ncssl_tune.sweep import SweepError, optuna_storage, run_sweep
-from ncssl_tune.trainable import next_streak
+from ncssl_tune.sweep.monitor import CollapseStopper, collapse_stop_reason, read_trials
+from ncssl_tune.sweep.runner import SweepError, optuna_storage, run_sweep
+from ncssl_tune.sweep.searcher import OptunaSearcher
+from ncssl_tune.sweep.space import DefineByRun
+from ncssl_tune.sweep.trainable import next_streak
 
 FAST = ["eval.cond_views=0", "eval.eval_samples=256", "eval.probe_every=0", "eval.knn_every=1",
         "model.projector=128-128", "search.max_concurrent=2"]
@@ -206,7 +206,7 @@ def test_an_errored_trial_run_again_continues_as_a_new_optuna_trial_with_its_par
 
 
 def test_gpus_the_cluster_lacks_fail_at_once(ray_session):
-    from ncssl_tune.sweep import check_resources
+    from ncssl_tune.sweep.runner import check_resources
 
     with pytest.raises(SweepError, match=r"gpu=1.*0 GPU.*resources.gpu"):
         check_resources(load_spec("search_spaces/vicreg.yaml", ["resources.gpu=1"]))
@@ -228,7 +228,7 @@ class Count(Stopper):
 
 
 def test_live_stopper_asks_every_registered_stopper_even_after_a_yes():
-    from ncssl_tune import live
+    from ncssl_tune.sweep import live
 
     yes, no = Count(True), Count(False)
     stand_in = live.LiveStopper("k", [Count(False)])

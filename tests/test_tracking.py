@@ -16,14 +16,14 @@ from conftest import TINY, MlflowServer, free_port, mlflow_client, runs_of, step
 from ray.tune import Callback
 
 from ncssl_tune.config import flatten
-from ncssl_tune.mlflow_store import TrackingError, check_tracking_uri, default_tracking_uri
-from ncssl_tune.monitor import trial_outcome
 from ncssl_tune.naming import fmt_number
-from ncssl_tune.schema import EXPERIMENT_KIND_TAG, PARENT_TAG, SPECTRUM_CSV
+from ncssl_tune.records.spectra import read_spectrum_csv
+from ncssl_tune.records.store import TrackingError, check_tracking_uri, default_tracking_uri
 from ncssl_tune.spec import CollapseStopConfig, load_spec
-from ncssl_tune.spectra import read_spectrum_csv
-from ncssl_tune.tracking import OUTBOX_DIR, OUTBOX_FILE, UNSENT_FILE, MlflowTracker, safe_key
-from ncssl_tune.trainable import build_config
+from ncssl_tune.sweep.monitor import trial_outcome
+from ncssl_tune.sweep.tracker import OUTBOX_DIR, OUTBOX_FILE, UNSENT_FILE, MlflowTracker, safe_key
+from ncssl_tune.sweep.trainable import build_config
+from ncssl_tune.vocab import EXPERIMENT_KIND_TAG, PARENT_TAG, SPECTRUM_CSV
 
 # Tiny trials: a small synthetic dataset keeps one epoch well under a second on a CPU core.
 FAST = [*TINY, "eval.eval_samples=64", "search.max_concurrent=2"]
@@ -205,7 +205,7 @@ def test_an_experiment_made_without_the_kind_tag_gets_it(server):
 
 
 def test_load_runs_names_a_missing_experiment(server):
-    from ncssl_tune.analysis import load_runs
+    from ncssl_tune.analysis.load import load_runs
 
     with pytest.raises(TrackingError, match="no MLflow experiment 'nope'"):
         load_runs("nope", server)
@@ -228,7 +228,7 @@ class Interrupt(Callback):
 
 @pytest.fixture(scope="module")
 def sweep(server, ray_session, tmp_path_factory):
-    from ncssl_tune.sweep import run_sweep
+    from ncssl_tune.sweep.runner import run_sweep
 
     spec = load_spec("search_spaces/vicreg.yaml", name="trk_sweep", num_samples=3, epochs=2,
                      sets=[*FAST, "search.scheduler.name=fifo"])
@@ -299,7 +299,7 @@ def test_sweep_records_params_metrics_and_artifacts(sweep, server):
 
 
 def test_run_analysis_reports_into_the_parent_run(sweep, server, tmp_path):
-    from ncssl_tune.analysis import run_analysis
+    from ncssl_tune.analysis.load import run_analysis
 
     result = run_analysis(sweep.spec.name, server, tmp_path / "analysis")
     assert result["n_trials"] == 3 and result["parent_run_id"] == sweep.first.mlflow_parent_run_id
@@ -350,7 +350,7 @@ class ServerOutage(Callback):
 
 
 def outage_sweep(tmp_path, server: MlflowServer, name: str, restart_after: int | None):
-    from ncssl_tune.sweep import run_sweep
+    from ncssl_tune.sweep.runner import run_sweep
 
     path = tmp_path / "outage.yaml"
     path.write_text(OUTAGE_SPACE)
@@ -364,7 +364,7 @@ def outage_sweep(tmp_path, server: MlflowServer, name: str, restart_after: int |
 
 
 def test_server_restart_mid_sweep_loses_nothing(own_server, ray_session, tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="ncssl_tune.tracking")
+    caplog.set_level(logging.WARNING, logger="ncssl_tune.sweep.tracker")
     start = time.monotonic()
     spec, outage, result, trial_ids = outage_sweep(tmp_path, own_server, "trk_restart", restart_after=1)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ncssl_tune.config import TrainConfig
-from ncssl_tune.metrics import gaussian_entropy
-from ncssl_tune.optim import LARS, build_optimizer, lr_at
-from ncssl_tune.train import load_state, reference_scores, save_state, train
+from ncssl_tune.core.metrics import gaussian_entropy
+from ncssl_tune.core.optim import LARS, build_optimizer, lr_at
+from ncssl_tune.core.train import load_state, reference_scores, save_state, train
 
 # Cheap evaluation: the tests check the loop, not the probe's resolution.
 FAST_EVAL = {"probe_every": 0, "cond_views": 0, "knn_every": 5, "eval_samples": 256}
@@ -146,7 +146,7 @@ def test_reference_scores_of_random_init_and_pixels():
 def _live_models() -> list:
     import gc
 
-    from ncssl_tune.models import SSLModel
+    from ncssl_tune.core.models import SSLModel
 
     gc.collect()
     return [o for o in gc.get_objects() if isinstance(o, SSLModel)]

@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ncssl_tune.vocab import CARRIED_PREFIX, FAILED
+from ncssl_tune.vocab import PARAM_PREFIX as PARAM
+
 MIN_N = 4  # Fisher z needs n - 3 > 0
 WARN_N = 8  # below this, a visible warning: the interval is an approximation on very few points
 MIN_TRIALS_PER_EPOCH = 6  # an epoch enters the equal-budget study when at least this many trials reached it
 Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
-PARAM = "param."  # column prefix of hyperparameters (as in trials.csv)
-CARRIED_PREFIX = "probe_"  # train() carries the linear probe's last outputs into every report
-FAILED = ("diverged", "error")  # their last metrics are stale or missing: excluded, and counted
 
 
 def failed(df: pd.DataFrame) -> pd.Series:

@@ -14,10 +14,9 @@ from ray.tune.stopper import Stopper
 
 from ncssl_tune.naming import fmt_number, short_names
 from ncssl_tune.spec import CollapseStopConfig
+from ncssl_tune.vocab import ENDED, PARAM_PREFIX
 
-ENDED = ("finished", "stopped", "diverged", "error")  # statuses of a trial Ray ended (not an interrupted one)
 ID_COLUMNS = ("trial_id", "method", "status", "stop_reason")
-PARAM_PREFIX = "param."  # trials.csv: one column per sampled key, param.<dotted key>
 FINAL_COLUMNS = ("epoch", "loss", "effective_rank", "effective_rank_frac", "effective_rank_h", "entropy",
                  "entropy_cond", "avg_corr", "std_l2", "lidar", "lidar_h", "alpha_req", "alpha_req_h", "collapse",
                  "collapse_h", "fewshot_acc", "knn_acc", "probe_acc", "probe_epoch", "images_per_s", "epoch_seconds",

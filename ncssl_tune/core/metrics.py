@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ncssl_tune.metrics_linalg import LinearHead, all_finite, centred_low_rank, gram_spectra, low_rank_route
+from ncssl_tune.core.linalg import LinearHead, all_finite, centred_low_rank, gram_spectra, low_rank_route
 
 METRIC_NAMES: tuple[str, ...] = ("effective_rank", "effective_rank_frac", "entropy", "avg_corr", "std_l2",
                                   "alpha_req", "alpha_req_dev")
@@ -219,7 +219,7 @@ def _avg_abs_corr(rows: Tensor, m: int, col_max: Tensor, max_dims: int = 2048, s
     """:func:`avg_corr` of the Z (M, D) whose centred column Gram matrix is ``rowsᵀ rows``, ``rows: (R, D)``.
 
     Correlations only need Z_cᵀ Z_c, so ``rows`` may be Z_c itself (R = M) or any matrix with the same
-    Gram matrix (:func:`~ncssl_tune.metrics_linalg.centred_low_rank`, R = P); ``col_max: (D,)`` is max_i |z_ij|, for the test of a
+    Gram matrix (:func:`~ncssl_tune.core.linalg.centred_low_rank`, R = P); ``col_max: (D,)`` is max_i |z_ij|, for the test of a
     constant dimension.
     """
     d = rows.shape[1]
@@ -319,9 +319,9 @@ def collapse_metrics(
     Raises ValueError if z is not finite (a diverged model has no meaningful collapse state).
 
     The same values as :func:`spectrum`, :func:`effective_rank`, :func:`avg_corr` and :func:`std_l2` on z, with
-    one Gram matrix for the centred and the uncentred spectrum (:func:`~ncssl_tune.metrics_linalg.gram_spectra`). With ``head``, the layer
+    one Gram matrix for the centred and the uncentred spectrum (:func:`~ncssl_tune.core.linalg.gram_spectra`). With ``head``, the layer
     that made z, and P < min(M, D), the spectra and correlations come from the (P, D) matrix of
-    :func:`~ncssl_tune.metrics_linalg.centred_low_rank` instead of z (M, D): the (P+1)² decompositions cost ~1/60 of two 2048² ones.
+    :func:`~ncssl_tune.core.linalg.centred_low_rank` instead of z (M, D): the (P+1)² decompositions cost ~1/60 of two 2048² ones.
     """
     if z.ndim != 2 or z.shape[1] < 1:
         raise ValueError(f"z must have shape (M, D) with M, D >= 1, got {tuple(z.shape)}")

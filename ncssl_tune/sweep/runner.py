@@ -21,16 +21,17 @@ from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.stopper import Stopper
 
-from ncssl_tune import live
 from ncssl_tune.config import flatten
-from ncssl_tune.mlflow_store import check_tracking_uri
-from ncssl_tune.monitor import CollapseStopper, SweepMonitor, read_trials
-from ncssl_tune.references import DOWNSTREAM, reference_scores
-from ncssl_tune.search import OptunaSearcher
-from ncssl_tune.space import DefineByRun, make_sampler
+from ncssl_tune.records.store import check_tracking_uri
 from ncssl_tune.spec import SweepSpec, resolved
-from ncssl_tune.tracking import MlflowTracker
-from ncssl_tune.trainable import run_trial
+from ncssl_tune.sweep import live
+from ncssl_tune.sweep.monitor import CollapseStopper, SweepMonitor, read_trials
+from ncssl_tune.sweep.references import reference_scores
+from ncssl_tune.sweep.searcher import OptunaSearcher
+from ncssl_tune.sweep.space import DefineByRun, make_sampler
+from ncssl_tune.sweep.tracker import MlflowTracker
+from ncssl_tune.sweep.trainable import run_trial
+from ncssl_tune.vocab import DOWNSTREAM
 
 RAY_DIR = "ray"  # Ray Tune storage under the sweep folder
 TUNE_NAME = "tune"

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from ncssl_tune.augment import TwoViewAugment, default_augment
 from ncssl_tune.config import TrainConfig
-from ncssl_tune.data import load_dataset
-from ncssl_tune.losses import LOSSES, WhiteningError
-from ncssl_tune.metrics import (
+from ncssl_tune.core.augment import TwoViewAugment, default_augment
+from ncssl_tune.core.data import load_dataset
+from ncssl_tune.core.losses import LOSSES, WhiteningError
+from ncssl_tune.core.metrics import (
     CollapseThresholds,
     LinearHead,
     all_finite,
@@ -28,9 +28,9 @@ from ncssl_tune.metrics import (
     lidar,
     low_rank_route,
 )
-from ncssl_tune.models import SSLModel, build_backbone, build_projector
-from ncssl_tune.optim import build_optimizer, lr_at
-from ncssl_tune.probe import fewshot_probe, knn_acc, linear_probe
+from ncssl_tune.core.models import SSLModel, build_backbone, build_projector
+from ncssl_tune.core.optim import build_optimizer, lr_at
+from ncssl_tune.core.probe import fewshot_probe, knn_acc, linear_probe
 
 Report = Callable[[dict, "dict | None"], None]
 

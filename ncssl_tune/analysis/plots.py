@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ncssl_tune.analysis_stats import PARAM, failed
-from ncssl_tune.spectra import plot_spectra
+from ncssl_tune.analysis.stats import failed
+from ncssl_tune.records.spectra import plot_spectra
+from ncssl_tune.vocab import DIVERGED, ERROR, FINISHED, STOPPED
+from ncssl_tune.vocab import PARAM_PREFIX as PARAM
 
 MARKERS = {"none": "o", "dimensional": "^", "total": "X"}  # collapse class of z at the last epoch
-STATUS_COLORS = {"finished": "tab:blue", "stopped": "tab:orange", "diverged": "tab:red", "error": "tab:red"}
+STATUS_COLORS = {FINISHED: "tab:blue", STOPPED: "tab:orange", DIVERGED: "tab:red", ERROR: "tab:red"}
 
 
 def _figure(nrows: int, ncols: int, width: float, height: float, sharey: bool = False):
@@ -29,7 +31,7 @@ def _log_if_wide(values: pd.Series) -> bool:
 
 def _scopes_with_tables(result: dict, distinct: bool = False) -> list[tuple[str, dict]]:
     """Scopes that have a table; with `distinct`, leaving out those whose table repeats an earlier one."""
-    from ncssl_tune.analysis_report import same_as
+    from ncssl_tune.analysis.report import same_as
 
     dup = same_as(result) if distinct else {}
     return [(n, s) for n, s in result["scopes"].items() if s["table"] and n not in dup]

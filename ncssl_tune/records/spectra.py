@@ -22,7 +22,7 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ncssl_tune.schema import SPECTRUM_CSV, SPECTRUM_EPOCHS_PNG, SPECTRUM_PNG
+from ncssl_tune.vocab import SPECTRUM_CSV, SPECTRUM_EPOCHS_PNG, SPECTRUM_PNG
 
 HISTORY_DIR = "spectra"  # in the sweep folder: one growing CSV per trial, the source of the artifact
 

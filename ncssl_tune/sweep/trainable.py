@@ -15,8 +15,8 @@ import ray
 from ray import tune
 
 from ncssl_tune.config import flatten
-from ncssl_tune.schema import RESOLVED_CONFIG
-from ncssl_tune.train import TrainConfig, load_state, save_state, train
+from ncssl_tune.core.train import TrainConfig, load_state, save_state, train
+from ncssl_tune.vocab import RESOLVED_CONFIG
 
 STATE_FILE = "state.pt"
 STREAK_FILE = "collapse_streak.json"

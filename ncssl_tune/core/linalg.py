@@ -1,4 +1,4 @@
-"""The linear algebra behind :func:`ncssl_tune.metrics.collapse_metrics`: both spectra of z from one Gram matrix,
+"""The linear algebra behind :func:`ncssl_tune.core.metrics.collapse_metrics`: both spectra of z from one Gram matrix,
 and the low-rank route for z = a Wᵀ + b made by a linear layer of P < min(M, D) inputs.
 
 Every function here returns, to round-off, what the literal definitions in docs/definitions.md give on z; only the

@@ -15,21 +15,24 @@ from pathlib import Path
 from typing import Any
 
 from ncssl_tune.config import flatten
-from ncssl_tune.mlflow_store import TrackingError, sqlite_path
 from ncssl_tune.naming import run_name
-from ncssl_tune.schema import (
+from ncssl_tune.records.store import TrackingError, sqlite_path
+from ncssl_tune.spec import SweepSpec, resolved
+from ncssl_tune.vocab import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
     PARENT_TAG,
+    RUNNING,
     STEP_METRIC,
     TAG_KIND,
+    TAG_METHOD,
+    TAG_OBJECTIVE,
     TAG_SAMPLED,
     TAG_STATUS,
     TAG_SWEEP,
     TAG_TRIAL,
     TAG_UID,
 )
-from ncssl_tune.spec import SweepSpec, resolved
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +158,7 @@ class SweepRuns:
                               f"tags.{TAG_KIND} = 'sweep' and tags.{TAG_UID} = '{self.sweep_uid}'", max_results=1)
         s = self.spec.search
         tags = {TAG_KIND: "sweep", TAG_SWEEP: name, TAG_UID: self.sweep_uid, TAG_STATUS: "running",
-                "search_algorithm": s.algorithm, "objective": f"{s.metric} ({self.spec.mode})",
+                "search_algorithm": s.algorithm, TAG_OBJECTIVE: f"{s.metric} ({self.spec.mode})",
                 "scheduler": s.scheduler.name, "git_commit": git_commit(),
                 "ray_address": self.ray_address or "local", "spec_file": str(Path(self.spec.path).resolve())}
         if found:
@@ -208,7 +211,7 @@ class SweepRuns:
         else:
             method = str(config.get("loss.method", self.spec.base.loss.method))
             tags = {PARENT_TAG: self.run_id(None), TAG_KIND: "trial", TAG_SWEEP: self.spec.name,
-                    TAG_UID: self.sweep_uid, TAG_TRIAL: trial_id, TAG_STATUS: "running", "method": method,
+                    TAG_UID: self.sweep_uid, TAG_TRIAL: trial_id, TAG_STATUS: RUNNING, TAG_METHOD: method,
                     TAG_SAMPLED: json.dumps(sorted(config))}
             run_id = c.create_run(self.experiment_id, tags=tags,
                                   run_name=run_name(index, trial_id, method, config)).info.run_id

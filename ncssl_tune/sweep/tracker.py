@@ -25,23 +25,26 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from ncssl_tune.mlflow_runs import SweepRuns, safe_key, trial_params
-from ncssl_tune.mlflow_store import TrackingError, check_tracking_uri
-from ncssl_tune.monitor import trial_outcome
 from ncssl_tune.naming import trial_index
-from ncssl_tune.outbox import Op, Outbox
-from ncssl_tune.schema import (
+from ncssl_tune.records.outbox import Op, Outbox
+from ncssl_tune.records.runs import SweepRuns, safe_key, trial_params
+from ncssl_tune.records.spectra import SpectrumHistory, write_trial_spectra
+from ncssl_tune.records.store import TrackingError, check_tracking_uri
+from ncssl_tune.records.unsent import UNSENT_FILE, report_unsent
+from ncssl_tune.spec import SweepSpec
+from ncssl_tune.sweep.monitor import trial_outcome
+from ncssl_tune.vocab import (
     NOT_METRICS,
     RESOLVED_CONFIG,
     RUN_STATUS,
+    TAG_COLLAPSE,
+    TAG_COLLAPSE_H,
+    TAG_METHOD,
     TAG_NODE,
     TAG_REASON,
     TAG_STATUS,
     TAG_TRIAL,
 )
-from ncssl_tune.spec import SweepSpec
-from ncssl_tune.spectra import SpectrumHistory, write_trial_spectra
-from ncssl_tune.unsent import UNSENT_FILE, report_unsent
 
 __all__ = ["HTTP_ENV", "OUTBOX_FILE", "UNSENT_FILE", "MlflowTracker", "metrics_of", "safe_key"]
 
@@ -291,7 +294,7 @@ class MlflowTracker(Callback):
         self._buffer(tid, result)  # no-op when this epoch was buffered already
         status, reason = trial_outcome(result, self.spec.search.collapse_stop, self.spec.search.scheduler.name, error)
         tags = {**self._pending_tags.pop(tid, {}), TAG_STATUS: status, TAG_REASON: reason}
-        tags.update({k: result[k] for k in ("collapse", "collapse_h", "method") if isinstance(result.get(k), str)})
+        tags.update({k: result[k] for k in (TAG_COLLAPSE, TAG_COLLAPSE_H, TAG_METHOD) if isinstance(result.get(k), str)})
         metrics = self._pending.pop(tid, [])
         if "time_total_s" in result:
             metrics.append(_metric("time_total_s", result["time_total_s"], self._last_step.get(tid, 0)))

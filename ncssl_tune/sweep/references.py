@@ -11,14 +11,14 @@ from pathlib import Path
 import ray
 
 from ncssl_tune.spec import SweepSpec
+from ncssl_tune.vocab import DOWNSTREAM
 
 REFERENCE_FILE = "reference.json"
-DOWNSTREAM = ("fewshot_acc", "knn_acc", "probe_acc")
 
 
 @ray.remote
 def _reference_task(cfg):
-    from ncssl_tune.train import reference_scores
+    from ncssl_tune.core.train import reference_scores
 
     return reference_scores(cfg)
 
@@ -39,7 +39,7 @@ def reference_scores(spec: SweepSpec, out_dir: Path, bundle: dict[str, float] | 
     else:
         import torch
 
-        from ncssl_tune.train import reference_scores as compute
+        from ncssl_tune.core.train import reference_scores as compute
 
         # the threads one trial gets: more than the cores would spin against the trial workers starting meanwhile
         threads = torch.get_num_threads()

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ncssl_tune import analysis_plots as plots
-from ncssl_tune.analysis_stats import WARN_N, failed, sign
+from ncssl_tune.analysis import plots
+from ncssl_tune.analysis.stats import WARN_N, failed, sign
 
 
 def g3(v: Any) -> str:

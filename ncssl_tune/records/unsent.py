@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from ncssl_tune.mlflow_runs import tag_value
-from ncssl_tune.outbox import Op
+from ncssl_tune.records.outbox import Op
+from ncssl_tune.records.runs import tag_value
 
 log = logging.getLogger(__name__)
 

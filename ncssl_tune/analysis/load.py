@@ -22,12 +22,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ncssl_tune.analysis_report import spectrum_picks, summary_lines, write_report
-from ncssl_tune.analysis_stats import MIN_TRIALS_PER_EPOCH, PARAM, driver, equal_budget, failed, swept_params
-from ncssl_tune.mlflow_store import TrackingError, check_tracking_uri, sqlite_path
-from ncssl_tune.schema import PARENT_TAG, SPECTRUM_CSV, TAG_KIND, TAG_REASON, TAG_STATUS, TAG_TRIAL
-from ncssl_tune.spec import LABEL_FREE, OBJECTIVES
-from ncssl_tune.spectra import read_spectrum_csv
+from ncssl_tune.analysis.report import spectrum_picks, summary_lines, write_report
+from ncssl_tune.analysis.stats import MIN_TRIALS_PER_EPOCH, driver, equal_budget, failed, swept_params
+from ncssl_tune.records.spectra import read_spectrum_csv
+from ncssl_tune.records.store import TrackingError, check_tracking_uri, sqlite_path
+from ncssl_tune.vocab import (
+    LABEL_FREE,
+    OBJECTIVES,
+    PARENT_TAG,
+    SPECTRUM_CSV,
+    TAG_COLLAPSE,
+    TAG_COLLAPSE_H,
+    TAG_KIND,
+    TAG_METHOD,
+    TAG_OBJECTIVE,
+    TAG_REASON,
+    TAG_STATUS,
+    TAG_TRIAL,
+)
+from ncssl_tune.vocab import PARAM_PREFIX as PARAM
 
 __all__ = ["analyze", "load_epochs", "load_runs", "run_analysis", "summary_lines", "write_report"]
 
@@ -54,7 +67,7 @@ def _sweep_info(run) -> dict[str, Any]:
                             f"correlate with is unknown")
     mode = params.get("search.mode")
     if mode not in ("max", "min"):  # "null": the objective's natural direction, also in the tag `objective`
-        tag = run.data.tags.get("objective", "")
+        tag = run.data.tags.get(TAG_OBJECTIVE, "")
         mode = tag[tag.rfind("(") + 1:-1] if tag.endswith(("(max)", "(min)")) else OBJECTIVES.get(metric)
     if mode is None:
         raise TrackingError(f"sweep run {run.info.run_id}: objective {metric!r} has no recorded search.mode and no "
@@ -103,9 +116,9 @@ def load_runs(experiment: str, tracking_uri: str, parent_run_id: str | None = No
     rows = []
     for r in runs:
         t = r.data.tags
-        rows.append({"run_id": r.info.run_id, "trial_id": t.get(TAG_TRIAL, ""), "method": t.get("method", ""),
+        rows.append({"run_id": r.info.run_id, "trial_id": t.get(TAG_TRIAL, ""), "method": t.get(TAG_METHOD, ""),
                      "status": t.get(TAG_STATUS, ""), "stop_reason": t.get(TAG_REASON, ""),
-                     "collapse": t.get("collapse", ""), "collapse_h": t.get("collapse_h", ""),
+                     "collapse": t.get(TAG_COLLAPSE, ""), "collapse_h": t.get(TAG_COLLAPSE_H, ""),
                      "run_status": r.info.status, **r.data.metrics,
                      **{PARAM + k: v for k, v in r.data.params.items()}})
     df = pd.DataFrame(rows, columns=None if rows else ["run_id", "trial_id", "method", "status", "run_status"])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ncssl_tune import augment_ops as ops
+from ncssl_tune.core import augment_ops as ops
 
 CPU_CHUNK_FLOATS = 2**20  # 4 MB of float32 output per chunk on CPU: 37 images at 96 px, 1024 at 32 px
 
