@@ -1,0 +1,125 @@
+"""The study statistics (analysis/repeats.py) on constructed cases whose answers are known by hand, and against
+scipy where scipy has the statistic."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from ncssl_tune.analysis.repeats import (
+    carry_forward,
+    ceiling,
+    config_means,
+    early_prediction,
+    kendall_tau,
+    retest,
+    spearman_brown,
+)
+
+
+def _study(values: dict[tuple[str, int], dict[int, dict[str, float]]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """{(config_id, repeat): {epoch: {metric: value}}} -> (epochs, runs) frames as the analysis loads them."""
+    runs, rows = [], []
+    for (cid, rep), by_epoch in values.items():
+        rid = f"{cid}-{rep}"
+        runs.append({"run_id": rid, "config_id": cid, "repeat": rep, "stop_reason": ""})
+        rows += [{"run_id": rid, "epoch": e, **m} for e, m in by_epoch.items()]
+    return pd.DataFrame(rows), pd.DataFrame(runs)
+
+
+def test_spearman_brown_at_known_points():
+    assert spearman_brown(0.5, 2) == pytest.approx(2 / 3)
+    assert spearman_brown(1.0, 4) == pytest.approx(1.0)
+    assert spearman_brown(0.0, 3) == 0.0
+    assert spearman_brown(0.6, 1) == pytest.approx(0.6)
+
+
+def test_ceiling_is_the_geometric_mean_of_the_reliabilities():
+    assert ceiling(0.81, 0.64) == pytest.approx(0.72)
+    assert ceiling(1.0, 1.0) == 1.0
+    assert ceiling(None, 0.5) is None and ceiling(-0.2, 0.9) is None
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_retest_of_a_perfect_and_a_reversed_repeat(flip):
+    # repeat 1 = repeat 0 + d: the order is kept (or reversed); two values d apart have SD d/√2
+    d, base = 0.01, np.linspace(0.5, 0.9, 10)
+    second = base[::-1] + d if flip else base + d
+    values = {(f"c{i}", 0): {3: {"acc": base[i]}} for i in range(10)}
+    values |= {(f"c{i}", 1): {3: {"acc": second[i]}} for i in range(10)}
+    epochs, runs = _study(values)
+    r = retest(epochs, runs, "acc", 3)
+    assert r["n_configs"] == 10 and r["repeats"] == 2
+    assert r["r"] == pytest.approx(-1.0 if flip else 1.0)
+    if not flip:
+        assert r["r_mean"] == pytest.approx(1.0)
+        assert r["within_sd"] == pytest.approx(d / math.sqrt(2))
+
+
+def test_retest_matches_scipy_on_noisy_repeats():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=40)
+    a, b = truth + rng.normal(scale=0.7, size=40), truth + rng.normal(scale=0.7, size=40)
+    values = {(f"c{i}", 0): {20: {"acc": a[i]}} for i in range(40)} | {(f"c{i}", 1): {20: {"acc": b[i]}} for i in range(40)}
+    r = retest(*_study(values), "acc", 20)
+    expected = stats.spearmanr(a, b).statistic
+    assert r["r"] == pytest.approx(expected)
+    assert r["r_mean"] == pytest.approx(2 * expected / (1 + expected))
+    assert r["within_sd"] == pytest.approx(math.sqrt(np.mean([np.var([x, y], ddof=1) for x, y in zip(a, b)])))
+
+
+def test_retest_without_repeats_says_so():
+    epochs, runs = _study({(f"c{i}", 0): {1: {"acc": float(i)}} for i in range(6)})
+    assert retest(epochs, runs, "acc", 1)["reason"] == "no configuration was trained twice"
+
+
+def test_config_means_average_the_repeats_measured_at_each_epoch():
+    epochs, runs = _study({("a", 0): {1: {"acc": 0.2}, 2: {"acc": 0.4}}, ("a", 1): {1: {"acc": 0.6}},
+                           ("b", 0): {1: {"acc": 0.1}}, ("b", 1): {1: {"acc": 0.3}}})
+    m = config_means(epochs, runs, ["acc"]).set_index(["run_id", "epoch"])
+    assert m.loc[("a", 1), "acc"] == pytest.approx(0.4) and m.loc[("a", 1), "n_repeats"] == 2
+    assert m.loc[("a", 2), "acc"] == pytest.approx(0.4) and m.loc[("a", 2), "n_repeats"] == 1
+    assert m.loc[("b", 1), "acc"] == pytest.approx(0.2)
+
+
+def test_only_total_collapse_stops_are_carried_to_the_final_epoch():
+    epochs, runs = _study({("a", 0): {1: {"acc": 0.5}, 2: {"acc": 0.3}}, ("b", 0): {1: {"acc": 0.7}},
+                           ("c", 0): {e: {"acc": 0.9} for e in range(1, 5)}})
+    runs["stop_reason"] = ["collapse_total (epoch 2)", "asha", ""]
+    out = carry_forward(epochs, runs, until=4)
+    a = out[out["run_id"] == "a-0"].set_index("epoch")
+    assert list(a.index) == [1, 2, 3, 4] and list(a["acc"]) == [0.5, 0.3, 0.3, 0.3]
+    assert list(a["carried"]) == [False, False, True, True]
+    assert list(out[out["run_id"] == "b-0"]["epoch"]) == [1]  # ASHA's stop: its future is unknown
+    assert len(out) == len(epochs) + 2
+
+
+def test_early_prediction_of_a_predictor_that_orders_the_final_objective_at_epoch_1():
+    rng = np.random.default_rng(1)
+    final = rng.uniform(0.5, 0.9, 12)
+    rows = []
+    for i in range(12):
+        rows += [{"run_id": f"c{i}", "epoch": 1, "rank": 10 * final[i], "corr": rng.uniform(), "acc": 0.5},
+                 {"run_id": f"c{i}", "epoch": 2, "rank": 10 * final[i], "corr": rng.uniform(), "acc": final[i]}]
+    out = early_prediction(pd.DataFrame(rows), {"rank": "max", "corr": "min"}, "acc", "max", final_epoch=2)
+    assert out["rank"][0]["epoch"] == 1 and out["rank"][0]["rho"] == pytest.approx(1.0)
+    assert out["rank"][0]["regret"] == 0.0
+    assert out["rank"][0]["random_regret"] == pytest.approx(final.max() - final.mean())
+    assert out["acc"][-1]["rho"] == pytest.approx(1.0)  # the objective itself at the final epoch
+    assert out["acc"][0]["rho"] is None  # constant at epoch 1: no statistic
+    corr1 = [r for r in rows if r["epoch"] == 1]
+    expected = stats.spearmanr([-r["corr"] for r in corr1], final).statistic
+    assert out["corr"][0]["rho"] == pytest.approx(expected)
+
+
+def test_kendall_tau_against_scipy():
+    a = ["p1", "p2", "p3", "p4", "p5", "p6"]
+    b = ["p2", "p1", "p3", "p6", "p5", "p4"]
+    assert kendall_tau(a, a) == 1.0 and kendall_tau(a, a[::-1]) == -1.0
+    expected = stats.kendalltau([a.index(x) for x in a], [b.index(x) for x in a]).statistic
+    assert kendall_tau(a, b) == pytest.approx(expected)
+    assert kendall_tau(a, ["p1"]) is None
