@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from ncssl_tune.analysis.load import analyze, load_epochs, load_runs, run_analysis, scopes
-from ncssl_tune.analysis.report import markdown, spectrum_picks, summary_lines
-from ncssl_tune.analysis.stats import equal_budget, selection, spearman
+from ncssl_tune.analysis import analyze, load_epochs, load_runs, run_analysis
+from ncssl_tune.analysis.report import markdown, summary_lines
+from ncssl_tune.analysis.stats import equal_budget, selection, spearman, spectrum_picks
+from ncssl_tune.analysis.study import scopes
 from ncssl_tune.records.spectra import write_spectra_csv
 from ncssl_tune.records.store import TrackingError
 
@@ -237,9 +238,32 @@ def test_analysis_imports_neither_ray_nor_optuna():
     import subprocess
 
 
-    code = "import sys, ncssl_tune.analysis.load; print([m for m in ('ray', 'optuna', 'torch') if m in sys.modules])"
+    code = "import sys, ncssl_tune.analysis; print([m for m in ('ray', 'optuna', 'torch') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_no_import_cycle_among_the_analysis_modules():
+    import ast
+    from pathlib import Path
+
+    import ncssl_tune.analysis as pkg
+
+    folder = Path(pkg.__file__).parent
+    names = {p.stem for p in folder.glob("*.py")} - {"__init__"}
+    graph = {}
+    for name in names:  # every import, function-level ones included
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        mods |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                 for a in n.names}
+        mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        graph[name] = {m.rsplit(".", 1)[-1] for m in mods if m.startswith(pkg.__name__ + ".")} & names
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph[start])
+
+    assert [n for n in sorted(names) if reaches(n, n)] == []
 
 
 def test_a_scope_with_the_same_trials_is_not_printed_twice():

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ncssl_tune.analysis.result import AnalysisResult, Driver, Scope
 from ncssl_tune.analysis.stats import failed
 from ncssl_tune.records.spectra import plot_spectra
 from ncssl_tune.vocab import DIVERGED, ERROR, FINISHED, STOPPED
@@ -29,11 +30,9 @@ def _log_if_wide(values: pd.Series) -> bool:
     return bool(len(v) and v.min() > 0 and v.max() / v.min() >= 10)
 
 
-def _scopes_with_tables(result: dict, distinct: bool = False) -> list[tuple[str, dict]]:
+def _scopes_with_tables(result: AnalysisResult, distinct: bool = False) -> list[tuple[str, Scope]]:
     """Scopes that have a table; with `distinct`, leaving out those whose table repeats an earlier one."""
-    from ncssl_tune.analysis.report import same_as
-
-    dup = same_as(result) if distinct else {}
+    dup = result["same_as"] if distinct else {}
     return [(n, s) for n, s in result["scopes"].items() if s["table"] and n not in dup]
 
 
@@ -46,7 +45,7 @@ def _plain_log_ticks(axis) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def predictors(result: dict, path: Path) -> None:
+def predictors(result: AnalysisResult, path: Path) -> None:
     """Per scope: oriented ρ with its 95% interval, and the regret of picking by each predictor against the
     expected regret of a random pick."""
     scopes = _scopes_with_tables(result, distinct=True)
@@ -83,7 +82,7 @@ def predictors(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def rho_over_epochs(result: dict, path: Path) -> None:
+def rho_over_epochs(result: AnalysisResult, path: Path) -> None:
     """Oriented ρ per predictor at every epoch enough trials reached; z solid, h dashed, one colour per metric."""
     from matplotlib.ticker import MaxNLocator
 
@@ -117,7 +116,7 @@ def rho_over_epochs(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def rank_vs_objective(result: dict, runs: pd.DataFrame, epochs: pd.DataFrame, path: Path) -> None:
+def rank_vs_objective(result: AnalysisResult, runs: pd.DataFrame, epochs: pd.DataFrame, path: Path) -> None:
     """Effective rank of z and h against the objective at the headline epoch of scope `all`, one marker per
     collapse class, one colour per method; the reference scores (random-init encoder, raw pixels) as lines."""
     obj, head = result["objective"]["metric"], result["scopes"]["all"]["headline_epoch"]
@@ -185,12 +184,12 @@ def histories(runs: pd.DataFrame, epochs: pd.DataFrame, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def map_drivers(drivers: list[dict]) -> list[dict]:
+def map_drivers(drivers: list[Driver]) -> list[Driver]:
     """The two strongest drivers of collapse (numeric or categorical) that vary, as the collapse map's dimensions."""
     return [d for d in drivers if d["strength"] > 0][:2]
 
 
-def collapse_map(runs: pd.DataFrame, drivers: list[dict], path: Path) -> None:
+def collapse_map(runs: pd.DataFrame, drivers: list[Driver], path: Path) -> None:
     """The two strongest drivers: numeric ones are axes, a categorical one splits the map into panels (two
     categoricals: panels by the first, x by the second). With one numeric axis the other is the final effective
     rank. Colour: final effective rank (log); marker: collapse class; diverged or failed trials: red x."""

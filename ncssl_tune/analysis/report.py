@@ -1,5 +1,6 @@
-"""The analysis as people read it: report.md, the console summary and the choice of trials whose spectra are shown.
-Numbers are rounded to 3 significant digits here; analysis.json keeps full precision."""
+"""The analysis as people read it: analysis.json, report.md with its plots, and the console summary. Everything
+comes from one AnalysisResult (analysis.result). Numbers are rounded to 3 significant digits here; analysis.json
+keeps full precision."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 import pandas as pd
 
 from ncssl_tune.analysis import plots
-from ncssl_tune.analysis.stats import WARN_N, failed, sign
+from ncssl_tune.analysis.result import AnalysisResult, Scope, TableRow
+from ncssl_tune.analysis.stats import WARN_N, spectrum_picks
 
 
 def g3(v: Any) -> str:
@@ -21,42 +23,20 @@ def g3(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, (float, np.floating)) else str(v)
 
 
-def rho_cell(r: dict) -> str:
+def rho_cell(r: TableRow) -> str:
     if r.get("rho") is None:
         return f"– ({r.get('reason', 'no data')})"
     lo, hi = r["ci95"]
     return f"{g3(r['rho'])} [{g3(lo)}, {g3(hi)}]"
 
 
-def spectrum_picks(runs: pd.DataFrame, objective: str, mode: str, available: set[str]) -> dict[str, pd.Series]:
-    """Distinct trials by final objective among those with a spectrum in `available`: best, median and worst (as
-    many as there are trials), plus the first collapsed one (collapse total or dimensional) when none of those is."""
-    u = runs[~failed(runs) & runs["run_id"].isin(available) & np.isfinite(runs[objective].astype(float))]
-    if u.empty:
-        return {}
-    u = u.assign(_good=sign(mode) * u[objective].astype(float)).sort_values("_good", ascending=False,
-                                                                              ignore_index=True)
-    idx = {"best": 0, "worst": len(u) - 1, "median": len(u) // 2}  # in this order: 2 trials are best and worst
-    chosen: dict[str, int] = {}
-    for label, i in idx.items():
-        if i not in chosen.values():
-            chosen[label] = i
-    picks = {label: u.iloc[chosen[label]] for label in ("best", "median", "worst") if label in chosen}
-    seen = set(chosen.values())
-    collapsed = u[u["collapse"].isin(["total", "dimensional"])]
-    if len(collapsed) and not (set(collapsed.index) & seen):
-        row = collapsed.iloc[0]
-        picks[f"collapsed ({row['collapse']})"] = row
-    return picks
-
-
-def summary_lines(result: dict) -> list[str]:
+def summary_lines(result: AnalysisResult) -> list[str]:
     """What the console prints after a sweep or `ncssl-sweep analyze`: per scope, the headline epoch and the three
     predictors that agree best with the objective."""
     o = result["objective"]
     lines = [(f"objective {o['metric']} ({o['mode']}); label-free predictors ranked by Spearman rho at the last epoch "
              f"that at least {result['min_trials_per_epoch']} trials reached")]
-    dup = same_as(result)
+    dup = result["same_as"]
     for name, s in result["scopes"].items():
         if s["headline_epoch"] is None:
             lines.append(f"  {name} ({s['n_trials']} trials): {s.get('reason', 'no data')}")
@@ -75,19 +55,7 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
-def same_as(result: dict) -> dict[str, str]:
-    """Scope -> an earlier scope whose headline table holds the very same trials at the same epoch (so the same
-    numbers): printed once, not twice."""
-    out, seen = {}, {}
-    for name, s in result["scopes"].items():
-        key = (s["headline_epoch"], tuple(s.get("headline_trials", ())))
-        if s["headline_epoch"] is not None and key in seen:
-            out[name] = seen[key]
-        seen.setdefault(key, name)
-    return out
-
-
-def _scope_section(name: str, s: dict, objective: str, duplicate_of: str | None) -> list[str]:
+def _scope_section(name: str, s: Scope, objective: str, duplicate_of: str | None) -> list[str]:
     lines = [f"### {name} ({s['n_trials']} trials)", ""]
     if s["headline_epoch"] is None:
         return lines + [f"No table: {s.get('reason', 'no data')}.", ""]
@@ -116,7 +84,7 @@ def _scope_section(name: str, s: dict, objective: str, duplicate_of: str | None)
     return lines + [""]
 
 
-def markdown(result: dict, plot_files: dict[str, str | None]) -> str:
+def markdown(result: AnalysisResult, plot_files: dict[str, str | None]) -> str:
     o, ex = result["objective"], result["excluded"]
     obj = o["metric"]
     ref = {k: v for k, v in (result.get("reference") or {}).items() if v is not None}
@@ -133,9 +101,8 @@ def markdown(result: dict, plot_files: dict[str, str | None]) -> str:
              "(`better` says which way each is read); interval and p from one Fisher-z approximation, so the "
              "interval excludes 0 exactly when p < 0.05. Regret: pick the trial with the best predictor value; "
              f"regret = best {obj} − its {obj}. Scope `healthy`: trials whose z ended in collapse class `none`."), ""]
-    dup = same_as(result)
     for name, s in result["scopes"].items():
-        lines += _scope_section(name, s, obj, dup.get(name))
+        lines += _scope_section(name, s, obj, result["same_as"].get(name))
     lines += ["## Which hyperparameters drive collapse", "",
               ("Final values. Numeric: Spearman ρ with the final value; categorical: correlation ratio η with "
                "effective_rank and per-value means."), "",
@@ -153,7 +120,7 @@ def markdown(result: dict, plot_files: dict[str, str | None]) -> str:
     return "\n".join(lines)
 
 
-def write_report(result: dict, runs: pd.DataFrame, epochs: pd.DataFrame, out_dir: str | Path,
+def write_report(result: AnalysisResult, runs: pd.DataFrame, epochs: pd.DataFrame, out_dir: str | Path,
                  spectra: dict[str, dict] | None = None) -> list[Path]:
     """analysis.json, report.md and the plots; spectra: run_id -> {"z": [...], "h": [...]}. A plot whose data is
     missing is skipped and report.md says so."""

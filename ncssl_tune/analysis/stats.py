@@ -1,6 +1,7 @@
 """The statistics of the analysis: Spearman ρ with a Fisher-z interval and p-value, label-free selection regret,
-the equal-budget study (every predictor against the objective at each epoch enough trials reached) and the
-hyperparameters that drive collapse. numpy and pandas only (scipy.stats alone takes a second to import).
+the equal-budget study (every predictor against the objective at each epoch enough trials reached), the
+hyperparameters that drive collapse and the trials whose spectra are shown. numpy and pandas only (scipy.stats
+alone takes a second to import). The parts they return are described in analysis.result.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ncssl_tune.analysis.result import Driver, Selection
 from ncssl_tune.vocab import CARRIED_PREFIX, FAILED
 from ncssl_tune.vocab import PARAM_PREFIX as PARAM
 
@@ -62,7 +64,7 @@ def sign(mode: str) -> int:
     return 1 if mode == "max" else -1
 
 
-def selection(pred, obj, trial_ids, direction: str, mode: str) -> dict[str, Any] | None:
+def selection(pred, obj, trial_ids, direction: str, mode: str) -> Selection | None:
     """Pick the trial with the best predictor value (in `direction`); regret = how much worse its objective is than
     the best trial's (in `mode`, so >= 0). Tied picks share the mean regret. Also the expected regret of a uniformly
     random pick among the same trials."""
@@ -78,6 +80,28 @@ def selection(pred, obj, trial_ids, direction: str, mode: str) -> dict[str, Any]
             "selected_objective": float(obj[picked].mean()), "best_trial": str(trial_ids[i_best]),
             "best_objective": float(obj[i_best]), "regret": float(regret[picked].mean()),
             "random_regret": float(regret.mean())}
+
+
+def spectrum_picks(runs: pd.DataFrame, objective: str, mode: str, available: set[str]) -> dict[str, pd.Series]:
+    """Distinct trials by final objective among those with a spectrum in `available`: best, median and worst (as
+    many as there are trials), plus the first collapsed one (collapse total or dimensional) when none of those is."""
+    u = runs[~failed(runs) & runs["run_id"].isin(available) & np.isfinite(runs[objective].astype(float))]
+    if u.empty:
+        return {}
+    u = u.assign(_good=sign(mode) * u[objective].astype(float)).sort_values("_good", ascending=False,
+                                                                              ignore_index=True)
+    idx = {"best": 0, "worst": len(u) - 1, "median": len(u) // 2}  # in this order: 2 trials are best and worst
+    chosen: dict[str, int] = {}
+    for label, i in idx.items():
+        if i not in chosen.values():
+            chosen[label] = i
+    picks = {label: u.iloc[chosen[label]] for label in ("best", "median", "worst") if label in chosen}
+    seen = set(chosen.values())
+    collapsed = u[u["collapse"].isin(["total", "dimensional"])]
+    if len(collapsed) and not (set(collapsed.index) & seen):
+        row = collapsed.iloc[0]
+        picks[f"collapsed ({row['collapse']})"] = row
+    return picks
 
 
 def fresh(epochs: pd.DataFrame, objective: str) -> pd.Series:
@@ -97,6 +121,7 @@ def equal_budget(epochs: pd.DataFrame, trials: pd.DataFrame, predictors: dict[st
     there); the headline is the last such epoch. epochs: one row per (run_id, epoch) with a column per metric;
     trials: one row per trial with run_id and trial_id. rho is Spearman's ρ of the predictor oriented so that larger
     means better (× -1 for `min` predictors) with the objective oriented the same way, so ρ > 0 always means "agrees".
+    Returns a result.Scope with int epoch keys (analyze makes them strings, as JSON has them).
     """
     e = epochs[epochs["run_id"].isin(trials["run_id"]) & fresh(epochs, objective)]
     counts = e.groupby("epoch")["run_id"].nunique()
@@ -147,11 +172,11 @@ def swept_params(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c.startswith(PARAM) and df[c].dropna().astype(str).nunique() > 1]
 
 
-def driver(df: pd.DataFrame, col: str, response: str, also: tuple[str, ...]) -> dict[str, Any]:
+def driver(df: pd.DataFrame, col: str, response: str, also: tuple[str, ...]) -> Driver:
     """How strongly the hyperparameter `col` moves `response` (final values): |Spearman ρ| for a numeric one, the
     correlation ratio η for a categorical one (with per-value means of `response` and of `also`)."""
     d = df[df[col].notna()]
-    out: dict[str, Any] = {"param": col[len(PARAM):], "n": len(d)}
+    out: Any = {"param": col[len(PARAM):], "n": len(d)}  # a Driver, with keys named after metrics
     metrics = (response, *also)
     if pd.api.types.is_numeric_dtype(d[col]):
         out["kind"] = "numeric"
