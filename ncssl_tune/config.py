@@ -1,13 +1,18 @@
 """Typed training configuration and the one validator that turns plain dicts into it.
 
-Every section is a dataclass whose fields carry a one-line reason. `TrainConfig.from_dict` is the only way
-user input (YAML, `--set`, a Ray Tune config dict) becomes a configuration: unknown keys, wrong types and
-out-of-range values raise `ConfigError` naming the dotted key and what is allowed.
+Every section is a dataclass whose fields carry a one-line reason and, where a value has limits, declare them
+(`bounded`, `choice`, `registered`). `build` walks the dataclass tree and checks every field against its
+annotation and its declaration; the few rules that relate several fields are short functions at the end.
+`TrainConfig.from_dict` is the only way user input (YAML, `--set`, a Ray Tune config dict) becomes a
+configuration: unknown keys, wrong types and out-of-range values raise `ConfigError` naming the dotted key and
+what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,20 +28,127 @@ class ConfigError(ValueError):
         self.message = message
 
 
+def bounded(default: Any, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+            le: float | None = None, what: str = "", kind: str = "", note: str = "", fmt: str = "") -> Any:
+    """A field whose value (when not None) must lie within the given bounds. The message reads
+    "{what} must be {kind}{rule} ({note}), got {value:fmt}", rule being "> 0", ">= 0", "in (0, 1)" or "in [0, 1]"."""
+    bounds = {k: v for k, v in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if v is not None}
+    return field(default=default, metadata={**bounds, "what": what, "kind": kind, "note": note, "fmt": fmt})
+
+
+def choice(default: Any, options: typing.Iterable) -> Any:
+    """A field whose value (when not None) is one of `options`, listed in this order in the message."""
+    return field(default=default, metadata={"choices": tuple(options)})
+
+
+def registered(default: str, registry: str) -> Any:
+    """A field naming an entry of a registry dict, given as "module:NAME" and imported when checked: the core's
+    registries import torch, which the records and the analysis, readers of this module, must not."""
+    return field(default=default, metadata={"registry": registry})
+
+
+def pair(hi: float) -> Any:
+    """An optional (low, high) range with 0 < low <= high <= hi; YAML lists become tuples of floats."""
+    return field(default=None, metadata={"pair": hi})
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _problem(f: dataclasses.Field, value: Any) -> str | None:
+    """What is wrong with `value` under the declaration of field `f`, or None."""
+    m = f.metadata
+    if value is None or not m:
+        return None
+    if "choices" in m:
+        return None if value in m["choices"] else f"got {value!r}; choose from: {', '.join(map(str, m['choices']))}"
+    if "registry" in m:
+        module, name = m["registry"].split(":")
+        names = getattr(importlib.import_module(module), name)
+        return None if value in names else f"unknown {f.name} {value!r}; choose from: {', '.join(sorted(names))}"
+    if "pair" in m:
+        hi = m["pair"]
+        ok = (isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_num(a) for a in value)
+              and 0 < value[0] <= value[1] <= hi)
+        return None if ok else f"must be (low, high) with 0 < low <= high <= {hi}, got {value!r}"
+    lo, hi = m.get("gt", m.get("ge")), m.get("lt", m.get("le"))
+    if lo is None and hi is None:
+        return None
+    if (_is_num(value) and (lo is None or (value > lo if "gt" in m else value >= lo))
+            and (hi is None or (value < hi if "lt" in m else value <= hi))):
+        return None
+    if hi is None:
+        rule = f"{'>' if 'gt' in m else '>='} {lo}"
+    else:
+        rule = f"in {'(' if 'gt' in m else '['}{lo}, {hi}{')' if 'lt' in m else ']'}"
+    note = f" ({m['note']})" if m["note"] else ""
+    shown = format(value, m["fmt"]) if m["fmt"] and _is_num(value) else repr(value)
+    return f"{m['what'] + ' ' if m['what'] else ''}must be {m['kind']}{rule}{note}, got {shown}"
+
+
+def check(obj: Any, prefix: str) -> None:
+    """Check the fields of the dataclass `obj` against their declarations, as a standalone option group:
+    ConfigError("{prefix}{field} {problem}") (AugmentConfig built directly, or by dataclasses.replace)."""
+    for f in dataclasses.fields(obj):
+        problem = _problem(f, getattr(obj, f.name))
+        if problem:
+            raise ConfigError("", f"{prefix}{f.name} {problem}")
+
+
+def _strength(hi: float = math.inf) -> Any:
+    return bounded(None, ge=0.0, le=hi, kind="a number ")
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation strengths; None means "the default for this image size" (core.augment.default_augment).
+
+    An option group: in a TrainConfig errors read "data.augment: flip_p must be ...", built alone
+    "augment.flip_p must be ...". Every value is checked by its declaration alone (no annotation coercion), so a
+    wrong type reads like a wrong range."""
+
+    crop_scale: tuple[float, float] | None = pair(1.0)  # area fraction kept by the random resized crop
+    crop_ratio: tuple[float, float] | None = pair(math.inf)  # aspect-ratio range of the crop
+    flip_p: float | None = _strength(1.0)  # horizontal flip; 0 for digits, which are not mirror-invariant
+    jitter_p: float | None = _strength(1.0)  # probability of colour jitter
+    brightness: float | None = _strength()  # factor drawn from [1 - b, 1 + b]
+    contrast: float | None = _strength()  # same form as brightness
+    saturation: float | None = _strength()  # same form; needs 3 channels
+    hue: float | None = _strength(0.5)  # shift drawn from [-h, h], h <= 0.5; needs 3 channels
+    grayscale_p: float | None = _strength(1.0)  # hides colour so it cannot carry the whole signal; needs 3 channels
+    blur_p: float | None = _strength(1.0)  # Gaussian blur, sigma 0.1..2, kernel ~10% of the image
+    solarize_p: float | None = _strength(1.0)  # invert pixels above 0.5
+    noise_std: float | None = _strength(1.0)  # additive Gaussian pixel noise, always applied when > 0
+
+    def __post_init__(self) -> None:
+        check(self, "augment.")
+        for key in ("crop_scale", "crop_ratio"):
+            v = getattr(self, key)
+            if v is not None:
+                setattr(self, key, (float(v[0]), float(v[1])))  # YAML gives lists
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AugmentConfig:
+        """Build from a config mapping; unknown keys are errors that list the allowed ones."""
+        return build(cls, d, "augment.", group="")
+
+
 @dataclass
 class DataConfig:
-    dataset: str = "digits"  # registry name in ncssl_tune.core.data.DATASETS
+    dataset: str = registered("digits", "ncssl_tune.core.data:DATASETS")  # a dataset of the registry
     root: str | None = None  # folder holding the files of disk datasets (cifar10, stl10, imagefolder, ...)
-    seed: int = 0  # seed of the fixed train/test split (independent of the training seed)
-    test_fraction: float = 0.2  # share of the embedded/synthetic data held out for evaluation
-    image_size: int | None = None  # resize every image to this size; None keeps the dataset's size
+    seed: int = bounded(0, ge=0)  # seed of the fixed train/test split (independent of the training seed)
+    test_fraction: float = bounded(0.2, gt=0, lt=1)  # share of the embedded/synthetic data held out for evaluation
+    image_size: int | None = bounded(None, gt=0)  # resize every image to this size; None keeps the dataset's size
     synthetic: dict = field(default_factory=dict)  # options of the synthetic generator (n, size, channels, classes)
-    augment: dict = field(default_factory=dict)  # overrides of the per-image-size default augmentation
+    # overrides of the per-image-size default augmentation; an option group: errors name data.augment
+    augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"group": True})
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "small_cnn"  # registry name in ncssl_tune.core.models.BACKBONES
+    backbone: str = registered("small_cnn", "ncssl_tune.core.models:BACKBONES")  # a backbone of the registry
     projector: str = "512-512-512"  # widths of the projector MLP; "" means z = h
     width: int | None = None  # small_cnn feature width F (None: its default, 128)
     norm: Literal["batch", "none"] = "batch"  # BatchNorm in small_cnn and projector hidden layers; "none"
@@ -49,28 +161,28 @@ class ModelConfig:
 # carry (tests/test_config.py checks that the two agree, name for name and value for value).
 @dataclass
 class VICRegParams:
-    lam: float = 25.0  # λ, weight of the invariance term (MSE between the views)
-    mu: float = 25.0  # μ, weight of the variance term (hinge on each dimension's std)
-    nu: float = 1.0  # ν, weight of the covariance term (off-diagonal covariances)
-    gamma: float = 1.0  # γ, target std of each dimension
+    lam: float = bounded(25.0, ge=0)  # λ, weight of the invariance term (MSE between the views)
+    mu: float = bounded(25.0, ge=0)  # μ, weight of the variance term (hinge on each dimension's std)
+    nu: float = bounded(1.0, ge=0)  # ν, weight of the covariance term (off-diagonal covariances)
+    gamma: float = bounded(1.0, gt=0)  # γ, target std of each dimension
 
 
 @dataclass
 class BarlowTwinsParams:
-    lam: float = 0.0051  # λ, weight of the off-diagonal (redundancy reduction) term
-    scale: float = 1.0  # overall factor of the loss
+    lam: float = bounded(0.0051, ge=0)  # λ, weight of the off-diagonal (redundancy reduction) term
+    scale: float = bounded(1.0, gt=0)  # overall factor of the loss
 
 
 @dataclass
 class WMSEParams:
-    w_size: int = 128  # rows whitened together; >= 2 x embedding width and a divisor of the batch size
-    w_iter: int = 1  # random sub-batch splits whitened per step
-    eps: float = 0.0  # shrinkage of the covariance toward I before whitening, in [0, 1]
+    w_size: int = bounded(128, gt=0)  # rows whitened together; >= 2 x embedding width and a divisor of the batch size
+    w_iter: int = bounded(1, gt=0)  # random sub-batch splits whitened per step
+    eps: float = bounded(0.0, ge=0, le=1, what="whitening shrinkage")  # shrinkage of the covariance toward I
 
 
 @dataclass
 class SimCLRParams:
-    temperature: float = 0.1  # τ of NT-Xent
+    temperature: float = bounded(0.1, gt=0)  # τ of NT-Xent
 
 
 @dataclass
@@ -80,7 +192,7 @@ class InvarianceParams:
 
 @dataclass
 class LossConfig:
-    method: str = "vicreg"  # registry name in ncssl_tune.core.losses.LOSSES
+    method: str = registered("vicreg", "ncssl_tune.core.losses:LOSSES")  # a loss of the registry
     vicreg: VICRegParams = field(default_factory=VICRegParams)
     barlow_twins: BarlowTwinsParams = field(default_factory=BarlowTwinsParams)
     wmse: WMSEParams = field(default_factory=WMSEParams)
@@ -94,35 +206,39 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = 20  # passes over the training split
-    batch_size: int = 256  # images per step (each seen as two views)
+    epochs: int = bounded(20, gt=0)  # passes over the training split
+    batch_size: int = bounded(256, gt=0)  # images per step (each seen as two views)
     optimizer: Literal["adamw", "lars"] = "adamw"  # LARS for large-batch ResNet runs
-    lr: float = 3e-3  # peak learning rate after warmup (not scaled by batch size)
-    weight_decay: float = 1e-4  # decoupled for AdamW; LARS skips biases and norm parameters
-    warmup_epochs: float = 2.0  # linear warmup, then cosine decay to lr * final_lr_frac
-    final_lr_frac: float = 0.01  # end of the cosine schedule, as a share of lr
-    seed: int = 0  # weights, batch order and augmentations; same seed => same metrics on CPU
+    lr: float = bounded(3e-3, gt=0)  # peak learning rate after warmup (not scaled by batch size)
+    weight_decay: float = bounded(1e-4, ge=0)  # decoupled for AdamW; LARS skips biases and norm parameters
+    warmup_epochs: float = bounded(2.0, ge=0)  # linear warmup, then cosine decay to lr * final_lr_frac
+    final_lr_frac: float = bounded(0.01, ge=0)  # end of the cosine schedule, as a share of lr
+    seed: int = bounded(0, ge=0)  # weights, batch order and augmentations; same seed => same metrics on CPU
     device: str = "auto"  # "auto" (CUDA when visible), "cpu", "cuda", "cuda:N"
-    threads: int | None = None  # torch CPU threads; None leaves torch's default (the trainable sets cpus/trial)
+    threads: int | None = bounded(None, gt=0)  # torch CPU threads; None leaves torch's default (the trainable
+    # sets cpus/trial)
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU where bf16 is slower
-    checkpoint_every: int = 1  # epochs between checkpoints when a checkpoint directory is given
+    checkpoint_every: int = bounded(1, gt=0)  # epochs between checkpoints when a checkpoint directory is given
 
 
 @dataclass
 class EvalConfig:
-    eval_samples: int = 512  # M: fixed subset of the train split on which collapse metrics are computed
-    cond_views: int = 2  # K augmented views per sample for entropy_cond; 0 skips it
-    cond_samples: int = 128  # first samples of the eval subset used for entropy_cond (K x this forwards)
-    knn_every: int = 1  # epochs between kNN evaluations (cheap); the last epoch always has one
-    probe_every: int = 1  # epochs between linear probes (first and last always have one); ASHA on probe_acc needs
-    # a probe at every rung, and on digits a probe costs ~0.2 s
-    knn_k: int = 20  # neighbours of the weighted cosine kNN
-    knn_t: float = 0.07  # temperature of the kNN vote weights
-    probe_val_fraction: float = 0.2  # share of train carved out to choose the probe's weight decay
+    eval_samples: int = bounded(512, gt=0)  # M: fixed subset of the train split on which collapse metrics are computed
+    cond_views: int = bounded(2, ge=0)  # K augmented views per sample for entropy_cond; 0 skips it
+    cond_samples: int = bounded(128, gt=0)  # first samples of the eval subset used for entropy_cond (K x this forwards)
+    knn_every: int = bounded(1, ge=0)  # epochs between kNN evaluations (cheap); the last epoch always has one
+    probe_every: int = bounded(1, ge=0)  # epochs between linear probes (first and last always have one); ASHA on
+    # probe_acc needs a probe at every rung, and on digits a probe costs ~0.2 s
+    knn_k: int = bounded(20, gt=0)  # neighbours of the weighted cosine kNN
+    knn_t: float = bounded(0.07, gt=0)  # temperature of the kNN vote weights
+    probe_val_fraction: float = bounded(0.2, gt=0, lt=1)  # share of train carved out to choose the probe's weight decay
     probe_weight_decays: list = field(default_factory=lambda: [0.0, 1e-4, 1e-3, 1e-2])  # probe L2 grid
-    fewshot_k: int = 5  # labels per class of the few-labels probe (fewshot_acc, on kNN's schedule); 0 skips it
-    fewshot_draws: int = 5  # independent label draws averaged in fewshot_acc (the same draws for every trial)
-    fewshot_weight_decay: float = 1e-2  # fixed L2 of the few-labels probe: k labels per class leave no validation
+    fewshot_k: int = bounded(5, ge=0)  # labels per class of the few-labels probe (fewshot_acc, on kNN's schedule);
+    # 0 skips it
+    fewshot_draws: int = bounded(5, gt=0)  # independent label draws averaged in fewshot_acc (the same draws for
+    # every trial)
+    fewshot_weight_decay: float = bounded(1e-2, ge=0)  # fixed L2 of the few-labels probe: k labels per class leave
+    # no validation
     collapse_total_std: float = 0.05  # total collapse when std_l2 * sqrt(D) falls below this
     collapse_dim_frac: float = 0.05  # dimensional collapse when effective_rank_frac falls below this
 
@@ -139,7 +255,7 @@ class TrainConfig:
     def from_dict(cls, raw: dict | None) -> TrainConfig:
         """Validate a nested dict (sections data/model/loss/train/eval) into a TrainConfig."""
         cfg = build(cls, raw or {}, "")
-        _check_values(cfg)
+        _check_relations(cfg)
         return cfg
 
     def to_dict(self) -> dict:
@@ -247,120 +363,67 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} at {key}")
 
 
-def build(cls: type, raw: Any, prefix: str) -> Any:
-    """The dataclass `cls` from a mapping, every field checked against its annotation (nested dataclasses too);
-    ConfigError names the dotted key (`prefix` + field) and what is allowed."""
-    where = prefix.rstrip(".") or "configuration"
+def build(cls: type, raw: Any, prefix: str, group: str | None = None) -> Any:
+    """The dataclass `cls` from a mapping, every field checked against its annotation and its declared bounds or
+    choices, nested dataclasses too: the one walk over the configuration tree. ConfigError names the dotted key
+    (`prefix` + field) and what is allowed; inside an option `group` it names the group and the message starts
+    with the option ("data.augment: flip_p must be ...")."""
+    where = group or prefix.rstrip(".") or "configuration"
     if not isinstance(raw, dict):
         raise ConfigError(where, f"expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
     unknown = sorted(set(raw) - set(names))
+    if unknown and group is not None:
+        raise ConfigError(where, f"unknown key(s) {unknown}; allowed: {', '.join(names)}")
     if unknown and cls in LOSS_PARAMS.values():
         raise ConfigError(f"{prefix}{unknown[0]}", f"unknown parameter; allowed: {', '.join(names) or '(none)'}")
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key; allowed keys in {where}: {', '.join(names)}")
     kwargs = {}
-    for name in names:
-        if name not in raw:
+    for f in fields:
+        if f.name not in raw:
             continue
-        tp = hints[name]
-        key = f"{prefix}{name}"
+        tp, key, value = hints[f.name], f"{prefix}{f.name}", raw[f.name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = build(tp, raw[name], key + ".")
-        else:
-            kwargs[name] = coerce(tp, raw[name], key)
+            kwargs[f.name] = build(tp, value, "", key) if f.metadata.get("group") else build(tp, value, key + ".")
+            continue
+        if group is None:  # an option of a group is checked by its declaration alone
+            value = coerce(tp, value, key)
+        problem = _problem(f, value)
+        if problem:
+            raise ConfigError(group, f"{key} {problem}") if group is not None else ConfigError(key, problem)
+        kwargs[f.name] = value
     return cls(**kwargs)
 
 
-def _positive(key: str, value: float | None, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+def _check_relations(cfg: TrainConfig) -> None:
+    """The rules a single field's declaration cannot state: relations between fields, and formats."""
+    from ncssl_tune.core.data import SYNTHETIC_DEFAULTS
 
-
-def _check_loss_params(loss: LossConfig) -> None:
-    # Imported here: losses imports torch, and the registry is the single source of valid names.
-    from ncssl_tune.core.losses import LOSSES
-
-    if loss.method not in LOSSES:
-        raise ConfigError("loss.method", f"unknown method {loss.method!r}; choose from: {', '.join(sorted(LOSSES))}")
-    for method in LOSS_PARAMS:
-        for k, v in dataclasses.asdict(getattr(loss, method)).items():
-            _positive(f"loss.{method}.{k}", v, allow_zero=k in ("eps", "nu", "mu", "lam"))
-    if loss.wmse.eps > 1:
-        raise ConfigError("loss.wmse.eps", f"whitening shrinkage must be in [0, 1], got {loss.wmse.eps}")
-
-
-def _check_data(d: DataConfig) -> None:
-    from ncssl_tune.core.augment import AugmentConfig
-    from ncssl_tune.core.data import DATASETS, SYNTHETIC_DEFAULTS
-
-    if d.dataset not in DATASETS:
-        raise ConfigError("data.dataset",
-                          f"unknown dataset {d.dataset!r}; choose from: {', '.join(sorted(DATASETS))}")
-    _positive("data.seed", d.seed, allow_zero=True)
+    d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.eval
     if d.synthetic and d.dataset != "synthetic":
         raise ConfigError("data.synthetic", f"options of the synthetic generator, but data.dataset is "
                           f"{d.dataset!r}; remove them or set data.dataset: synthetic")
     unknown = sorted(set(d.synthetic) - set(SYNTHETIC_DEFAULTS))
     if unknown:
-        raise ConfigError(f"data.synthetic.{unknown[0]}",
-                          f"unknown option; allowed: {', '.join(SYNTHETIC_DEFAULTS)}")
-    try:
-        AugmentConfig.from_dict(d.augment)
-    except (TypeError, ValueError) as e:
-        raise ConfigError("data.augment", str(e).removeprefix("augment: ").removeprefix("augment.")) from None
-
-
-def _check_values(cfg: TrainConfig) -> None:
-    from ncssl_tune.core.models import BACKBONES
-
-    _check_data(cfg.data)
-    if not 0 < cfg.data.test_fraction < 1:
-        raise ConfigError("data.test_fraction", f"must be in (0, 1), got {cfg.data.test_fraction}")
-    _positive("data.image_size", cfg.data.image_size)
-    if cfg.model.backbone not in BACKBONES:
-        raise ConfigError(
-            "model.backbone", f"unknown backbone {cfg.model.backbone!r}; choose from: {', '.join(sorted(BACKBONES))}"
-        )
-    if cfg.model.backbone != "small_cnn" and (cfg.model.width is not None or cfg.model.norm != "batch"):
-        raise ConfigError("model.width" if cfg.model.width is not None else "model.norm",
-                          f"only small_cnn takes width and norm; {cfg.model.backbone} has fixed widths and BatchNorm")
-    if cfg.model.width is not None and (cfg.model.width < 4 or cfg.model.width % 4):
-        raise ConfigError("model.width", f"must be a positive multiple of 4, got {cfg.model.width}")
-    spec = cfg.model.projector
+        raise ConfigError(f"data.synthetic.{unknown[0]}", f"unknown option; allowed: {', '.join(SYNTHETIC_DEFAULTS)}")
+    if m.backbone != "small_cnn" and (m.width is not None or m.norm != "batch"):
+        raise ConfigError("model.width" if m.width is not None else "model.norm",
+                          f"only small_cnn takes width and norm; {m.backbone} has fixed widths and BatchNorm")
+    if m.width is not None and (m.width < 4 or m.width % 4):
+        raise ConfigError("model.width", f"must be a positive multiple of 4, got {m.width}")
+    spec = m.projector
     if spec and not all(p.isdigit() and int(p) > 0 for p in spec.split("-")):
         raise ConfigError("model.projector", f"got {spec!r}; expected positive widths joined by '-', e.g. '2048-2048-2048'")
-    _check_loss_params(cfg.loss)
-    t = cfg.train
-    for name in ("epochs", "batch_size", "lr", "checkpoint_every"):
-        _positive(f"train.{name}", getattr(t, name))
-    for name in ("weight_decay", "warmup_epochs", "final_lr_frac"):
-        _positive(f"train.{name}", getattr(t, name), allow_zero=True)
-    _positive("train.threads", t.threads)
-    _positive("train.seed", t.seed, allow_zero=True)
     if t.device != "auto" and t.device != "cpu" and not t.device.startswith("cuda"):
         raise ConfigError("train.device", f"got {t.device!r}; choose from: auto, cpu, cuda, cuda:N")
-    e = cfg.eval
-    _positive("eval.eval_samples", e.eval_samples)
-    _positive("eval.knn_k", e.knn_k)
-    _positive("eval.knn_t", e.knn_t)
-    _positive("eval.cond_samples", e.cond_samples)
-    _positive("eval.fewshot_draws", e.fewshot_draws)
-    _positive("eval.fewshot_weight_decay", e.fewshot_weight_decay, allow_zero=True)
-    for name in ("cond_views", "knn_every", "probe_every", "fewshot_k"):
-        _positive(f"eval.{name}", getattr(e, name), allow_zero=True)
     if e.cond_views == 1:
         raise ConfigError("eval.cond_views", "needs at least 2 views (or 0 to skip entropy_cond)")
     if e.cond_views and e.cond_samples < 2:  # LiDAR's between-sample covariance needs two samples
         raise ConfigError("eval.cond_samples", f"needs at least 2 samples, got {e.cond_samples}")
-    if not 0 < e.probe_val_fraction < 1:
-        raise ConfigError("eval.probe_val_fraction", f"must be in (0, 1), got {e.probe_val_fraction}")
-    if not e.probe_weight_decays or any(
-        isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in e.probe_weight_decays
-    ):
+    if not e.probe_weight_decays or any(not _is_num(w) or w < 0 for w in e.probe_weight_decays):
         raise ConfigError("eval.probe_weight_decays", f"expected a non-empty list of numbers >= 0, got {e.probe_weight_decays!r}")
     if cfg.loss.method == "wmse":
         w_size = cfg.loss.wmse.w_size
@@ -368,6 +431,4 @@ def _check_values(cfg: TrainConfig) -> None:
             raise ConfigError("loss.wmse.w_size", f"w_size {w_size} must be >= 2 x embedding width "
                               f"{spec.split('-')[-1]} (last projector layer) for a well-conditioned whitening")
         if t.batch_size % w_size:
-            raise ConfigError(
-                "loss.wmse.w_size", f"batch size {t.batch_size} must be a multiple of w_size {w_size}"
-            )
+            raise ConfigError("loss.wmse.w_size", f"batch size {t.batch_size} must be a multiple of w_size {w_size}")

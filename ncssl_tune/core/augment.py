@@ -9,68 +9,21 @@ against torchvision's functional ops in tests/test_augment_ops.py.
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ncssl_tune.config import AugmentConfig
 from ncssl_tune.core import augment_ops as ops
+
+__all__ = ["AugmentConfig", "TwoViewAugment", "default_augment"]  # AugmentConfig is declared with the config
 
 CPU_CHUNK_FLOATS = 2**20  # 4 MB of float32 output per chunk on CPU: 37 images at 96 px, 1024 at 32 px
 
-_PROBS = ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")
-_RANGES = {"brightness": (0.0, math.inf), "contrast": (0.0, math.inf), "saturation": (0.0, math.inf),
-           "hue": (0.0, 0.5), "noise_std": (0.0, 1.0)} | {p: (0.0, 1.0) for p in _PROBS}
 
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-@dataclass
-class AugmentConfig:
-    """Augmentation strengths; None means "the default for this image size" (see default_augment)."""
-
-    crop_scale: tuple[float, float] | None = None  # area fraction kept by the random resized crop
-    crop_ratio: tuple[float, float] | None = None  # aspect-ratio range of the crop
-    flip_p: float | None = None  # horizontal flip; 0 for digits, which are not mirror-invariant
-    jitter_p: float | None = None  # probability of colour jitter
-    brightness: float | None = None  # factor drawn from [1 - b, 1 + b]
-    contrast: float | None = None  # same form as brightness
-    saturation: float | None = None  # same form; needs 3 channels
-    hue: float | None = None  # shift drawn from [-h, h], h <= 0.5; needs 3 channels
-    grayscale_p: float | None = None  # hides colour so it cannot carry the whole signal; needs 3 channels
-    blur_p: float | None = None  # Gaussian blur, sigma 0.1..2, kernel ~10% of the image
-    solarize_p: float | None = None  # invert pixels above 0.5
-    noise_std: float | None = None  # additive Gaussian pixel noise, always applied when > 0
-
-    def __post_init__(self) -> None:
-        for key in ("crop_scale", "crop_ratio"):
-            v, hi = getattr(self, key), 1.0 if key == "crop_scale" else math.inf
-            if v is None:
-                continue
-            if (not isinstance(v, (tuple, list)) or len(v) != 2 or not all(_is_num(a) for a in v)
-                    or not 0 < v[0] <= v[1] <= hi):
-                raise ValueError(f"augment.{key} must be (low, high) with 0 < low <= high <= {hi}, got {v!r}")
-            setattr(self, key, (float(v[0]), float(v[1])))  # YAML gives lists
-        for key, (lo, hi) in _RANGES.items():
-            v = getattr(self, key)
-            if v is not None and (not _is_num(v) or not lo <= v <= hi):
-                raise ValueError(f"augment.{key} must be a number in [{lo}, {hi}], got {v!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> AugmentConfig:
-        """Build from a config mapping; unknown keys are errors that list the allowed ones."""
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(allowed))
-        if unknown:
-            raise ValueError(f"augment: unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
-        return cls(**d)
-
-
-def default_augment(image_size: int, channels: int, overrides: dict | None = None) -> AugmentConfig:
-    """The recipe for this image size with every field set, then `overrides` (checked as in from_dict).
+def default_augment(image_size: int, channels: int, overrides: AugmentConfig | dict | None = None) -> AugmentConfig:
+    """The recipe for this image size with every field set, then the fields `overrides` sets (a mapping is
+    checked as in AugmentConfig.from_dict).
 
     < 16 px (digits): crop 0.6..1, no flip, jitter 0.8 of brightness/contrast 0.4, pixel noise 0.05.
     16..95 px: the SimCLR/VICReg CIFAR recipe: crop 0.2..1, flip 0.5, jitter 0.8 of 0.4/0.4/0.2/0.1,
@@ -86,7 +39,9 @@ def default_augment(image_size: int, channels: int, overrides: dict | None = Non
                "grayscale_p": 0.2 * rgb, "solarize_p": 0.1, "noise_std": 0.0}
     cfg |= {"crop_ratio": (3 / 4, 4 / 3), "jitter_p": 0.8, "brightness": 0.4, "contrast": 0.4,
             "blur_p": 0.5 if image_size >= 96 else 0.0}
-    given = dataclasses.asdict(AugmentConfig.from_dict(overrides or {}))
+    if not isinstance(overrides, AugmentConfig):
+        overrides = AugmentConfig.from_dict(overrides or {})
+    given = dataclasses.asdict(overrides)
     return AugmentConfig(**cfg | {k: v for k, v in given.items() if v is not None})
 
 
@@ -101,8 +56,7 @@ class TwoViewAugment(nn.Module):
 
     def __init__(self, config: AugmentConfig, image_size: int, channels: int):
         super().__init__()
-        c = default_augment(image_size, channels, {k: v for k, v in dataclasses.asdict(config).items()
-                                                   if v is not None})
+        c = default_augment(image_size, channels, config)
         for key in ("saturation", "hue", "grayscale_p"):
             if channels != 3 and getattr(c, key):
                 raise ValueError(f"augment.{key}={getattr(c, key)} needs 3 channels but images have "
