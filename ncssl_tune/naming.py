@@ -65,3 +65,13 @@ def run_name(index: int | None, trial_id: str, method: str, sampled: dict[str, A
     values = [f"{names[k]}={fmt_number(v)}" for k, v in sorted(sampled.items()) if k != "loss.method"]
     name = " ".join([f"#{index}" if index is not None else str(trial_id), str(method), *values])
     return name if len(name) <= RUN_NAME_MAX else name[:RUN_NAME_MAX - 1] + "…"
+
+
+def config_id(config: dict[str, Any], seed_key: str = "train.seed") -> str:
+    """A short stable name of a configuration: the hash of its sampled values without the training seed, so the
+    repeats of one configuration (search.repeats) share it and a configuration sampled twice gets it twice."""
+    import hashlib
+    import json
+
+    values = {k: v for k, v in config.items() if k != seed_key}
+    return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ncssl_tune.config import SECTIONS, ConfigError, TrainConfig, build, coerce, set_dotted
+from ncssl_tune.config import SECTIONS, ConfigError, TrainConfig, bounded, build, choice, coerce, set_dotted
 from ncssl_tune.vocab import OBJECTIVES
 
 PARAM_TYPES = ("float", "logfloat", "int", "logint", "categorical")
@@ -38,8 +38,8 @@ class SpecError(ValueError):
 @dataclass
 class SchedulerConfig:
     name: Literal["asha", "fifo"] = "asha"  # ASHA stops the worst trials at each rung
-    grace_period: int = 2  # epochs every trial gets before ASHA may stop it
-    reduction_factor: float = 3.0  # ASHA keeps 1/reduction_factor of trials per rung
+    grace_period: int = bounded(2, ge=1)  # epochs every trial gets before ASHA may stop it
+    reduction_factor: float = bounded(3.0, gt=1)  # ASHA keeps 1/reduction_factor of trials per rung
 
 
 @dataclass
@@ -53,21 +53,25 @@ class CollapseStopConfig:
 
 @dataclass
 class SearchConfig:
-    metric: str = "fewshot_acc"  # objective: fewshot_acc, probe_acc, knn_acc or a label-free metric (LABEL_FREE)
-    mode: str | None = None  # max or min; None takes the objective's natural direction
-    num_samples: int = 12  # trials to run
-    algorithm: Literal["tpe", "random", "grid"] = "tpe"  # Optuna sampler
-    seed: int = 0  # sampler seed: same seed => same proposals
-    max_concurrent: int = 2  # trials running at once (also bounded by the resources available)
+    metric: str = choice("fewshot_acc", OBJECTIVES)  # objective: fewshot_acc, probe_acc, knn_acc or a label-free
+    # metric (LABEL_FREE)
+    mode: str | None = choice(None, ("max", "min"))  # None takes the objective's natural direction
+    num_samples: int = bounded(12, ge=1)  # configurations to sample (each trained `repeats` times)
+    algorithm: Literal["tpe", "random", "grid", "qmc"] = "tpe"  # Optuna sampler; qmc: scrambled Sobol (a study)
+    repeats: int = bounded(1, ge=1)  # trials per configuration, training seeds train.seed + r·1000 (a study)
+    seed: int = bounded(0, ge=0)  # sampler seed: same seed => same proposals
+    max_concurrent: int = bounded(2, ge=1)  # trials running at once (also bounded by the resources available)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     collapse_stop: CollapseStopConfig = field(default_factory=CollapseStopConfig)
-    max_failures: int = 1  # retries of a crashed trial from its last checkpoint
+    max_failures: int = bounded(1, ge=0)  # retries of a crashed trial from its last checkpoint
 
 
 @dataclass
 class ResourcesConfig:
-    cpu: float = 1.0  # CPUs per trial (also the torch thread count, rounded up)
-    gpu: float = 0.0  # GPUs per trial; fractions pack several trials on one GPU
+    cpu: float = bounded(1.0, gt=0, note="fractions allowed", fmt="g")  # CPUs per trial (also the torch thread
+    # count, rounded up)
+    gpu: float = bounded(0.0, ge=0, note="0 = CPU only, fractions share a GPU", fmt="g")  # GPUs per trial;
+    # fractions pack several trials on one GPU
 
 
 @dataclass
@@ -75,7 +79,7 @@ class Param:
     """One swept key: a distribution, optional `when` conditions on other keys."""
 
     key: str
-    type: str
+    type: str = field(metadata={"choices": PARAM_TYPES})
     low: float | None = None
     high: float | None = None
     step: float | None = None
@@ -224,33 +228,13 @@ def _validate(raw: dict, p: Path) -> SweepSpec:
         raise ConfigError("name", f"{name!r} cannot name a folder; use letters, digits, '-', '_'")
     base = TrainConfig.from_dict({k: copy.deepcopy(raw[k]) for k in SECTIONS if k in raw})
     search = build(SearchConfig, raw.get("search", {}), "search.")
-    if search.metric not in OBJECTIVES:
-        raise ConfigError("search.metric", f"got {search.metric!r}; choose from: {', '.join(OBJECTIVES)}")
-    if search.mode not in (None, "max", "min"):
-        raise ConfigError("search.mode", f"got {search.mode!r}; choose from: max, min")
-    if search.seed < 0:
-        raise ConfigError("search.seed", f"must be >= 0, got {search.seed}")
-    for key in ("num_samples", "max_concurrent", "scheduler.grace_period"):
-        obj = search
-        for part in key.split("."):
-            obj = getattr(obj, part)
-        if obj < 1:
-            raise ConfigError(f"search.{key}", f"must be >= 1, got {obj}")
-    if search.scheduler.reduction_factor <= 1:
-        raise ConfigError("search.scheduler.reduction_factor", f"must be > 1, got {search.scheduler.reduction_factor}")
-    if search.max_failures < 0:
-        raise ConfigError("search.max_failures", f"must be >= 0, got {search.max_failures}")
     resources = build(ResourcesConfig, raw.get("resources", {}), "resources.")
-    if resources.cpu <= 0:
-        raise ConfigError("resources.cpu", f"must be > 0 (fractions allowed), got {resources.cpu:g}")
-    if resources.gpu < 0:
-        raise ConfigError("resources.gpu",
-                          f"must be >= 0 (0 = CPU only, fractions share a GPU), got {resources.gpu:g}")
     if resources.gpu > 1 and resources.gpu != int(resources.gpu):
         raise ConfigError("resources.gpu", f"above 1 must be a whole number of GPUs, got {resources.gpu}")
     space = _parse_space(raw.get("space", {}), base, search)
     _check_views(base, search)
     _check_rungs(base, search)
+    _check_repeats(search, space)
     return SweepSpec(name=name, path=str(p), base=base, search=search, resources=resources, space=space, raw=raw)
 
 
@@ -268,6 +252,18 @@ def _check_views(cfg: TrainConfig, search: SearchConfig) -> None:
     if search.metric in ("lidar", "lidar_h", "entropy_cond") and not cfg.eval.cond_views:
         raise ConfigError("search.metric", f"{search.metric} is measured on eval.cond_views augmented views per "
                                            "sample, but eval.cond_views is 0; set it to 2 or more")
+
+
+def _check_repeats(search: SearchConfig, space: list[Param]) -> None:
+    """Repeats measure the seed noise of a fixed set of configurations: an adaptive sampler would propose from the
+    first repeats' results while the others still run, and a swept seed would make repeats differ in more."""
+    if search.repeats == 1:
+        return
+    if search.algorithm == "tpe":
+        raise ConfigError("search.repeats", "repeats need a non-adaptive sampler; set search.algorithm to qmc, "
+                                            "random or grid (or search.repeats to 1 for a tpe search)")
+    if any(p.key == "train.seed" for p in space):
+        raise ConfigError("space.train.seed", "search.repeats sets each repeat's training seed; do not sweep it")
 
 
 def _check_rungs(cfg: TrainConfig, search: SearchConfig) -> None:
@@ -297,8 +293,6 @@ def _parse_space(raw_space: Any, base: TrainConfig, search: SearchConfig) -> lis
         if not isinstance(entry, dict):
             raise ConfigError(where, "expected a mapping like {type: logfloat, low: 1, high: 100}")
         param = build(Param, {"key": key, **entry}, where + ".")
-        if param.type not in PARAM_TYPES:
-            raise ConfigError(f"{where}.type", f"got {param.type!r}; choose from: {', '.join(PARAM_TYPES)}")
         if param.type == "categorical":
             if not param.values:
                 raise ConfigError(f"{where}.values", "a categorical needs a non-empty list of values")

@@ -29,6 +29,7 @@ TAG_METHOD = "method"
 TAG_COLLAPSE = "collapse"
 TAG_COLLAPSE_H = "collapse_h"
 TAG_OBJECTIVE = "objective"  # parent run: "<metric> (<mode>)"
+TAG_CONFIG = "config_id"  # a trial's configuration (naming.config_id): shared by the repeats of a study
 
 TAG_KIND = "run_kind"  # "sweep" (parent) or "trial" (child)
 TAG_SWEEP = "sweep"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import types
 
+from ncssl_tune.naming import config_id
 from ncssl_tune.spec import CollapseStopConfig
 from ncssl_tune.sweep.monitor import SweepMonitor, read_trials
 
@@ -49,8 +50,9 @@ def test_csv_puts_parameters_before_metrics_at_full_precision(tmp_path):
         mon.on_trial_complete(0, [first, late], t)
     rows = read_trials(tmp_path)
     cols = list(rows[0])
-    assert cols[:4] == ["trial_id", "method", "status", "stop_reason"]
-    assert cols[4:7] == ["param.loss.barlow_twins.lam", "param.loss.method", "param.train.lr"]
-    assert cols[7:9] == ["epoch", "loss"] and "knn_acc" in cols[9:]
+    assert cols[:5] == ["trial_id", "method", "status", "stop_reason", "config_id"]
+    assert cols[5:8] == ["param.loss.barlow_twins.lam", "param.loss.method", "param.train.lr"]
+    assert cols[8:10] == ["epoch", "loss"] and "knn_acc" in cols[10:]
+    assert [r["config_id"] for r in rows] == [config_id(first.config), config_id(late.config)]
     assert rows[0]["knn_acc"] == "0.9972222447395325" and rows[1]["param.loss.barlow_twins.lam"] == "0.0012345"
     assert [r["status"] for r in rows] == ["stopped", "stopped"]

@@ -12,11 +12,11 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
-from ncssl_tune.naming import fmt_number, short_names
+from ncssl_tune.naming import config_id, fmt_number, short_names
 from ncssl_tune.spec import CollapseStopConfig
 from ncssl_tune.vocab import ENDED, PARAM_PREFIX
 
-ID_COLUMNS = ("trial_id", "method", "status", "stop_reason")
+ID_COLUMNS = ("trial_id", "method", "status", "stop_reason", "config_id")  # config_id: shared by repeats
 FINAL_COLUMNS = ("epoch", "loss", "effective_rank", "effective_rank_frac", "effective_rank_h", "entropy",
                  "entropy_cond", "avg_corr", "std_l2", "lidar", "lidar_h", "alpha_req", "alpha_req_h", "collapse",
                  "collapse_h", "fewshot_acc", "knn_acc", "probe_acc", "probe_epoch", "images_per_s", "epoch_seconds",
@@ -92,13 +92,16 @@ def table_lines(trials, rows: dict[str, dict]) -> list[str]:
     """The live table: trial, method, the sampled parameters under short unambiguous names (loss.vicreg.lam and
     loss.barlow_twins.lam are vicreg.lam and barlow_twins.lam), the metrics rounded for reading, status."""
     keys = sorted({k for t in trials for k in t.config} - {"loss.method"})  # the method column shows it
-    fixed = ["trial", "method", *(h for h, _ in TABLE_METRICS), "status"]
+    ids = {t.trial_id: config_id(t.config) for t in trials}
+    repeated = len(set(ids.values())) < len(ids)  # a study with repeats: which trials share a configuration
+    fixed = ["trial", *(["config"] if repeated else []), "method", *(h for h, _ in TABLE_METRICS), "status"]
     names = short_names(keys, taken=fixed)
-    head = ["trial", "method", *(names[k] for k in keys), *(h for h, _ in TABLE_METRICS), "status"]
+    head = [*fixed[:-len(TABLE_METRICS) - 1], *(names[k] for k in keys), *(h for h, _ in TABLE_METRICS), "status"]
     lines = []
     for t in trials:
         r = rows.get(t.trial_id, {})
-        lines.append([t.trial_id, r.get("method") or t.config.get("loss.method", ""),
+        lines.append([t.trial_id, *([ids[t.trial_id]] if repeated else []),
+                      r.get("method") or t.config.get("loss.method", ""),
                       *(fmt_number(t.config.get(k, "-")) for k in keys),
                       *(fmt_number(r.get(k, "-")) for _, k in TABLE_METRICS), r.get("status", t.status.lower())])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
@@ -131,7 +134,7 @@ class SweepMonitor(Callback):
         self.rows = dict(state.get("rows", {}))
 
     def _row(self, trial, result: dict | None, status: str | None = None, reason: str = "") -> dict:
-        row = self.rows.setdefault(trial.trial_id, {"trial_id": trial.trial_id})
+        row = self.rows.setdefault(trial.trial_id, {"trial_id": trial.trial_id, "config_id": config_id(trial.config)})
         row.update({f"{PARAM_PREFIX}{k}": v for k, v in trial.config.items()})
         if result:
             row["method"] = result.get("method", row.get("method", ""))

@@ -13,7 +13,13 @@ reaching into its private attributes. Here:
   attempt stays FAIL in the study, the new one counts): under its own id (`Tuner.restore(resume_errored=True)`)
   or as a new Ray trial with the errored one's config (`restart_errored=True`, which the sweep uses);
 - it limits the trials running at once itself (Ray's ConcurrencyLimiter drops the results of trials it no
-  longer counts as live, which a resumed errored trial is).
+  longer counts as live, which a resumed errored trial is);
+- with `repeats` R > 1 (a study design, non-adaptive samplers only: spec.py checks), each Optuna trial is one
+  configuration trained R times: R Ray trials with the same sampled values and training seeds `seed_key` =
+  base_seed + r·REPEAT_SEED_STEP, issued one after another. The Optuna trial is told once all R ended: COMPLETE
+  with the mean objective when every repeat completed, else FAIL if one failed, else PRUNED. Its intermediate
+  values are repeat 0's (a second report of a step is ignored). An errored repeat that `--resume` restarts
+  continues as an Optuna trial of its own, as any errored trial does.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from ray.tune.search import Searcher
 
 log = logging.getLogger(__name__)
 
+REPEAT_SEED_STEP = 1000  # repeat r trains with seed base + r·1000: two runs seeded s and s+1 share no training seed
+
 
 class OptunaSearcher(Searcher):
     """Suggests each trial's parameters from `study.ask()` and the define-by-run `space(trial)`; tells Optuna
@@ -39,7 +47,8 @@ class OptunaSearcher(Searcher):
 
     def __init__(self, space: Callable[[optuna.Trial], None], metric: str, mode: str,
                  sampler: optuna.samplers.BaseSampler, storage: optuna.storages.BaseStorage | None = None,
-                 study_name: str | None = None, max_concurrent: int = 0, state_path: str | Path | None = None):
+                 study_name: str | None = None, max_concurrent: int = 0, state_path: str | Path | None = None,
+                 repeats: int = 1, seed_key: str = "train.seed", base_seed: int = 0):
         super().__init__(metric=metric, mode=mode)
         self.space = space
         self.study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
@@ -51,6 +60,11 @@ class OptunaSearcher(Searcher):
         self.told: set[str] = set()  # Ray trial ids whose Optuna trial is finished
         self.errored: set[str] = set()  # ... told FAIL because the Ray trial errored (Ray may run it again)
         self.live: set[str] = set()  # Ray trial ids suggested and not yet ended
+        self.repeats, self.seed_key, self.base_seed = repeats, seed_key, base_seed
+        self.configs: dict[str, dict] = {}  # Ray trial id -> the config it was given (with its seed, if repeated)
+        self.queued: list[tuple[optuna.Trial, dict]] = []  # repeats of the current configuration not yet issued
+        self.ended: dict[int, list[tuple[TrialState, float | None]]] = {}  # Optuna number -> its ended repeats
+        self.expected: dict[int, int] = {}  # Optuna number -> Ray trials it waits for, when not `repeats`
 
     # --- Ray's Searcher interface
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
@@ -63,11 +77,20 @@ class OptunaSearcher(Searcher):
     def suggest(self, trial_id: str) -> dict | None:
         if self.max_concurrent and len(self.live) >= self.max_concurrent:
             return None
-        trial = self._ask()
+        if self.queued:
+            trial, config = self.queued.pop(0)
+        else:
+            trial = self._ask()
+            config = dict(trial.params)
+            if self.repeats > 1:
+                configs = [{**config, self.seed_key: self.base_seed + r * REPEAT_SEED_STEP}
+                           for r in range(self.repeats)]
+                config, self.queued = configs[0], [(trial, c) for c in configs[1:]]
         self.trials[trial_id] = trial
+        self.configs[trial_id] = config
         self.live.add(trial_id)
         self._save_state()
-        return dict(trial.params)
+        return dict(config)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         trial = self._resumed(trial_id, result)
@@ -88,14 +111,15 @@ class OptunaSearcher(Searcher):
             self.errored.add(trial_id)
         try:
             if error or status == "diverged" or value is None or not math.isfinite(value):
-                self.study.tell(trial, None, state=TrialState.FAIL)
+                state = TrialState.FAIL
             elif status == "running":
                 # Ray skips on_trial_result for the result on which a stopper fired: report it here, so the study
                 # holds the whole curve up to the stop.
                 self._report(trial, result)
-                self.study.tell(trial, None, state=TrialState.PRUNED)
+                state = TrialState.PRUNED
             else:
-                self.study.tell(trial, value, state=TrialState.COMPLETE)
+                state = TrialState.COMPLETE
+            self._tell(trial, state, value)
         except RuntimeError as e:
             # GridSampler stops the study once its grid is used up; outside study.optimize that stop raises, after
             # the trial was stored. There is nothing to stop here: Ray's num_samples bounds the sweep.
@@ -109,12 +133,17 @@ class OptunaSearcher(Searcher):
         # The sampler too (as Optuna's FAQ restores one): a resumed sweep otherwise restarts its random number
         # generator from the seed and proposes the first trials' parameters again.
         return {"trials": self.trials, "told": self.told, "errored": self.errored, "live": self.live,
-                "sampler": self.study.sampler}
+                "sampler": self.study.sampler, "configs": self.configs, "queued": self.queued, "ended": self.ended,
+                "expected": self.expected}
 
     def set_state(self, state: dict) -> None:
         self.trials, self.live = dict(state["trials"]), set(state["live"])
         self.told, self.errored = set(state["told"]), set(state["errored"])
         self.study.sampler = state["sampler"]
+        # absent from the state files of sweeps started before repeats existed
+        self.configs = dict(state.get("configs") or {t: dict(tr.params) for t, tr in self.trials.items()})
+        self.queued, self.ended = list(state.get("queued", [])), dict(state.get("ended", {}))
+        self.expected = dict(state.get("expected", {}))
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -142,6 +171,19 @@ class OptunaSearcher(Searcher):
                 self.study.tell(number, None, state=TrialState.FAIL)
 
     # --- helpers
+    def _tell(self, trial: optuna.Trial, state: TrialState, value: float | None) -> None:
+        """Tell Optuna how a Ray trial ended; with repeats, once the configuration's last repeat has ended."""
+        ended = self.ended.setdefault(trial.number, [])
+        ended.append((state, value))
+        if len(ended) < self.expected.get(trial.number, self.repeats):
+            return
+        self.ended.pop(trial.number, None)
+        states = {s for s, _ in ended}
+        if states == {TrialState.COMPLETE}:
+            self.study.tell(trial, sum(v for _, v in ended) / len(ended), state=TrialState.COMPLETE)
+        else:
+            self.study.tell(trial, None, state=TrialState.FAIL if TrialState.FAIL in states else TrialState.PRUNED)
+
     def _report(self, trial: optuna.Trial, result: dict) -> None:
         value = result.get(self.metric)
         if value is not None and math.isfinite(value):
@@ -162,22 +204,24 @@ class OptunaSearcher(Searcher):
         finished trial from its checkpoint after a driver kill: its results are not new) or unknown; a new trial
         with the same parameters when an errored Ray trial runs again, resumed (same id) or restarted (a new id
         whose config, in the result, is an errored trial's)."""
-        trial = self.trials.get(trial_id)
+        trial, source = self.trials.get(trial_id), trial_id
         if trial is not None and trial_id not in self.told:
             return trial
         if trial is None:
             config = result.get("config") or {k[len("config/"):]: v for k, v in result.items()
                                                if k.startswith("config/")}  # Ray flattens nested keys with "/"
-            old = next((t for t in sorted(self.errored) if config and self.trials[t].params == config), None)
+            old = next((t for t in sorted(self.errored) if config and self.configs[t] == config), None)
             if old is None:
                 return None
             self.errored.discard(old)  # one restart continues one failed attempt
-            trial = self.trials[old]
+            trial, source = self.trials[old], old
         elif trial_id not in self.errored:
             return None
         trial = self._ask(dict(trial.params))
         log.info("Ray trial %s runs again after an error: Optuna trial %d continues it", trial_id, trial.number)
         self.trials[trial_id] = trial
+        self.configs[trial_id] = dict(self.configs.get(source, trial.params))
+        self.expected[trial.number] = 1  # one repeat run again: its own Optuna trial
         self.told.discard(trial_id)
         self.errored.discard(trial_id)
         self.live.add(trial_id)

@@ -6,6 +6,7 @@ restored sweep can rebuild its study (a lambda or closure would not survive `Tun
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,13 @@ def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
                                           multivariate=True, group=True)
     if s.algorithm == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.algorithm == "qmc":
+        # Scrambled Sobol points fill the space evenly and reproducibly for a seed (a study, not a search). Optuna
+        # samples the first trial at random and takes the search space from it; a conditional key absent from
+        # that trial is sampled at random too.
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.0: nothing a user can act on
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=s.seed)
     return optuna.samplers.GridSampler({p.key: grid_values(p) for p in spec.space}, seed=s.seed)
 
 

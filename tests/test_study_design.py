@@ -1,0 +1,96 @@
+"""The study design in the searcher: QMC proposals reproducible for a seed, repeats that share a configuration and
+differ only in the training seed, and what Optuna is told about a repeated configuration."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from ncssl_tune.naming import config_id
+from ncssl_tune.spec import load_spec
+from ncssl_tune.sweep.runner import optuna_storage
+from ncssl_tune.sweep.searcher import REPEAT_SEED_STEP, OptunaSearcher
+from ncssl_tune.sweep.space import DefineByRun, make_sampler
+
+SPACE = "search_spaces/vicreg.yaml"
+
+
+def _searcher(overrides: list[str], repeats: int = 1, base_seed: int = 0) -> OptunaSearcher:
+    spec = load_spec(SPACE, overrides)
+    return OptunaSearcher(DefineByRun(spec.space, spec.base), metric="fewshot_acc", mode="max",
+                          sampler=make_sampler(spec), repeats=repeats, base_seed=base_seed)
+
+
+def _proposals(seed: int, n: int = 6) -> list[dict]:
+    s = _searcher(["search.algorithm=qmc", f"search.seed={seed}"])
+    out = []
+    for i in range(n):
+        out.append(s.suggest(f"t{i}"))
+        s.on_trial_complete(f"t{i}", {"fewshot_acc": 0.5, "training_iteration": 1, "status": "finished"})
+    return out
+
+
+def test_qmc_proposals_are_reproducible_for_a_seed_and_differ_between_seeds():
+    first, again, other = _proposals(3), _proposals(3), _proposals(4)
+    assert first == again
+    assert first != other
+    assert len({config_id(p) for p in first}) == len(first)  # six distinct points
+
+
+def test_qmc_points_spread_over_a_numeric_range():
+    # the first trial is Optuna's random start; the next 8 are scrambled Sobol points, which put one point in
+    # each eighth of every dimension (here the log range [1, 100] of lam and the range [0, 50] of mu)
+    points = _proposals(0, n=9)[1:]
+    assert sorted(int(math.log10(p["loss.vicreg.lam"]) / 2 * 8) for p in points) == list(range(8))
+    assert sorted(int(p["loss.vicreg.mu"] / 50 * 8) for p in points) == list(range(8))
+
+
+def test_repeats_share_the_configuration_and_differ_only_in_the_training_seed():
+    s = _searcher(["search.algorithm=random"], repeats=2, base_seed=7)
+    a, b, c = s.suggest("t1"), s.suggest("t2"), None
+    assert a["train.seed"] == 7 and b["train.seed"] == 7 + REPEAT_SEED_STEP
+    assert {k: v for k, v in a.items() if k != "train.seed"} == {k: v for k, v in b.items() if k != "train.seed"}
+    assert config_id(a) == config_id(b)
+    s.on_trial_complete("t1", {"fewshot_acc": 0.6, "training_iteration": 3, "status": "finished"})
+    assert s.study.trials[0].state == TrialState.RUNNING  # told once both repeats ended
+    s.on_trial_complete("t2", {"fewshot_acc": 0.8, "training_iteration": 3, "status": "finished"})
+    c = s.suggest("t3")
+    assert config_id(c) != config_id(a) and c["train.seed"] == 7
+    done = s.study.trials[0]
+    assert done.state == TrialState.COMPLETE and done.value == pytest.approx(0.7)
+    assert len(s.study.trials) == 2  # one Optuna trial per configuration
+
+
+@pytest.mark.parametrize(("second", "state"), [({"status": "running"}, TrialState.PRUNED),
+                                               ({"status": "diverged"}, TrialState.FAIL)])
+def test_a_repeat_stopped_early_or_diverged_decides_the_configuration(second, state):
+    s = _searcher(["search.algorithm=random"], repeats=2)
+    s.suggest("t1"), s.suggest("t2")
+    s.on_trial_complete("t1", {"fewshot_acc": 0.6, "training_iteration": 3, "status": "finished"})
+    s.on_trial_complete("t2", {"fewshot_acc": 0.5, "training_iteration": 2, **second})
+    assert s.study.trials[0].state == state
+
+
+def test_without_repeats_the_config_is_the_sampled_values_alone():
+    s = _searcher(["search.algorithm=random"])
+    assert "train.seed" not in s.suggest("t1")
+
+
+def test_a_restored_searcher_keeps_the_repeats_it_still_owes(tmp_path):
+    spec = load_spec(SPACE, ["search.algorithm=random"])
+
+    def searcher():
+        return OptunaSearcher(DefineByRun(spec.space, spec.base), metric="fewshot_acc", mode="max",
+                              sampler=optuna.samplers.RandomSampler(seed=0), repeats=3,
+                              storage=optuna_storage(tmp_path), study_name="s", state_path=tmp_path / "state.pkl")
+
+    first = searcher()
+    a = first.suggest("t1")
+    resumed = searcher()
+    resumed.restore(str(tmp_path / "unused.pkl"))
+    b, c = resumed.suggest("t2"), resumed.suggest("t3")
+    assert config_id(a) == config_id(b) == config_id(c)
+    assert [x["train.seed"] for x in (a, b, c)] == [0, REPEAT_SEED_STEP, 2 * REPEAT_SEED_STEP]
