@@ -123,3 +123,81 @@ def test_kendall_tau_against_scipy():
     expected = stats.kendalltau([a.index(x) for x in a], [b.index(x) for x in a]).statistic
     assert kendall_tau(a, b) == pytest.approx(expected)
     assert kendall_tau(a, ["p1"]) is None
+
+
+def test_analyze_a_constructed_study_end_to_end():
+    """12 configurations × 2 repeats, 3 epochs. The objective is a config's quality plus seed noise; effective_rank
+    tracks quality exactly (its repeats agree perfectly), avg_corr is pure noise; one configuration collapses
+    totally at epoch 2 and is stopped there; loss falls with quality."""
+    from ncssl_tune.analysis import analyze
+
+    rng = np.random.default_rng(3)
+    quality = np.linspace(0.5, 0.9, 12)
+    runs, rows = [], []
+    for c in range(12):
+        for r in range(2):
+            rid = f"c{c}r{r}"
+            stopped = c == 0
+            runs.append({"run_id": rid, "trial_id": rid, "config_id": f"c{c}", "param.train.seed": 1000 * r,
+                         "param.loss.vicreg.lam": float(c), "method": "vicreg", "status": "stopped" if stopped
+                         else "finished", "run_status": "FINISHED", "collapse": "total" if stopped else "none",
+                         "stop_reason": "collapse_total (epoch 2)" if stopped else "", "epoch": 2 if stopped else 3})
+            for e in (1, 2) if stopped else (1, 2, 3):
+                acc = quality[c] * e / 3 + rng.normal(scale=0.01)
+                rows.append({"run_id": rid, "epoch": e, "fewshot_acc": acc, "effective_rank": 10 * quality[c] * e,
+                             "avg_corr": rng.uniform(), "loss": 1 - quality[c] + 0.05 * rng.normal()})
+    runs_df = pd.DataFrame(runs)
+    runs_df["effective_rank"] = runs_df["config_id"].map(lambda c: 30 * quality[int(c[1:])])
+    res = analyze(runs_df, pd.DataFrame(rows), "fewshot_acc", "max")
+    st = res["study"]
+    assert (st["n_configs"], st["repeats"], st["n_trials"], st["final_epoch"]) == (12, 2, 24, 3)
+    assert st["carried_trials"] == ["c0r0", "c0r1"] and st["baselines"] == {"loss": "min"}
+    head = st["scopes"]["all"]
+    assert head["headline_epoch"] == 3 and head["n_trials"] == 12  # every configuration, carried ones included
+    table = {r["predictor"]: r for r in head["table"]}
+    assert table["effective_rank"]["rho"] == pytest.approx(1.0) and table["effective_rank"]["n"] == 12
+    assert table["loss"]["baseline"] and not table["effective_rank"]["baseline"]
+    noise = st["noise"]
+    assert noise["predictors"]["effective_rank"]["r"] == pytest.approx(1.0)
+    assert noise["objective"]["n_configs"] == 12 and noise["objective"]["r"] > 0.9
+    assert noise["predictors"]["effective_rank"]["ceiling"] == pytest.approx(math.sqrt(noise["objective"]["r_mean"]))
+    assert abs(noise["predictors"]["avg_corr"]["r"]) < 0.7  # independent draws per repeat
+    early = st["early"]["effective_rank"]
+    assert [p["epoch"] for p in early] == [1, 2, 3] and early[0]["rho"] == pytest.approx(1.0)
+    assert early[0]["regret"] == 0.0
+    assert [d["param"] for d in st["drivers"]] == ["loss.vicreg.lam"]  # the seed is not a driver
+    assert res["drivers_epochs"] == [2, 3]  # the search view mixes the collapsed trials' epoch 2 with epoch 3
+
+
+def test_a_search_without_repeats_has_no_study_section():
+    from ncssl_tune.analysis import analyze
+
+    runs = pd.DataFrame({"run_id": [f"r{i}" for i in range(6)], "config_id": [f"c{i}" for i in range(6)],
+                         "epoch": 2})
+    epochs = pd.DataFrame([{"run_id": f"r{i}", "epoch": e, "knn_acc": 0.1 * i, "lidar": float(i)}
+                           for i in range(6) for e in (1, 2)])
+    assert "study" not in analyze(runs, epochs, "knn_acc", "max")
+
+
+def test_the_study_report_leads_with_the_study_and_draws_early_prediction(tmp_path):
+    from ncssl_tune.analysis import analyze, summary_lines, write_report
+
+    rng = np.random.default_rng(4)
+    runs, rows = [], []
+    for c in range(10):
+        for r in range(2):
+            rid = f"c{c}r{r}"
+            runs.append({"run_id": rid, "trial_id": rid, "config_id": f"c{c}", "param.train.seed": r, "epoch": 2,
+                         "method": "vicreg", "status": "finished", "run_status": "FINISHED", "collapse": "none",
+                         "knn_acc": 2.0 * c})
+            rows += [{"run_id": rid, "epoch": e, "knn_acc": c * e + rng.normal(), "lidar": c + rng.normal(),
+                      "loss": -c + rng.normal()} for e in (1, 2)]
+    res = analyze(pd.DataFrame(runs), pd.DataFrame(rows), "knn_acc", "max")
+    lines = summary_lines(res)
+    assert lines[0].startswith("study: 10 configurations x 2 repeats")
+    assert any("(baseline)" in line for line in lines)
+    files = {p.name for p in write_report(res, pd.DataFrame(runs), pd.DataFrame(rows), tmp_path)}
+    assert "early_prediction.png" in files
+    md = (tmp_path / "report.md").read_text()
+    assert md.index("## Study: 10 configurations × 2 repeats") < md.index("## The same trials one by one")
+    assert "| loss | baseline |" in md and "| lidar | label-free |" in md

@@ -18,14 +18,15 @@ import pandas as pd
 
 from ncssl_tune.analysis.result import REFERENCES
 from ncssl_tune.analysis.stats import spectrum_picks
+from ncssl_tune.records.runs import child_runs
 from ncssl_tune.records.spectra import read_spectrum_csv
 from ncssl_tune.records.store import TrackingError, sqlite_path
 from ncssl_tune.vocab import (
     OBJECTIVES,
-    PARENT_TAG,
     SPECTRUM_CSV,
     TAG_COLLAPSE,
     TAG_COLLAPSE_H,
+    TAG_CONFIG,
     TAG_KIND,
     TAG_METHOD,
     TAG_OBJECTIVE,
@@ -93,19 +94,13 @@ def load_runs(experiment: str, tracking_uri: str, parent_run_id: str | None = No
             raise TrackingError(f"experiment {experiment!r} at {tracking_uri} holds no sweep run")
         parent_run_id = parents[0].info.run_id
     info = _sweep_info(c.get_run(parent_run_id))
-    runs, token = [], None
-    while True:
-        page = c.search_runs([exp.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=1000,
-                             page_token=token)
-        runs += list(page)
-        token = page.token
-        if not token:
-            break
+    runs = child_runs(c, exp.experiment_id, parent_run_id)
     rows = []
     for r in runs:
         t = r.data.tags
         rows.append({"run_id": r.info.run_id, "trial_id": t.get(TAG_TRIAL, ""), "method": t.get(TAG_METHOD, ""),
                      "status": t.get(TAG_STATUS, ""), "stop_reason": t.get(TAG_REASON, ""),
+                     "config_id": t.get(TAG_CONFIG, ""),
                      "collapse": t.get(TAG_COLLAPSE, ""), "collapse_h": t.get(TAG_COLLAPSE_H, ""),
                      "run_status": r.info.status, **r.data.metrics,
                      **{PARAM + k: v for k, v in r.data.params.items()}})

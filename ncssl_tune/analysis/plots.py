@@ -253,3 +253,43 @@ def collapse_map(runs: pd.DataFrame, drivers: list[Driver], path: Path) -> None:
         if isinstance(norm, LogNorm):
             _plain_log_ticks(bar.ax.yaxis)
     fig.savefig(path, dpi=110)
+
+
+def early_prediction(result: AnalysisResult, path: Path) -> None:
+    """How early can you tell: ρ of each predictor at epoch e with the objective at the final epoch (left) and the
+    regret of picking by it at e (right), over a study's configurations; baselines dashed grey, the objective
+    measured early black, the best label-free metrics in colour, each with its noise ceiling as a dotted level."""
+    from matplotlib.ticker import MaxNLocator
+
+    st = result["study"]
+    obj, final = result["objective"]["metric"], st["final_epoch"]
+    table = st["scopes"]["all"]["table"]
+    top = [r["predictor"] for r in table if r["rho"] is not None and not r.get("baseline")][:5]
+    fig, axes = _figure(1, 2, 5.2, 3.6)
+    for name in [*top, *st["baselines"], obj]:
+        pts = [p for p in st["early"].get(name, []) if p["rho"] is not None]
+        if not pts:
+            continue
+        style = ({"color": "k", "lw": 2.0} if name == obj else {"color": "gray", "ls": "--", "lw": 1.0}
+                 if name in st["baselines"] else {"color": f"C{top.index(name)}", "lw": 1.4})
+        label = f"{name} (objective, measured early)" if name == obj else (
+            f"{name} (baseline)" if name in st["baselines"] else name)
+        axes[0][0].plot([p["epoch"] for p in pts], [p["rho"] for p in pts], marker=".", label=label, **style)
+        axes[0][1].plot([p["epoch"] for p in pts], [p["regret"] for p in pts], marker=".", **style)
+        ceiling = st["noise"]["predictors"].get(name, {}).get("ceiling")
+        if ceiling is not None and name in top:
+            axes[0][0].axhline(ceiling, color=style["color"], ls=":", lw=0.8)
+    rand = next((p["random_regret"] for p in st["early"].get(obj, []) if p["random_regret"] is not None), None)
+    if rand is not None:
+        axes[0][1].axhline(rand, color="tab:red", lw=0.8, label="random pick")
+        axes[0][1].legend(fontsize=7)
+    axes[0][0].axhline(0, color="gray", lw=0.6)
+    axes[0][0].set(ylim=(-1.05, 1.05), xlabel="epoch e", ylabel=f"ρ(value at e, {obj} at epoch {final})",
+                   title=f"{st['n_configs']} configurations × {st['repeats']} repeats (dotted: noise ceilings)")
+    axes[0][1].set(xlabel="epoch e", ylabel=f"{obj} lost by picking at e", title="regret of an early pick")
+    for ax in axes[0]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.title.set_fontsize(9)
+    axes[0][0].legend(fontsize=6, loc="lower right")
+    fig.savefig(path, dpi=110)

@@ -129,3 +129,68 @@ def kendall_tau(a: list[str], b: list[str]) -> float | None:
     pos = {x: i for i, x in enumerate(b)}
     concordant = sum(1 if pos[common[i]] < pos[common[j]] else -1 for i in range(n) for j in range(i + 1, n))
     return concordant / (n * (n - 1) / 2)
+
+
+def is_study(runs: pd.DataFrame) -> bool:
+    """Whether a sweep trained some configuration more than once (search.repeats > 1)."""
+    return "config_id" in runs and bool(runs["config_id"].astype(str).str.len().gt(0).all()) \
+        and runs["config_id"].duplicated().any()
+
+
+def with_repeat_index(runs: pd.DataFrame, seed_col: str = "param.train.seed") -> pd.DataFrame:
+    """Repeat r of a configuration = its r-th training seed in increasing order (repeat 0 trains with train.seed)."""
+    key = pd.to_numeric(runs[seed_col], errors="coerce") if seed_col in runs else runs["trial_id"].rank()
+    return runs.assign(repeat=key.groupby(runs["config_id"]).rank(method="first").astype(int) - 1)
+
+
+def _config_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration: run_id and trial_id are its config_id; its collapse class is `none` only when
+    every repeat ended healthy, else the class most of its repeats ended in; params from its first repeat."""
+    def collapse(c: pd.Series) -> str:
+        c = c.fillna("").astype(str)
+        bad = c[c != "none"]
+        return "none" if bad.empty else str(bad.mode().iloc[0])
+
+    first = runs.sort_values("repeat").groupby("config_id", as_index=False).first()
+    first["collapse"] = first["config_id"].map(runs.groupby("config_id")["collapse"].agg(collapse))
+    return first.assign(run_id=first["config_id"], trial_id=first["config_id"])
+
+
+def analyze_study(runs: pd.DataFrame, epochs: pd.DataFrame, objective: str, mode: str, predictors: dict[str, str],
+          baselines: dict[str, str], scope_of, drivers_of, min_configs: int) -> dict[str, Any]:
+    """The analysis of a study (configurations × repeats, every one to the same final epoch): per scope the
+    predictors and baselines against the objective over per-configuration means at each epoch (headline: the final
+    epoch), the noise ceiling of each, early prediction and the drivers at the final epoch.
+    runs: healthy-or-collapsed trials (failed ones excluded) with config_id; scope_of(runs) -> {name: runs};
+    drivers_of(config rows) -> drivers; equal_budget comes from stats."""
+    from ncssl_tune.analysis.stats import equal_budget
+
+    runs = with_repeat_index(runs)
+    final = int(epochs["epoch"].max())
+    carried = carry_forward(epochs[epochs["run_id"].isin(runs["run_id"])], runs, until=final)
+    every = {**predictors, **baselines}
+    cfg = config_means(carried, runs, [objective, *every])
+    configs = _config_rows(runs)
+    scopes = {name: equal_budget(cfg, _config_rows(r), every, objective, mode, min_configs)
+              for name, r in scope_of(runs).items()}
+    obj = retest(carried, runs, objective, final)
+    noise = {"objective": obj, "predictors": {}}
+    for p in every:
+        rel = retest(carried, runs, p, final)
+        rel["ceiling"] = ceiling(obj.get("r_mean"), rel.get("r_mean"))
+        noise["predictors"][p] = rel
+    for s in scopes.values():
+        for row in s["table"]:
+            row["baseline"] = row["predictor"] in baselines
+            row["ceiling"] = noise["predictors"][row["predictor"]]["ceiling"]
+    at_final = configs.drop(columns=[c for c in every if c in configs] + [objective], errors="ignore").merge(
+        cfg[cfg["epoch"] == final].drop(columns=["epoch"]), on="run_id", how="left")
+    return {
+        "n_configs": len(configs), "repeats": int(runs["repeat"].max()) + 1, "n_trials": len(runs),
+        "final_epoch": final, "baselines": baselines,
+        "carried_trials": sorted(carried.loc[carried["carried"], "run_id"].map(
+            dict(zip(runs["run_id"], runs["trial_id"]))).unique().tolist()),
+        "scopes": scopes, "noise": noise,
+        "early": early_prediction(cfg, every, objective, mode, final),
+        "drivers": drivers_of(at_final),
+    }

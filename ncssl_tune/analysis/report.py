@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ncssl_tune.analysis import plots
+from ncssl_tune.analysis.report_study import study_markdown, study_summary
 from ncssl_tune.analysis.result import AnalysisResult, Scope, TableRow
 from ncssl_tune.analysis.stats import WARN_N, spectrum_picks
 
@@ -34,7 +35,8 @@ def summary_lines(result: AnalysisResult) -> list[str]:
     """What the console prints after a sweep or `ncssl-sweep analyze`: per scope, the headline epoch and the three
     predictors that agree best with the objective."""
     o = result["objective"]
-    lines = [(f"objective {o['metric']} ({o['mode']}); label-free predictors ranked by Spearman rho at the last epoch "
+    lead = study_summary(result)
+    lines = [*(lead if result.get("study") else []), (f"objective {o['metric']} ({o['mode']}); label-free predictors ranked by Spearman rho at the last epoch "
              f"that at least {result['min_trials_per_epoch']} trials reached")]
     dup = result["same_as"]
     for name, s in result["scopes"].items():
@@ -52,7 +54,7 @@ def summary_lines(result: AnalysisResult) -> list[str]:
             sel = r["selection"] or {}
             lines.append(f"    {r['predictor']:<22} rho {rho_cell(r)}, p = {g3(r['p'])}, n = {r['n']}; pick regret "
                          f"{g3(sel.get('regret'))} (random pick {g3(sel.get('random_regret'))})")
-    return lines
+    return lines if result.get("study") else [*lines, *lead]
 
 
 def _scope_section(name: str, s: Scope, objective: str, duplicate_of: str | None) -> list[str]:
@@ -101,10 +103,17 @@ def markdown(result: AnalysisResult, plot_files: dict[str, str | None]) -> str:
              "(`better` says which way each is read); interval and p from one Fisher-z approximation, so the "
              "interval excludes 0 exactly when p < 0.05. Regret: pick the trial with the best predictor value; "
              f"regret = best {obj} − its {obj}. Scope `healthy`: trials whose z ended in collapse class `none`."), ""]
+    if result.get("study"):  # the study's rows are the reliable ones: they lead, the per-trial reading follows
+        at = lines.index(f"## Which label-free metric predicts {obj}?")
+        lines[at:at + 1] = [*study_markdown(result), (f"## The same trials one by one: which label-free metric "
+                                                     f"predicts {obj}?")]
     for name, s in result["scopes"].items():
         lines += _scope_section(name, s, obj, result["same_as"].get(name))
+    mixed = result.get("drivers_epochs", [])
     lines += ["## Which hyperparameters drive collapse", "",
-              ("Final values. Numeric: Spearman ρ with the final value; categorical: correlation ratio η with "
+              ((f"Each trial's final values, taken at epochs {', '.join(map(str, mixed))}: unequal budgets, so a "
+                "hyperparameter that let trials run longer also reads as a driver. " if len(mixed) > 1 else
+                "Final values. ") + "Numeric: Spearman ρ with the final value; categorical: correlation ratio η with "
                "effective_rank and per-value means."), "",
               f"| param | kind | n | strength | effective_rank | {obj} |", "|---|---|---|---|---|---|"]
     for d in result["drivers"]:
@@ -133,7 +142,8 @@ def write_report(result: AnalysisResult, runs: pd.DataFrame, epochs: pd.DataFram
     map_drivers = plots.map_drivers(result["drivers"])
     has_table = any(s["table"] for s in result["scopes"].values())
     plot_files: dict[str, str | None] = {}
-    for title, name, fn, args, ready in [
+    study = [("How early can you tell?", "early_prediction.png", plots.early_prediction, (result,), True)]
+    for title, name, fn, args, ready in [*(study if result.get("study") else []),
         ("Predictors ranked (ρ and selection regret)", "predictors.png", plots.predictors, (result,), has_table),
         ("ρ over epochs", "rho_over_epochs.png", plots.rho_over_epochs, (result,), has_table),
         (f"Effective rank vs {obj} at the headline epoch", "rank_vs_objective.png", plots.rank_vs_objective,

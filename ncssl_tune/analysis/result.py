@@ -11,7 +11,7 @@ times -1 where lower is better, the objective likewise, so ρ > 0 means "agrees 
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 Mode = Literal["max", "min"]  # which way is better: an objective's mode, a predictor's direction
 REFERENCES = ("random_init", "pixels")  # the keys of References, in the order plots and report.md show them
@@ -101,6 +101,10 @@ class TableRow(_TableRow, total=False):
     """Why there is no ρ (fewer than stats.MIN_N trials, a constant column)."""
     warning: str
     """Present when n < stats.WARN_N: the interval is an approximation on very few points."""
+    baseline: bool
+    """Study only: the row is a baseline (the training loss or one of its named terms), not a label-free metric."""
+    ceiling: float | None
+    """Study only: the noise ceiling √(r_obj · r_pred) of the mean of R repeats; null when a reliability is ≤ 0."""
 
 
 class _Scope(TypedDict):
@@ -165,6 +169,63 @@ class Driver(_Driver, total=False):
     final value} (null where no trial has a finite value)."""
 
 
+class Reliability(TypedDict, total=False):
+    """Test-retest reliability of one measure at a study's final epoch (analysis.repeats.retest)."""
+
+    n_configs: int
+    """Configurations with repeats 0 and 1 both measured."""
+    repeats: int
+    """R, the repeats per configuration."""
+    r: float | None
+    """Spearman ρ between repeat 0 and repeat 1 over the configurations."""
+    ci95: list[float] | None
+    """Its 95 % interval."""
+    r_mean: float | None
+    """Spearman-Brown reliability of the mean of R repeats, R·r / (1 + (R-1)·r)."""
+    within_sd: float | None
+    """Within-configuration SD: √ of the mean over configurations of the variance across repeats."""
+    ceiling: float | None
+    """Predictors only: √(r_mean of the objective · r_mean of the predictor), the largest ρ noise allows."""
+    reason: str
+    """Why there is no r."""
+
+
+class EarlyPoint(TypedDict):
+    """A predictor at epoch e against the objective at the final epoch, over configurations."""
+
+    epoch: int
+    n: int
+    rho: float | None
+    """Spearman ρ, oriented so that ρ > 0 means "agrees"."""
+    ci95: list[float] | None
+    regret: float | None
+    """Final objective of the best configuration minus that of the one this predictor ranks first at e."""
+    random_regret: float | None
+    """The same for a uniformly random pick."""
+
+
+class Study(TypedDict):
+    """A study design (search.repeats > 1): configurations × repeats, every one to the same final epoch."""
+
+    n_configs: int
+    repeats: int
+    n_trials: int
+    final_epoch: int
+    baselines: dict[str, Mode]
+    """The training loss and its named terms, compared like predictors: a label-free metric has to beat them."""
+    carried_trials: list[str]
+    """Trials the total-collapse stopper ended: their last values stand at every later epoch (analysis.repeats)."""
+    scopes: dict[str, Scope]
+    """As the search's scopes, over per-configuration means (a row's trial ids are config ids); the headline is the
+    final epoch; table rows add `baseline` and `ceiling`."""
+    noise: dict[str, Any]
+    """{"objective": Reliability, "predictors": {name: Reliability}}."""
+    early: dict[str, list[EarlyPoint]]
+    """Predictor (baselines and the objective itself included) -> its early prediction at every epoch."""
+    drivers: list[Driver]
+    """The swept hyperparameters over per-configuration means at the final epoch (equal budgets)."""
+
+
 class _AnalysisResult(TypedDict):
     objective: Objective
     """The metric every predictor is compared with."""
@@ -187,6 +248,8 @@ class _AnalysisResult(TypedDict):
     """The objective's reference scores."""
     drivers: list[Driver]
     """The swept hyperparameters, strongest driver of the final effective_rank first."""
+    drivers_epochs: list[int]
+    """The epochs at which the trials' final values (what `drivers` reads) were taken: several = unequal budgets."""
     same_as: dict[str, str]
     """Scope -> the earlier scope whose headline table holds the very same trials at the same epoch, so the same
     numbers: report.md, the console and the plots show that table once."""
@@ -195,6 +258,8 @@ class _AnalysisResult(TypedDict):
 class AnalysisResult(_AnalysisResult, total=False):
     """The whole analysis: `analyze` returns it, run_analysis adds where it came from, analysis.json is its JSON."""
 
+    study: Study
+    """Present when the sweep trained configurations more than once (search.repeats > 1)."""
     experiment: str
     """The MLflow experiment (the sweep's name); run_analysis only."""
     parent_run_id: str

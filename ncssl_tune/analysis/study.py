@@ -21,11 +21,12 @@ import numpy as np
 import pandas as pd
 
 from ncssl_tune.analysis.load import fetch_spectra, load_epochs, load_runs, log_report
+from ncssl_tune.analysis.repeats import analyze_study, is_study
 from ncssl_tune.analysis.report import write_report
-from ncssl_tune.analysis.result import REFERENCES, AnalysisResult, Scope
+from ncssl_tune.analysis.result import REFERENCES, AnalysisResult, Driver, Scope
 from ncssl_tune.analysis.stats import MIN_TRIALS_PER_EPOCH, driver, equal_budget, failed, swept_params
 from ncssl_tune.records.store import check_tracking_uri
-from ncssl_tune.vocab import LABEL_FREE
+from ncssl_tune.vocab import LABEL_FREE, PARAM_PREFIX
 
 DRIVER_RESPONSE = "effective_rank"  # what "drives collapse" is measured on
 
@@ -90,10 +91,23 @@ def analyze(runs: pd.DataFrame, epochs: pd.DataFrame, objective: str, mode: str,
                    for name, s in scopes(ok).items()},
         "reference": {k: (reference or {}).get(k) for k in REFERENCES},
     }
-    drivers = [driver(ok, c, DRIVER_RESPONSE, (objective,)) for c in swept_params(ok)]
-    result["drivers"] = sorted(drivers, key=lambda d: -d["strength"])
+    result["drivers"] = drivers_of(ok, objective)
+    # Each trial's final values: at unequal budgets (ASHA, stoppers) these mix epochs, which the report says.
+    result["drivers_epochs"] = sorted({int(e) for e in ok["epoch"].dropna()}) if "epoch" in ok else []
     result["same_as"] = same_as(result["scopes"])
+    if is_study(ok):
+        # The loss and its named terms are the baselines a label-free predictor has to beat.
+        baselines = {c: "min" for c in epochs.columns if c == "loss" or c.startswith("loss_")}
+        result["study"] = analyze_study(ok, epochs, objective, mode, predictors, baselines, scopes,
+                                lambda rows: drivers_of(rows, objective), min_trials)
     return _json_safe(result)
+
+
+def drivers_of(rows: pd.DataFrame, objective: str) -> list[Driver]:
+    """How each swept hyperparameter moves the final effective rank (and the objective), strongest first. The
+    training seed is not a hyperparameter: repeats vary it on purpose."""
+    params = [c for c in swept_params(rows) if c != f"{PARAM_PREFIX}train.seed"]
+    return sorted((driver(rows, c, DRIVER_RESPONSE, (objective,)) for c in params), key=lambda d: -d["strength"])
 
 
 def _json_safe(obj: Any) -> Any:
@@ -117,7 +131,8 @@ def run_analysis(experiment: str, tracking_uri: str, out_dir: str | Path, log_to
         check_tracking_uri(tracking_uri)
     df = load_runs(experiment, tracking_uri, parent_run_id)
     objective, mode = df.attrs["objective"], df.attrs["mode"]
-    logged = [m for m in [*LABEL_FREE, objective, "probe_epoch"] if m in df.columns]
+    losses = [c for c in df.columns if c == "loss" or c.startswith("loss_")]  # the study's baselines
+    logged = [m for m in [*LABEL_FREE, objective, "probe_epoch", *losses] if m in df.columns]
     epochs = load_epochs(tracking_uri, list(df["run_id"]), list(dict.fromkeys(logged)))
     result = analyze(df, epochs, objective, mode, df.attrs["reference"])
     result.update(experiment=experiment, parent_run_id=df.attrs["parent_run_id"])
