@@ -201,3 +201,33 @@ def test_the_study_report_leads_with_the_study_and_draws_early_prediction(tmp_pa
     md = (tmp_path / "report.md").read_text()
     assert md.index("## Study: 10 configurations × 2 repeats") < md.index("## The same trials one by one")
     assert "| loss | baseline |" in md and "| lidar | label-free |" in md
+
+
+def test_lidar_is_flagged_where_its_views_cannot_fill_the_width_of_z():
+    from ncssl_tune.analysis.study import lidar_rank
+
+    runs = pd.DataFrame({"param.model.projector": ["64-64", "256-256-256", "1024-1024-1024"],
+                         "param.eval.cond_samples": [128, 128, 512], "param.eval.cond_views": [2, 2, 3]})
+    # M(K-1) = 128, 128, 1024 against D = 64, 256, 1024: only the middle one is short
+    assert lidar_rank(runs) == {"trials": 3, "rank_deficient": 1, "widths": [256], "views_dof": [128, 1024]}
+    assert lidar_rank(runs.drop(columns=["param.eval.cond_views"])) is None
+
+
+def test_replication_of_two_constructed_analyses():
+    from ncssl_tune.analysis.replication import replication, replication_markdown
+
+    def result(order: list[str], rhos: list[float]) -> dict:
+        table = [{"predictor": p, "rho": r, "ci95": [r - 0.1, r + 0.1], "n": 40, "ceiling": 0.9,
+                  "baseline": p == "loss"} for p, r in zip(order, rhos)]
+        return {"study": {"scopes": {"all": {"headline_epoch": 20, "table": table}},
+                          "noise": {"objective": {"r": 0.8, "n_configs": 40, "r_mean": 0.89, "within_sd": 0.01}}}}
+
+    a = result(["rank_h", "lidar", "loss", "avg_corr"], [0.9, 0.5, 0.4, 0.1])
+    b = result(["rank_h", "avg_corr", "lidar", "loss"], [0.8, 0.4, 0.3, 0.2])
+    rep = replication(a, b)
+    # label-free rankings (rank_h, lidar, avg_corr) vs (rank_h, avg_corr, lidar): one discordant pair of three
+    assert rep["kendall_tau"] == pytest.approx(1 / 3) and rep["n_ranked"] == 3
+    assert rep["same_top"] and rep["top"] == ["rank_h", "rank_h"]
+    md = replication_markdown(rep)
+    assert "| rank_h | label-free | 0.9 [0.8, 1] | 0.9 | 0.8 [0.7, 0.9] | 0.9 |" in md
+    assert "| loss | baseline |" in md and "objective test-retest r = 0.8 over 40 configurations" in md

@@ -103,6 +103,14 @@ def markdown(result: AnalysisResult, plot_files: dict[str, str | None]) -> str:
              "(`better` says which way each is read); interval and p from one Fisher-z approximation, so the "
              "interval excludes 0 exactly when p < 0.05. Regret: pick the trial with the best predictor value; "
              f"regret = best {obj} − its {obj}. Scope `healthy`: trials whose z ended in collapse class `none`."), ""]
+    lidar = result.get("lidar") or {}
+    if lidar.get("rank_deficient"):
+        at = lines.index(f"## Which label-free metric predicts {obj}?")
+        lines[at:at] = [(f"> **LiDAR of z is rank-deficient in {lidar['rank_deficient']} of {lidar['trials']} trials:** "
+                         f"its within-sample scatter has rank at most M(K−1) = {', '.join(map(str, lidar['views_dof']))}"
+                         f" (eval.cond_samples × (eval.cond_views − 1)) below the width of z "
+                         f"({', '.join(map(str, lidar['widths']))}), so the ridge δ decides its value there. Raise "
+                         "eval.cond_samples or eval.cond_views to measure it."), ""]
     if result.get("study"):  # the study's rows are the reliable ones: they lead, the per-trial reading follows
         at = lines.index(f"## Which label-free metric predicts {obj}?")
         lines[at:at + 1] = [*study_markdown(result), (f"## The same trials one by one: which label-free metric "

@@ -95,12 +95,28 @@ def analyze(runs: pd.DataFrame, epochs: pd.DataFrame, objective: str, mode: str,
     # Each trial's final values: at unequal budgets (ASHA, stoppers) these mix epochs, which the report says.
     result["drivers_epochs"] = sorted({int(e) for e in ok["epoch"].dropna()}) if "epoch" in ok else []
     result["same_as"] = same_as(result["scopes"])
+    if (lidar := lidar_rank(ok)) is not None:
+        result["lidar"] = lidar
     if is_study(ok):
         # The loss and its named terms are the baselines a label-free predictor has to beat.
         baselines = {c: "min" for c in epochs.columns if c == "loss" or c.startswith("loss_")}
         result["study"] = analyze_study(ok, epochs, objective, mode, predictors, baselines, scopes,
                                 lambda rows: drivers_of(rows, objective), min_trials)
     return _json_safe(result)
+
+
+def lidar_rank(runs: pd.DataFrame) -> dict[str, Any] | None:
+    """Trials whose LiDAR of z cannot work: its within-sample scatter, from K views of M samples, has rank at most
+    M(K-1); below the embedding width D the ridge δ fills the rest and LiDAR measures δ (docs/metrics.md)."""
+    cols = [f"{PARAM_PREFIX}{k}" for k in ("model.projector", "eval.cond_samples", "eval.cond_views")]
+    if not all(c in runs for c in cols) or runs.empty:
+        return None
+    width = runs[cols[0]].astype(str).str.split("-").str[-1]
+    d = pd.to_numeric(width, errors="coerce")
+    dof = pd.to_numeric(runs[cols[1]], errors="coerce") * (pd.to_numeric(runs[cols[2]], errors="coerce") - 1)
+    bad = dof < d
+    return {"trials": int(d.notna().sum()), "rank_deficient": int(bad.sum()),
+            "widths": sorted({int(v) for v in d[bad].dropna()}), "views_dof": sorted({int(v) for v in dof.dropna()})}
 
 
 def drivers_of(rows: pd.DataFrame, objective: str) -> list[Driver]:
