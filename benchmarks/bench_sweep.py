@@ -26,11 +26,12 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from ncssl_tune.analysis.load import run_analysis
+from ncssl_tune.analysis import run_analysis
 from ncssl_tune.records.store import default_tracking_uri
 from ncssl_tune.spec import load_spec
 from ncssl_tune.sweep.monitor import read_trials
-from ncssl_tune.sweep.runner import MAX_PENDING, run_sweep
+from ncssl_tune.sweep.runner import run_sweep
+from ncssl_tune.sweep.session import MAX_PENDING
 
 
 class EpochSeconds(Callback):

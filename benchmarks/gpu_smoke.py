@@ -12,12 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from ncssl_tune.spec import load_spec
-from ncssl_tune.sweep.runner import timed_sweep
+from ncssl_tune.sweep.monitor import read_trials
+from ncssl_tune.sweep.runner import run_sweep
 
 SETS = ["data.dataset=synthetic", "data.synthetic={n: 20000, size: 32, channels: 3, classes: 10}",
         "model.backbone=resnet18", "model.projector=2048-2048-2048", "train.batch_size=512",
@@ -25,6 +28,14 @@ SETS = ["data.dataset=synthetic", "data.synthetic={n: 20000, size: 32, channels:
         "eval.probe_every=0", "resources.gpu=0.25", "resources.cpu=1", "search.max_concurrent=4",
         "search.scheduler.name=fifo", "train.amp=true", "model.channels_last=true"]
 TRIALS = 4
+
+
+def timed_sweep(spec) -> tuple[float, list[dict]]:
+    """Run the sweep in a throwaway results folder; returns (wall seconds, trials.csv rows)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        result = run_sweep(spec, tmp, monitor_interval_s=30.0)
+        return time.perf_counter() - start, read_trials(result.out_dir)
 
 
 def main(argv: list[str] | None = None) -> dict:

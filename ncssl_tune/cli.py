@@ -15,7 +15,8 @@ from pathlib import Path
 USAGE = """ncssl-sweep SPACE.yaml [options]                   run a sweep (also --dry-run, --resume)
        ncssl-sweep validate SPACE.yaml [...] [--set K=V]  check files, start nothing
        ncssl-sweep analyze --experiment NAME [options]    rank vs probe accuracy report from MLflow
-       ncssl-sweep {validate,analyze} --help              the options of a subcommand"""
+       ncssl-sweep replicate RUN1.json RUN2.json          does a study's answer replicate? (two analysis.json)
+       ncssl-sweep {validate,analyze,replicate} --help    the options of a subcommand"""
 
 EXAMPLES = """examples:
   ncssl-sweep search_spaces/vicreg.yaml                      run a sweep (results in ./results/vicreg)
@@ -51,7 +52,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ncssl-sweep", usage=USAGE, description="Run a hyperparameter sweep that measures collapse "
                 "in non-contrastive SSL.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("space", help="search-space YAML file (see search_spaces/vicreg.yaml for the format)")
-    p.add_argument("--num-samples", type=int, help="trials to run (overrides search.num_samples)")
+    p.add_argument("--num-samples", type=int,
+                   help="configurations to sample, each trained search.repeats times (overrides search.num_samples)")
     p.add_argument("--epochs", type=int, help="epochs per trial (overrides train.epochs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any key, typed as YAML, e.g. --set train.lr=1e-3 (repeatable)")
@@ -85,14 +87,15 @@ def _analyze_parser() -> argparse.ArgumentParser:
 
 
 def _analyze(args) -> int:
-    from ncssl_tune.analysis.load import run_analysis
-    from ncssl_tune.records.store import TrackingError, default_tracking_uri
+    from ncssl_tune.analysis import run_analysis
+    from ncssl_tune.records.store import TrackingError, check_tracking_uri, default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri(args.results_dir)
     out = args.out or str(Path(args.results_dir) / args.experiment / "analysis")
     try:
+        check_tracking_uri(uri)  # once per command: run_analysis is told so and does not ask the store again
         result = run_analysis(args.experiment, uri, out, log_to_parent=not args.no_log,
-                              parent_run_id=args.parent_run_id)
+                              parent_run_id=args.parent_run_id, tracking_checked=True)
     except TrackingError as e:
         print(f"ncssl-sweep: error: {e}", file=sys.stderr)
         return 2
@@ -100,8 +103,37 @@ def _analyze(args) -> int:
     return 0
 
 
+def _replicate_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ncssl-sweep replicate", description="Compare two analyses of the same study run with other "
+                "seeds: each predictor's rho in both with intervals and noise ceilings, Kendall's tau between the "
+                "two rankings, and whether the top predictor is the same (markdown on stdout).")
+    p.add_argument("runs", nargs=2, metavar="ANALYSIS.json", help="analysis.json of each run")
+    p.add_argument("--scope", default="all", help="scope to compare: all, healthy or method=NAME (default: all)")
+    return p
+
+
+def _replicate(args) -> int:
+    import json
+
+    from ncssl_tune.analysis.replication import compare_files
+
+    for path in args.runs:
+        try:
+            result = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            print(f"ncssl-sweep: error: {path}: cannot read an analysis.json: {e}", file=sys.stderr)
+            return 2
+        scopes = (result.get("study") or result).get("scopes", {}) if isinstance(result, dict) else {}
+        if args.scope not in scopes:
+            print(f"ncssl-sweep: error: {path}: --scope {args.scope!r} not in this analysis; choose from: "
+                  f"{', '.join(scopes) or '(none: not an analysis.json)'}", file=sys.stderr)
+            return 2
+    print(compare_files(*args.runs, scope=args.scope), end="")
+    return 0
+
+
 def _print_analysis(result: dict, out: str | Path) -> None:
-    from ncssl_tune.analysis.report import summary_lines
+    from ncssl_tune.analysis import summary_lines
 
     print("\n".join(summary_lines(result)))
     print(f"analysis: {Path(out) / 'report.md'}")
@@ -150,7 +182,9 @@ def _validate(args) -> int:
             continue
         missing = _missing_data(spec)
         note = f"; note: data missing on this machine, a sweep needs it: {missing}" if missing else ""
-        print(f"{path}: ok ({len(spec.space)} swept keys, {spec.search.num_samples} trials){note}", flush=True)
+        s = spec.search
+        trials = f"{s.num_samples} configurations x {s.repeats} repeats" if s.repeats > 1 else f"{s.num_samples} trials"
+        print(f"{path}: ok ({len(spec.space)} swept keys, {trials}){note}", flush=True)
     return 2 if failed else 0
 
 
@@ -165,7 +199,9 @@ def _dry_run(spec) -> None:
     print(f"search: {s.algorithm} (seed {s.seed}), objective {s.metric} ({spec.mode}), scheduler {s.scheduler.name}")
     print("space:")
     print("\n".join(describe(spec)) or "  (empty: every trial uses the base configuration)")
-    n = min(s.num_samples, grid_size(spec)) if s.algorithm == "grid" else s.num_samples
+    n = (min(s.num_samples, grid_size(spec)) if s.algorithm == "grid" else s.num_samples) * s.repeats
+    if s.repeats > 1:
+        print(f"study: {n // s.repeats} configurations x {s.repeats} repeats (training seeds train.seed + r*1000)")
     print(f"budget: {n} trials x {cfg.train.epochs} epochs = at most {n * cfg.train.epochs} trial-epochs, "
           f"{s.max_concurrent} at once, {spec.resources.cpu:g} cpu + {spec.resources.gpu:g} gpu per trial")
 
@@ -183,7 +219,7 @@ def _interrupted(argv: list[str], trials: list[str]) -> int:
 
 
 def _sweep(args, argv: list[str]) -> int:
-    from ncssl_tune.analysis.load import run_analysis
+    from ncssl_tune.analysis import run_analysis
     from ncssl_tune.records.store import TrackingError, check_tracking_uri, default_tracking_uri
     from ncssl_tune.sweep.runner import SweepError, check_storage, run_sweep
 
@@ -209,10 +245,11 @@ def _sweep(args, argv: list[str]) -> int:
                   f"there: {missing}")
         return 0
     try:
+        # once per command, before anything starts: run_sweep and run_analysis are told so and do not ask again
         check_tracking_uri(uri)
         wait = {} if args.resource_wait is None else {"resource_wait_s": args.resource_wait}
         result = run_sweep(spec, args.results_dir, resume=args.resume, address=args.address, tracking_uri=uri,
-                           storage=args.storage, **wait)
+                           storage=args.storage, tracking_checked=True, **wait)
     except (SweepError, TrackingError) as e:
         print(f"ncssl-sweep: error: {e}", file=sys.stderr)
         return 2
@@ -230,8 +267,8 @@ def _sweep(args, argv: list[str]) -> int:
         print(f"  then open http://127.0.0.1:5000/#/experiments/{result.mlflow_experiment_id}/runs"
               f"?workflowType=machine_learning")
     analysis_dir = result.out_dir / "analysis"
-    _print_analysis(run_analysis(spec.name, uri, analysis_dir, parent_run_id=result.mlflow_parent_run_id),
-                    analysis_dir)
+    _print_analysis(run_analysis(spec.name, uri, analysis_dir, parent_run_id=result.mlflow_parent_run_id,
+                                 tracking_checked=True), analysis_dir)
     return 1 if result.errors == result.num_trials and result.num_trials else 0
 
 
@@ -251,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "analyze":
             return _analyze(_analyze_parser().parse_args(argv[1:]))
+        if argv and argv[0] == "replicate":
+            return _replicate(_replicate_parser().parse_args(argv[1:]))
         if argv and argv[0] == "validate":
             return _validate(_validate_parser().parse_args(argv[1:]))
         return _sweep(_run_parser().parse_args(argv), argv)

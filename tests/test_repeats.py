@@ -231,3 +231,23 @@ def test_replication_of_two_constructed_analyses():
     md = replication_markdown(rep)
     assert "| rank_h | label-free | 0.9 [0.8, 1] | 0.9 | 0.8 [0.7, 0.9] | 0.9 |" in md
     assert "| loss | baseline |" in md and "objective test-retest r = 0.8 over 40 configurations" in md
+
+
+def test_replicate_command_prints_the_table_and_refuses_a_bad_file(tmp_path, capsys):
+    import json
+
+    from ncssl_tune.cli import main
+
+    table = [{"predictor": p, "rho": r, "ci95": [r - 0.1, r + 0.1], "n": 40} for p, r in (("a", 0.8), ("b", 0.2))]
+    for name in ("one", "two"):
+        (tmp_path / name / "analysis").mkdir(parents=True)
+        (tmp_path / name / "analysis" / "analysis.json").write_text(json.dumps(
+            {"scopes": {"all": {"headline_epoch": 9, "table": table}}}))
+    files = [str(tmp_path / n / "analysis" / "analysis.json") for n in ("one", "two")]
+    assert main(["replicate", *files]) == 0
+    out = capsys.readouterr().out
+    assert "Kendall τ" in out and "**1**" in out and "| ρ one [95% CI] |" in out
+    assert main(["replicate", *files, "--scope", "healthy"]) == 2
+    assert "--scope 'healthy' not in this analysis; choose from: all" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{")
+    assert main(["replicate", files[0], str(tmp_path / "bad.json")]) == 2

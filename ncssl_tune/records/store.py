@@ -18,21 +18,9 @@ def default_tracking_uri(results_dir: str | Path) -> str:
     return f"sqlite:///{Path(results_dir).resolve()}/mlflow.db"
 
 
-# URIs that passed in this process. One command checks each address once: the CLI checks before anything starts,
-# and run_sweep and the tracker (which also serve callers that skip the CLI) find it done instead of asking again.
-_CHECKED: set[str] = set()
-
-
 def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
-    """Raise TrackingError unless `uri` names a store this process can record into (called before any trial);
-    a URI that passed once in this process is not asked again."""
-    if uri in _CHECKED:
-        return
-    _check(uri, timeout_s)
-    _CHECKED.add(uri)
-
-
-def _check(uri: str, timeout_s: float) -> None:
+    """Raise TrackingError unless `uri` names a store this process can record into. Asks the store on every
+    call: each command calls it once, at its start (cli.py; run_sweep and run_analysis for Python callers)."""
     scheme = urlparse(uri).scheme.split("+")[0]
     if scheme in ("http", "https"):
         _check_server(uri, timeout_s)

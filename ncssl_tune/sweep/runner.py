@@ -1,13 +1,12 @@
-"""Builds and runs the Ray Tune sweep for a validated SweepSpec: Optuna search, ASHA, collapse stopper,
-per-trial resources, restore. Output lands in <results_dir>/<sweep name>/."""
+"""Builds (or restores) and runs the Ray Tune sweep for a validated SweepSpec: Optuna search, ASHA, collapse
+stopper, per-trial resources. Output lands in <results_dir>/<sweep name>/. The process around it (environment,
+console, Ray start and stop) is session.py's."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from urllib.parse import urlparse
 import optuna
 import ray
 from ray import tune
+from ray.tune import ResultGrid
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.stopper import Stopper
@@ -25,9 +25,10 @@ from ncssl_tune.config import flatten
 from ncssl_tune.records.store import check_tracking_uri
 from ncssl_tune.spec import SweepSpec, resolved
 from ncssl_tune.sweep import live
-from ncssl_tune.sweep.monitor import CollapseStopper, SweepMonitor, read_trials
+from ncssl_tune.sweep.monitor import CollapseStopper, SweepMonitor
 from ncssl_tune.sweep.references import reference_scores
 from ncssl_tune.sweep.searcher import OptunaSearcher
+from ncssl_tune.sweep.session import staged_trials, sweep_session
 from ncssl_tune.sweep.space import DefineByRun, make_sampler
 from ncssl_tune.sweep.tracker import MlflowTracker
 from ncssl_tune.sweep.trainable import run_trial
@@ -36,36 +37,6 @@ from ncssl_tune.vocab import DOWNSTREAM
 RAY_DIR = "ray"  # Ray Tune storage under the sweep folder
 TUNE_NAME = "tune"
 SEARCHER_STATE = "searcher_state.pkl"  # the searcher's latest state (Ray's copy lags it), in the sweep folder
-MAX_PENDING = "TUNE_MAX_PENDING_TRIALS_PG"  # read by Ray Tune when tuner.fit() builds its controller
-
-
-class _Drop(logging.Filter):
-    """Drops the records of one logger whose message starts with `prefix`."""
-
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
-
-
-# Every local Ray start warns that token authentication is on by default ("Set RAY_AUTH_MODE=disabled to opt out").
-# On is what we want (README, "Security defaults"), and setting RAY_AUTH_MODE=token ourselves only works before
-# Ray is imported, so this one line is dropped; Ray's other authentication messages still pass.
-logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
-    _Drop("Token authentication is enabled for this Ray cluster"))
-
-
-class _NoRestoreHint(logging.Filter):
-    """Ray Tune ends an interrupted run with 'Resume experiment with: Tuner.restore(path=...)'; a sweep resumes with
-    `ncssl-sweep ... --resume` instead (the CLI prints the exact command), so Ray's hint is dropped at its logger."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Resume experiment with" not in record.getMessage()
-
-
-logging.getLogger("ray.tune.tune").addFilter(_NoRestoreHint())
 
 
 class SweepError(RuntimeError):
@@ -146,7 +117,12 @@ class SweepResult:
     mlflow_parent_run_id: str | None = None
     mlflow_experiment_id: str | None = None
     interrupted: list[str] = field(default_factory=list)  # trials left unfinished (Ctrl+C): resume them
-    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each phase: ray_start, references, tune
+    # Wall seconds of each phase (PHASES). Only the sweep knows where its phases begin and end;
+    # benchmarks/bench_sweep.py reports them to show where the wall time outside the trials goes.
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+PHASES = ("ray_start", "references", "tune")
 
 
 def sweep_dir(spec: SweepSpec, results_dir: str | os.PathLike) -> Path:
@@ -176,7 +152,8 @@ def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: Stoppe
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = OptunaSearcher(DefineByRun(spec.space, spec.base), metric=s.metric, mode=spec.mode,
                               sampler=sampler, storage=optuna_storage(out_dir), study_name=spec.name,
-                              max_concurrent=s.max_concurrent, state_path=out_dir / SEARCHER_STATE)
+                              max_concurrent=s.max_concurrent, state_path=out_dir / SEARCHER_STATE,
+                              repeats=s.repeats, base_seed=spec.base.train.seed)
     if s.scheduler.name == "asha":
         epochs = spec.train_config().train.epochs
         scheduler = ASHAScheduler(time_attr="epoch", metric=s.metric, mode=spec.mode, max_t=epochs,
@@ -187,7 +164,7 @@ def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: Stoppe
     return tune.Tuner(
         _trainable(spec),
         tune_config=tune.TuneConfig(search_alg=searcher,
-                                    scheduler=scheduler, num_samples=s.num_samples,
+                                    scheduler=scheduler, num_samples=s.num_samples * s.repeats,
                                     reuse_actors=reuse_actors),
         run_config=tune.RunConfig(
             name=TUNE_NAME, storage_path=tune_storage(spec, out_dir, storage), stop=stopper, callbacks=callbacks,
@@ -196,6 +173,15 @@ def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: Stoppe
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         ),
     )
+
+
+def restore_tuner(spec: SweepSpec, tune_path: str) -> tune.Tuner:
+    """The stored sweep at `tune_path`, as it was saved (budget, scheduler, searcher, callbacks), to continue.
+
+    Errored trials start again from scratch as new trials (restart_errored): Ray keeps a trial's pending STOP with
+    the experiment when it failed while saving a checkpoint, so a trial resumed under its id (resume_errored) is
+    stopped again at its first checkpoint."""
+    return tune.Tuner.restore(tune_path, trainable=_trainable(spec), resume_unfinished=True, restart_errored=True)
 
 
 RESOURCE_WAIT_S = 600.0  # how long a sweep on a joined cluster waits for its autoscaler to fit one trial
@@ -241,14 +227,15 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
               address: str | None = None, tracking_uri: str | None = None, extra_callbacks: list | None = None,
               monitor_interval_s: float = 10.0, storage: str | None = None,
               resource_wait_s: float = RESOURCE_WAIT_S, stoppers: list | None = None,
-              reuse_actors: bool = True) -> SweepResult:
+              reuse_actors: bool = True, tracking_checked: bool = False) -> SweepResult:
     """Run (or resume) the sweep; returns where the results are and the best trial.
 
     storage: Ray Tune's storage (checkpoints, result logs) for a multi-node cluster: s3://, gs:// or an absolute
     path on a shared filesystem; the sweep's Tune folder is STORAGE/<sweep name>/tune. None: the sweep folder's
     ray/. trials.csv, the Optuna journal and the default MLflow store stay in the local sweep folder.
 
-    tracking_uri: MLflow store for the parent/child runs (None: no MLflow). Checked before anything starts.
+    tracking_uri: MLflow store for the parent/child runs (None: no MLflow). Checked before anything starts, unless
+    tracking_checked: the caller (the CLI) checked it at its own start, and the store is asked once per command.
 
     stoppers: more Ray Tune stoppers beside the collapse stopper (e.g. a budget of trial-epochs, benchmarks/).
 
@@ -260,6 +247,41 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
     sweep keeps the setting it started with.
     """
     out_dir = sweep_dir(spec, results_dir)
+    tune_path = _check_start(spec, out_dir, resume, storage)
+    if tracking_uri and not tracking_checked:
+        check_tracking_uri(tracking_uri)  # an unreachable server is reported before any trial starts
+    marks = [time.perf_counter()]  # phase boundaries, for SweepResult.seconds
+    with sweep_session(address) as started_ray:
+        marks.append(time.perf_counter())
+        if started_ray:
+            check_resources(spec, wait_s=resource_wait_s if address else 0.0)
+        _write_spec(spec, out_dir)
+        monitor = SweepMonitor(out_dir, spec.search.collapse_stop, spec.search.scheduler.name,
+                               interval_s=monitor_interval_s)
+        # A Ray this sweep started itself runs on this machine alone: the data is here, and only GPU trials need
+        # a worker's device. A joined cluster (address) or a Ray the caller started keeps the worker path.
+        on_driver = started_ray and address is None and spec.resources.gpu == 0
+        reference, fresh = reference_scores(spec, out_dir, None if on_driver else _trial_bundle(spec))
+        marks.append(time.perf_counter())
+        _print_reference(spec.search.metric, reference)
+        # flush_s=0: each result's metrics (one log_batch per epoch) reach MLflow in on_trial_result, which Ray
+        # calls before it registers that result's checkpoint and saves the experiment state. A driver killed
+        # with epochs still buffered would otherwise resume the trial past them and leave a gap in MLflow.
+        tracker = MlflowTracker(spec, tracking_uri, address, flush_s=0.0, out_dir=out_dir,
+                                reference=reference if fresh else None) if tracking_uri else None
+        # The saved callback state is matched by position and class: the tracker keeps its place after the monitor.
+        callbacks = [monitor, *([tracker] if tracker else []), *(extra_callbacks or [])]
+        grid = _fit(spec, out_dir, tune_path, resume, callbacks,
+                    [CollapseStopper(spec.search.collapse_stop), *(stoppers or [])], storage, reuse_actors)
+        marks.append(time.perf_counter())
+        monitor.write_csv()
+        return _result(spec, out_dir, grid, monitor, tracker,
+                       {p: b - a for p, a, b in zip(PHASES, marks, marks[1:])})
+
+
+def _check_start(spec: SweepSpec, out_dir: Path, resume: bool, storage: str | None) -> str:
+    """Refuse what cannot start (nothing to resume, a sweep already there, a changed spec on --resume) before
+    Ray starts; returns the sweep's Tune path."""
     if storage is not None:
         check_storage(storage)
     tune_path = f"{tune_storage(spec, out_dir, storage)}/{TUNE_NAME}"
@@ -271,110 +293,52 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
                          f"--name NEW to start another")
     if resume:
         check_same_spec(spec, out_dir)
-    if tracking_uri:
-        check_tracking_uri(tracking_uri)  # an unreachable server is reported before any trial starts
-    # Ray's per-trial CSV/TensorBoard loggers would duplicate what trials.csv and MLflow hold (and mangle the
-    # spectrum lists); only its JSON log is kept (added in build_tuner), which Ray's own result tools read.
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    # Trials checkpoint every epoch on purpose (exact resume); Ray then warns about frequent experiment snapshots
-    # several times a minute. The snapshot cost (~20 ms) is measured in benchmarks/bench_engine.py instead.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Ray Tune's newer console output prints its own experiment box and results path whatever RunConfig(verbose=0)
-    # says; the classic output honours verbose=0 and leaves the console to the live table (SweepMonitor).
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    started_ray = False
-    clock = time.perf_counter()
-    seconds: dict[str, float] = {}
+    return tune_path
 
-    def lap(phase: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[phase], clock = now - clock, now
 
-    if not ray.is_initialized():
-        # Without --address the sweep starts its own Ray ("local"): a bare ray.init() would join any cluster that
-        # `ray start` left on this machine (and then refuse num_cpus), so no --address would mean "somewhere".
-        # logging_level: Ray's INFO lines (cluster started, result files written) are not the sweep's progress.
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING,
-                 **({} if address else {"num_cpus": os.cpu_count()}))
-        started_ray = True
-    lap("ray_start")
+def _write_spec(spec: SweepSpec, out_dir: Path) -> None:
+    """The sweep folder, with the spec it started with (SPEC_FILE; a resume keeps the first one)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not (out_dir / SPEC_FILE).exists():
+        (out_dir / SPEC_FILE).write_text(json.dumps(spec_record(spec), indent=1, sort_keys=True, default=str))
+
+
+def _print_reference(metric: str, reference: dict) -> None:
+    if metric in DOWNSTREAM:
+        print(f"reference {metric}: random-init encoder {reference['random_init'][metric]:.3f}, raw pixels "
+              f"{reference['pixels'][metric]:.3f}", flush=True)
+
+
+def _fit(spec: SweepSpec, out_dir: Path, tune_path: str, resume: bool, callbacks: list, stoppers: list,
+         storage: str | None, reuse_actors: bool) -> ResultGrid:
+    """Build or restore the Tuner and run it with this process's callbacks and stoppers.
+
+    Ray keeps (pickled) what the Tuner was given and a resumed Tuner uses that: it is given stand-ins that forward
+    to this process's callbacks and stoppers, registered under the sweep's Tune path (live.py)."""
+    live.register(tune_path, callbacks, stoppers)
     try:
-        if started_ray:
-            check_resources(spec, wait_s=resource_wait_s if address else 0.0)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not (out_dir / SPEC_FILE).exists():
-            (out_dir / SPEC_FILE).write_text(json.dumps(spec_record(spec), indent=1, sort_keys=True, default=str))
-        monitor = SweepMonitor(out_dir, spec.search.collapse_stop, spec.search.scheduler.name,
-                               interval_s=monitor_interval_s)
-        # A Ray this sweep started itself runs on this machine alone: the data is here, and only GPU trials need
-        # a worker's device. A joined cluster (address) or a Ray the caller started keeps the worker path.
-        local = started_ray and address is None and spec.resources.gpu == 0
-        reference, fresh = reference_scores(spec, out_dir, None if local else _trial_bundle(spec))
-        lap("references")
-        metric = spec.search.metric
-        if metric in DOWNSTREAM:
-            print(f"reference {metric}: random-init encoder {reference['random_init'][metric]:.3f}, raw pixels "
-                  f"{reference['pixels'][metric]:.3f}", flush=True)
-        # flush_s=0: each result's metrics (one log_batch per epoch) reach MLflow in on_trial_result, which Ray
-        # calls before it registers that result's checkpoint and saves the experiment state. A driver killed
-        # with epochs still buffered would otherwise resume the trial past them and leave a gap in MLflow.
-        tracker = MlflowTracker(spec, tracking_uri, address, flush_s=0.0, out_dir=out_dir,
-                                reference=reference if fresh else None) if tracking_uri else None
-        # Ray keeps (pickled) what the Tuner was given and a resumed Tuner uses that: it is given stand-ins that
-        # forward to this process's callbacks and stoppers, registered under the sweep's Tune path. The saved
-        # callback state is matched by position and class: the tracker keeps its place after the monitor.
-        session_callbacks = [monitor, *([tracker] if tracker else []), *(extra_callbacks or [])]
-        session_stoppers = [CollapseStopper(spec.search.collapse_stop), *(stoppers or [])]
-        live.register(tune_path, session_callbacks, session_stoppers)
-        try:
-            if resume:
-                # Errored trials start again from scratch as new trials (restart_errored): Ray keeps a trial's
-                # pending STOP with the experiment when it failed while saving a checkpoint, so a trial resumed
-                # under its id (resume_errored) is stopped again at its first checkpoint.
-                tuner = tune.Tuner.restore(tune_path, trainable=_trainable(spec), resume_unfinished=True,
-                                           restart_errored=True)
-            else:
-                tuner = build_tuner(spec, out_dir, [live.LiveCallbacks(tune_path, session_callbacks),
-                                                    JsonLoggerCallback()],
-                                    live.LiveStopper(tune_path, session_stoppers), storage, reuse_actors)
-            # Ray Tune keeps one trial PENDING at a time for a searcher it does not wrap itself, so the second slot
-            # was filled only once the first trial's worker had started, or by reusing it: trials ran one at a time
-            # on 2 cores. The searcher holds the limit (max_concurrent); Tune may stage that many (unless the
-            # variable is set already: benchmarks/bench_sweep.py sets 1 to measure the engine as it was).
-            own = MAX_PENDING not in os.environ
-            if own:
-                os.environ[MAX_PENDING] = str(spec.search.max_concurrent or spec.search.num_samples)
-            try:
-                grid = tuner.fit()
-            finally:
-                if own:
-                    del os.environ[MAX_PENDING]
-        finally:
-            live.unregister(tune_path)
-        lap("tune")
-        monitor.write_csv()
-        errors = sum(1 for r in grid if r.error is not None)
-        best = None
-        try:
-            best = grid.get_best_result(metric=spec.search.metric, mode=spec.mode, scope="last",
-                                        filter_nan_and_inf=True)
-        except RuntimeError:
-            pass
-        return SweepResult(out_dir=out_dir, best_config=best.config if best else None,
-                           best_metrics=best.metrics if best else None, num_trials=len(grid), errors=errors,
-                           mlflow_parent_run_id=tracker.parent_run_id if tracker else None,
-                           mlflow_experiment_id=tracker.runs.experiment_id if tracker else None,
-                           interrupted=list(monitor.interrupted), seconds=seconds)
+        if resume:
+            tuner = restore_tuner(spec, tune_path)
+        else:
+            tuner = build_tuner(spec, out_dir, [live.LiveCallbacks(tune_path, callbacks), JsonLoggerCallback()],
+                                live.LiveStopper(tune_path, stoppers), storage, reuse_actors)
+        with staged_trials(spec.search.max_concurrent or spec.search.num_samples):
+            return tuner.fit()
     finally:
-        if started_ray:
-            ray.shutdown()
+        live.unregister(tune_path)
 
 
-def timed_sweep(spec: SweepSpec, **kwargs) -> tuple[float, list[dict]]:
-    """Run a sweep in a throwaway results folder; returns (wall seconds, trials.csv rows). For benchmarks."""
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        result = run_sweep(spec, tmp, monitor_interval_s=30.0, **kwargs)
-        return time.perf_counter() - start, read_trials(result.out_dir)
+def _result(spec: SweepSpec, out_dir: Path, grid: ResultGrid, monitor: SweepMonitor,
+            tracker: MlflowTracker | None, seconds: dict[str, float]) -> SweepResult:
+    best = None
+    try:
+        best = grid.get_best_result(metric=spec.search.metric, mode=spec.mode, scope="last",
+                                    filter_nan_and_inf=True)
+    except RuntimeError:  # no trial reported the metric
+        pass
+    return SweepResult(out_dir=out_dir, best_config=best.config if best else None,
+                       best_metrics=best.metrics if best else None, num_trials=len(grid),
+                       errors=sum(1 for r in grid if r.error is not None),
+                       mlflow_parent_run_id=tracker.parent_run_id if tracker else None,
+                       mlflow_experiment_id=tracker.runs.experiment_id if tracker else None,
+                       interrupted=list(monitor.interrupted), seconds=seconds)
