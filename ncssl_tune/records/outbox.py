@@ -2,8 +2,9 @@
 retried while the store cannot be reached, and saved to a file so that a driver killed during an outage loses
 nothing (the next session loads the file and sends what is left).
 
-The queue knows nothing of MLflow: an operation is (kind, trial id or None, JSON-serialisable payload) and
-`execute` does the work. Sending the same operation twice must be harmless (the tracker's operations are: MLflow
+The queue knows nothing of MLflow: an operation is (kind, trial id or None, JSON-serialisable payload), saved as
+that JSON list, and `execute` does the work (the tracker's kinds are `records.runs.Kind`, each sent by its entry in
+a table of handlers). Sending the same operation twice must be harmless (the tracker's operations are: MLflow
 stores a metric with the same key, step, timestamp and value once; artifacts overwrite; runs are found again by
 their tags), because an operation sent just before a kill is still in the file.
 """
@@ -27,7 +28,7 @@ _TRANSIENT_TEXT = ("max retries exceeded", "connection", "refused", "timed out",
 
 
 class Op(NamedTuple):
-    kind: str
+    kind: str  # the caller's name for the operation (a str enum such as records.runs.Kind is saved as its value)
     trial_id: str | None  # None: the sweep's parent run
     payload: Any = None
 

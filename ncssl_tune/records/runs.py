@@ -1,6 +1,6 @@
 """The MLflow runs of one sweep: the parent run (found again by the sweep's uid) and one child run per trial (found
 again by its Ray trial id), and the writes to them within MLflow's limits. Every method talks to the store and may
-raise; the tracker calls them through its outbox."""
+raise; the tracker calls them through its outbox, as operations of a `Kind`."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Iterable
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from ncssl_tune.config import flatten
-from ncssl_tune.naming import run_name
+from ncssl_tune.naming import config_id, run_name
 from ncssl_tune.records.store import TrackingError, sqlite_path
 from ncssl_tune.spec import SweepSpec, resolved
 from ncssl_tune.vocab import (
@@ -24,6 +26,7 @@ from ncssl_tune.vocab import (
     PARENT_TAG,
     RUNNING,
     STEP_METRIC,
+    TAG_CONFIG,
     TAG_KIND,
     TAG_METHOD,
     TAG_OBJECTIVE,
@@ -41,6 +44,31 @@ MAX_TAG_VALUE = 8000
 MAX_KEY = 250
 MAX_PER_BATCH = 100  # params or tags per log_batch; metrics go 1000 at a time
 EFFECTIVE_SPEC = "sweep_effective.yaml"  # the spec file after --set overrides, beside the file itself
+
+
+class Kind(StrEnum):
+    """The writes a sweep queues in its outbox: the first field of each [kind, trial id, payload] entry of
+    <sweep folder>/mlflow_outbox.json (a trial id of None means the parent run). The payload of each kind:"""
+
+    PARENT = "parent"  # None: create the parent run, or find it again by the sweep uid
+    PARENT_FILES = "parent_files"  # None: the spec files as artifacts of the parent run
+    CHILD = "child"  # {"config": sampled values, "running": bool, "index": Ray's trial number or None}
+    PARAMS = "params"  # {key: value}: the params a child run lacks
+    BATCH = "batch"  # {"metrics": [[key, value, timestamp ms, step], ...], "tags": {key: value}}
+    ARTIFACTS = "artifacts"  # the path of a folder to log as artifacts, removed once sent
+    TERMINATE = "terminate"  # the run's final MLflow status (FINISHED, FAILED, KILLED)
+
+
+def child_runs(client, experiment_id: str, parent_run_id: str) -> list:
+    """Every child run of `parent_run_id`, all pages of MLflow's search."""
+    out, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=1000,
+                                  page_token=token)
+        out += list(page)
+        token = page.token
+        if not token:
+            return out
 
 
 def safe_key(key: str) -> str:
@@ -181,14 +209,7 @@ class SweepRuns:
 
     # --- child runs
     def children(self) -> list:
-        out, token = [], None
-        while True:
-            page = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
-                                           max_results=1000, page_token=token)
-            out += list(page)
-            token = page.token
-            if not token:
-                return out
+        return child_runs(self.client, self.experiment_id, self.parent_run_id)
 
     def _find_child(self, trial_id: str) -> list:
         return self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.run_id(None)}' and "
@@ -212,7 +233,7 @@ class SweepRuns:
             method = str(config.get("loss.method", self.spec.base.loss.method))
             tags = {PARENT_TAG: self.run_id(None), TAG_KIND: "trial", TAG_SWEEP: self.spec.name,
                     TAG_UID: self.sweep_uid, TAG_TRIAL: trial_id, TAG_STATUS: RUNNING, TAG_METHOD: method,
-                    TAG_SAMPLED: json.dumps(sorted(config))}
+                    TAG_SAMPLED: json.dumps(sorted(config)), TAG_CONFIG: config_id(config)}
             run_id = c.create_run(self.experiment_id, tags=tags,
                                   run_name=run_name(index, trial_id, method, config)).info.run_id
             self.log_params(run_id, params, {})
@@ -225,6 +246,21 @@ class SweepRuns:
         self.log_params(run_id, params, self.client.get_run(run_id).data.params)
 
     # --- writes
+    def send_batch(self, trial_id: str | None, metrics: list[list], tags: dict) -> None:
+        """A Kind.BATCH: epochs a found-again child run holds already (up to its floor) are not sent twice."""
+        from mlflow.entities import Metric
+
+        floor = self.floor.get(trial_id, 0) if trial_id else 0
+        self.send(self.run_id(trial_id), [Metric(k, v, ts, step) for k, v, ts, step in metrics
+                                          if trial_id is None or step > floor or k == "time_total_s"], tags)
+
+    def send_artifacts(self, trial_id: str | None, folder: str) -> None:
+        self.client.log_artifacts(self.run_id(trial_id), folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def terminate(self, trial_id: str | None, status: str) -> None:
+        self.client.set_terminated(self.run_id(trial_id), status)
+
     def send(self, run_id: str, metrics: list, tags: dict | None = None) -> None:
         """log_batch in as few calls as MLflow's limits allow (1000 metrics, 100 tags per call)."""
         from mlflow.entities import RunTag

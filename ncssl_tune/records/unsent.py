@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ncssl_tune.records.outbox import Op
-from ncssl_tune.records.runs import tag_value
+from ncssl_tune.records.runs import Kind, tag_value
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +42,13 @@ def report_unsent(folder: Path, queued: list[Op], rejected: list[tuple[Op, str]]
         e = entry(tid)
         if error:
             e["errors"].append(f"{kind}: {error}")
-        if kind == "batch":
+        if kind == Kind.BATCH:
             e["metrics"] += [[k, v if math.isfinite(v) else str(v), step, ts] for k, v, ts, step in payload["metrics"]]
             e["epochs"].update(step for k, _, _, step in payload["metrics"] if k != "time_total_s")
             e["tags"].update({k: tag_value(v) for k, v in payload["tags"].items()})
-        elif kind == "terminate":
+        elif kind == Kind.TERMINATE:
             e["final_status"] = payload
-        elif kind == "artifacts":
+        elif kind == Kind.ARTIFACTS:
             dest = folder / UNSENT_DIR / (tid or "parent")
             try:
                 dest.mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,7 @@ def report_unsent(folder: Path, queued: list[Op], rejected: list[tuple[Op, str]]
             except OSError as err:
                 e["errors"].append(f"artifacts kept in {payload}: {err}")
                 e["artifacts"].append(str(payload))
-        elif kind in ("child", "parent", "parent_files"):
+        elif kind in (Kind.CHILD, Kind.PARENT, Kind.PARENT_FILES):
             e.setdefault("pending", []).append(kind)
         if error is None:
             moved.append(op)

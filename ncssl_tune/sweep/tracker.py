@@ -2,8 +2,9 @@
 
 Trials never talk to MLflow; `MlflowTracker` is a Ray Tune callback on the driver that buffers each trial's
 per-epoch results and sends them with `log_batch` (metric names exactly as `train()` reports them, step = epoch).
-The pieces: `schema` (tag and artifact names), `mlflow_runs` (finding and writing the runs), `outbox` (ordered
-writes that survive outages and a killed driver), `unsent` (the report of what was never sent).
+The pieces, in records/: `runs` (finding and writing the runs; `Kind`, the operations), `outbox` (ordered writes
+that survive outages and a killed driver), `unsent` (the report of what was never sent). Each operation is sent by
+its handler in `_SEND` below.
 
 Outages of the store never end the sweep: writes wait in the outbox, are retried, and are kept in
 <sweep folder>/mlflow_outbox.json while unsent, so a resumed sweep (`--resume`) sends them; what is still unsent
@@ -21,15 +22,17 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ray.tune import Callback
 
 from ncssl_tune.naming import trial_index
 from ncssl_tune.records.outbox import Op, Outbox
-from ncssl_tune.records.runs import SweepRuns, safe_key, trial_params
+from ncssl_tune.records.runs import Kind, SweepRuns, safe_key, trial_params
 from ncssl_tune.records.spectra import SpectrumHistory, write_trial_spectra
-from ncssl_tune.records.store import TrackingError, check_tracking_uri
+from ncssl_tune.records.store import TrackingError
 from ncssl_tune.records.unsent import UNSENT_FILE, report_unsent
 from ncssl_tune.spec import SweepSpec
 from ncssl_tune.sweep.monitor import trial_outcome
@@ -94,6 +97,10 @@ class MlflowTracker(Callback):
     artifacts), retried while the store is down and at the end of the sweep for up to `end_wait_s` seconds, and
     kept in <out_dir>/mlflow_outbox.json meanwhile; a tracker of the same sweep (same out_dir) sends what an
     earlier, killed session left there. No hook raises: Ray never sees a tracking failure.
+
+    `out_dir` is the sweep folder (run_sweep passes it). Without it (a tracker used outside run_sweep, as in
+    tests) the tracker's files go to a fresh temporary folder, removed at the end when everything was sent: nothing
+    carries over to another session.
     """
 
     end_wait_s = float(os.environ.get("NCSSL_MLFLOW_END_WAIT_S", "30"))
@@ -102,11 +109,11 @@ class MlflowTracker(Callback):
                  flush_s: float = 5.0, out_dir: str | Path | None = None, reference: dict | None = None):
         for key, value in HTTP_ENV.items():
             os.environ.setdefault(key, value)
-        check_tracking_uri(tracking_uri)
         self.spec = spec
         self.tracking_uri = tracking_uri
         self.flush_s = flush_s
-        self.out_dir = Path(out_dir) if out_dir else None  # else found from Ray's storage path (<out>/ray/tune)
+        self._own_dir = not out_dir
+        self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="ncssl_mlflow_"))
         self.reference = reference or {}  # {"random_init": {metric: v}, "pixels": {...}}: parent metrics, sent once
         # replaced by the saved one when Ray restores a sweep (set_state, before setup)
         self.runs = SweepRuns(spec, tracking_uri, uuid.uuid4().hex, ray_address)
@@ -143,13 +150,12 @@ class MlflowTracker(Callback):
 
     # --- Ray Tune hooks
     def setup(self, **info) -> None:
-        self.outbox.put("parent", None)
-        if self.out_dir is not None:
-            self._open_file()
-        self.outbox.put("parent_files", None)
+        self.outbox.put(Kind.PARENT, None)
+        self._open_file()
+        self.outbox.put(Kind.PARENT_FILES, None)
         if self.reference:  # reference_<kind>_<metric>, e.g. reference_random_init_fewshot_acc (read by analysis)
             now = int(time.time() * 1000)
-            self.outbox.put("batch", None, {"tags": {}, "metrics": [
+            self.outbox.put(Kind.BATCH, None, {"tags": {}, "metrics": [
                 (f"reference_{kind}_{k}", v, now, 0) for kind, scores in self.reference.items()
                 for k, v in scores.items()]})
             self.reference = {}
@@ -164,7 +170,7 @@ class MlflowTracker(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self._child(trial, running=True)
         if isinstance(result.get(RESOLVED_CONFIG), dict):  # the first result of each start carries it
-            self.outbox.put("params", trial.trial_id, trial_params({**result[RESOLVED_CONFIG], **trial.config}))
+            self.outbox.put(Kind.PARAMS, trial.trial_id, trial_params({**result[RESOLVED_CONFIG], **trial.config}))
         self._buffer(trial.trial_id, result)
         self._maybe_flush()
 
@@ -211,18 +217,20 @@ class MlflowTracker(Callback):
                 unfinished += 1
                 if tid in self._known or (statuses is not None and tid in statuses):
                     self._child(t, running=False)
-                    self.outbox.put("batch", tid, {"metrics": [], "tags": {TAG_STATUS: "interrupted"}})
-                    self.outbox.put("terminate", tid, RUN_STATUS["interrupted"])
+                    self.outbox.put(Kind.BATCH, tid, {"metrics": [], "tags": {TAG_STATUS: "interrupted"}})
+                    self.outbox.put(Kind.TERMINATE, tid, RUN_STATUS["interrupted"])
                     self._closed.add(tid)
-        self.outbox.put("batch", None, {"metrics": [], "tags": {
+        self.outbox.put(Kind.BATCH, None, {"metrics": [], "tags": {
             "num_trials": len(trials), "num_unfinished": unfinished,
             TAG_STATUS: "interrupted" if unfinished else "finished"}})
-        self.outbox.put("terminate", None, "KILLED" if unfinished else "FINISHED")
+        self.outbox.put(Kind.TERMINATE, None, "KILLED" if unfinished else "FINISHED")
         deadline = time.monotonic() + self.end_wait_s
         while not self.outbox.drain(force=True) and time.monotonic() < deadline:
             time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
         if self.outbox.ops or self.outbox.rejected:
             self._report_unsent()
+        elif self._own_dir:
+            shutil.rmtree(self.out_dir, ignore_errors=True)
 
     # --- the outbox and its file
     def _open_file(self) -> None:
@@ -231,61 +239,41 @@ class MlflowTracker(Callback):
         if self.outbox.path is not None:
             return
         self.outbox.path = self.out_dir / OUTBOX_FILE
-        left = [op for op in self.outbox.load() if op.kind not in ("parent", "parent_files")]
+        left = [op for op in self.outbox.load() if op.kind not in (Kind.PARENT, Kind.PARENT_FILES)]
         if left:
             log.warning("MLflow: sending %d operations an earlier session of this sweep could not send",
                         len(left))
-            head = [op for op in self.outbox.ops if op.kind == "parent"]
-            rest = [op for op in self.outbox.ops if op.kind != "parent"]
+            head = [op for op in self.outbox.ops if op.kind == Kind.PARENT]
+            rest = [op for op in self.outbox.ops if op.kind != Kind.PARENT]
             self.outbox.replace([*head, *left, *rest])
         # A driver killed between creating a trial's spectrum folder and queueing it leaves a folder no operation
         # names: the trial's end is recorded again in this session, with a new folder.
-        queued = {Path(op.payload).name for op in self.outbox.ops if op.kind == "artifacts"}  # mkdtemp: unique names
+        queued = {Path(op.payload).name for op in self.outbox.ops if op.kind == Kind.ARTIFACTS}  # mkdtemp: unique
         folder = self.out_dir / OUTBOX_DIR
         for orphan in (p for p in (folder.iterdir() if folder.is_dir() else []) if p.name not in queued):
             shutil.rmtree(orphan, ignore_errors=True)
 
     def _execute(self, op: Op) -> None:
-        kind, tid, payload = op
-        runs = self.runs
-        if kind == "parent":
-            runs.attach_parent()
-        elif kind == "parent_files":
-            runs.log_spec_files()
-        elif kind == "child":
-            floor = runs.attach_child(tid, payload["config"], payload["running"], payload.get("index"))
-            self._last_step[tid] = max(self._last_step.get(tid, 0), floor)
-        elif kind == "params":
-            runs.log_trial_params(tid, payload)
-        elif kind == "batch":
-            from mlflow.entities import Metric
+        send = _SEND.get(op.kind)  # a Kind key matches the plain string an outbox file gives back
+        if send is None:
+            raise ValueError(f"unknown outbox operation {op.kind!r}")
+        send(self, op.trial_id, op.payload)
 
-            floor = runs.floor.get(tid, 0) if tid else 0
-            metrics = [Metric(k, v, ts, step) for k, v, ts, step in payload["metrics"]
-                       if tid is None or step > floor or k == "time_total_s"]
-            runs.send(runs.run_id(tid), metrics, payload["tags"])
-        elif kind == "artifacts":
-            runs.client.log_artifacts(runs.run_id(tid), payload)
-            shutil.rmtree(payload, ignore_errors=True)
-        elif kind == "terminate":
-            runs.client.set_terminated(runs.run_id(tid), payload)
-        else:
-            raise ValueError(f"unknown outbox operation {kind!r}")
+    def _attach_child(self, tid: str, payload: dict) -> None:
+        """Kind.CHILD: epochs the store holds already for a found-again run are not buffered again."""
+        floor = self.runs.attach_child(tid, payload["config"], payload["running"], payload.get("index"))
+        self._last_step[tid] = max(self._last_step.get(tid, 0), floor)
 
     # --- per trial
     def _child(self, trial, running: bool) -> None:
         """Queue the creation (or re-attachment) of the trial's child run, once per trial and session."""
-        if self.out_dir is None:
-            self.out_dir = _sweep_folder(trial)
-            if self.out_dir is not None:
-                self._open_file()
         tid = trial.trial_id
         if tid in self._known:
             return
         self._known.add(tid)
         self._last_step.setdefault(tid, 0)
-        self.outbox.put("child", tid, {"config": dict(trial.config), "running": running,
-                                       "index": trial_index(getattr(trial, "experiment_tag", None))})
+        self.outbox.put(Kind.CHILD, tid, {"config": dict(trial.config), "running": running,
+                                          "index": trial_index(getattr(trial, "experiment_tag", None))})
 
     def _finish(self, trial, error: str | None = None) -> None:
         tid = trial.trial_id
@@ -298,19 +286,18 @@ class MlflowTracker(Callback):
         metrics = self._pending.pop(tid, [])
         if "time_total_s" in result:
             metrics.append(_metric("time_total_s", result["time_total_s"], self._last_step.get(tid, 0)))
-        self.outbox.put("batch", tid, {"metrics": metrics, "tags": tags})
+        self.outbox.put(Kind.BATCH, tid, {"metrics": metrics, "tags": tags})
         title = f"{self.spec.name} trial {tid}: {status}" + (f" ({reason})" if reason else "")
-        self.outbox.put("artifacts", tid, self._spectrum_files(tid, title))
-        self.outbox.put("terminate", tid, RUN_STATUS[status])
+        self.outbox.put(Kind.ARTIFACTS, tid, self._spectrum_files(tid, title))
+        self.outbox.put(Kind.TERMINATE, tid, RUN_STATUS[status])
         self._closed.add(tid)
         self.outbox.drain()
 
     def _spectrum_files(self, tid: str, title: str) -> str:
         """A folder with the trial's spectra of every epoch (CSV and two plots), removed once sent: in the sweep
-        folder, so that it outlives a killed driver, or a temporary folder when the sweep folder is unknown."""
-        if self.out_dir is not None:
-            (self.out_dir / OUTBOX_DIR).mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=f"{tid}_", dir=self.out_dir / OUTBOX_DIR if self.out_dir else None))
+        folder, so that it outlives a killed driver."""
+        (self.out_dir / OUTBOX_DIR).mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"{tid}_", dir=self.out_dir / OUTBOX_DIR))
         write_trial_spectra(folder, self._spectra.epochs(tid, self.out_dir), title)
         return str(folder)
 
@@ -335,14 +322,13 @@ class MlflowTracker(Callback):
 
     def _flush(self) -> None:
         for tid in list(self._pending.keys() | self._pending_tags.keys()):
-            self.outbox.put("batch", tid, {"metrics": self._pending.pop(tid, []),
-                                           "tags": self._pending_tags.pop(tid, {})})
+            self.outbox.put(Kind.BATCH, tid, {"metrics": self._pending.pop(tid, []),
+                                              "tags": self._pending_tags.pop(tid, {})})
         self._last_flush = time.monotonic()
         self.outbox.drain()
 
     def _report_unsent(self) -> Path | None:
-        folder = self.out_dir or Path("results").resolve() / self.spec.name
-        path, kept = report_unsent(folder, list(self.outbox.ops), self.outbox.rejected,
+        path, kept = report_unsent(self.out_dir, list(self.outbox.ops), self.outbox.rejected,
                                    tracking_uri=self.tracking_uri, experiment=self.spec.name,
                                    sweep_uid=self.sweep_uid, parent_run_id=self.parent_run_id, runs=self.runs.runs,
                                    last_error=self.outbox.last_error)
@@ -350,10 +336,13 @@ class MlflowTracker(Callback):
         return path
 
 
-def _sweep_folder(trial) -> Path | None:
-    """The sweep folder from Ray's experiment path (<sweep folder>/ray/tune, see sweep.py)."""
-    try:
-        path = Path(trial.remote_experiment_path)
-    except Exception:  # noqa: BLE001 - a fake trial in tests, or another Ray layout
-        return None
-    return path.parent.parent if path.parent.name == "ray" and "://" not in str(path) else None
+# Each Kind of operation as the store receives it; sending one twice is harmless (see records/outbox.py).
+_SEND: dict[Kind, Callable[[MlflowTracker, str | None, Any], None]] = {
+    Kind.PARENT: lambda t, tid, _: t.runs.attach_parent(),
+    Kind.PARENT_FILES: lambda t, tid, _: t.runs.log_spec_files(),
+    Kind.CHILD: MlflowTracker._attach_child,
+    Kind.PARAMS: lambda t, tid, params: t.runs.log_trial_params(tid, params),
+    Kind.BATCH: lambda t, tid, batch: t.runs.send_batch(tid, batch["metrics"], batch["tags"]),
+    Kind.ARTIFACTS: lambda t, tid, folder: t.runs.send_artifacts(tid, folder),
+    Kind.TERMINATE: lambda t, tid, status: t.runs.terminate(tid, status),
+}
