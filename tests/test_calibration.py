@@ -23,6 +23,7 @@ EPOCHS = 20
 CHEAP_EVAL = {"eval.cond_views": 0, "eval.knn_every": 0, "eval.probe_every": 0}  # collapse metrics stay every epoch
 
 
+@pytest.mark.slow  # 20 epochs each: the longest training in the tests
 @pytest.mark.parametrize(("name", "space", "overrides", "predicted"), bench.ABLATIONS,
                          ids=[a[0] for a in bench.ABLATIONS])
 def test_ablation_lands_in_the_predicted_collapse_class(name, space, overrides, predicted):

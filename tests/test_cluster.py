@@ -16,7 +16,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from conftest import start_local_ray
+from helpers import free_port, start_local_ray
 
 from ncssl_tune import cli
 from ncssl_tune.spec import load_spec
@@ -42,6 +42,7 @@ def test_cluster_yaml_passes_rays_schema_and_scales_gpu_workers_from_zero():
     assert any("pip install" in c for c in config["setup_commands"])
 
 
+@pytest.mark.slow
 def test_sweep_runs_trials_on_more_than_one_node(tmp_path):
     import ray
     from mlflow import MlflowClient
@@ -135,12 +136,6 @@ def test_local_autoscale_yaml_passes_rays_schema():
     assert workers and all(t["min_workers"] == 0 and t["max_workers"] >= 2 for t in workers)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def fake_autoscaling_cluster():
     """`ray start --head` with sweeps/local-autoscale.yaml (Ray's fake multi-node provider): its autoscaler adds
@@ -149,7 +144,7 @@ def fake_autoscaling_cluster():
     import psutil
     import ray
 
-    port = _free_port()
+    port = free_port()
     config = yaml.safe_load(Path(LOCAL_AUTOSCALE_YAML).read_text())
     config["provider"]["gcs_address"] = f"127.0.0.1:{port}"  # the shipped file assumes this machine's IP:6379
     head_cpus = config["available_node_types"][config["head_node_type"]]["resources"]["CPU"]
@@ -211,6 +206,7 @@ def _alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n["Alive"]]
 
 
+@pytest.mark.slow
 def test_autoscaler_adds_worker_nodes_for_a_sweep_and_removes_them_when_idle(autoscaling_cluster, tmp_path):
     import ray
     from mlflow import MlflowClient
@@ -253,6 +249,7 @@ def test_autoscaler_adds_worker_nodes_for_a_sweep_and_removes_them_when_idle(aut
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_gpu_sweep_fails_when_the_autoscaler_cannot_add_a_gpu_node(autoscaling_cluster, tmp_path):
     from ncssl_tune.sweep.runner import SweepError, run_sweep
 

@@ -3,7 +3,6 @@ retries it from its last checkpoint) and the sweep driver killed mid-sweep (`--r
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -13,9 +12,9 @@ import time
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
-import yaml
-from conftest import TINY, runs_of, steps
+from helpers import TINY_TO_THE_END, VICREG_SPACE, runs_of, space_without, steps
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from ray.tune import Callback
@@ -23,37 +22,15 @@ from ray.tune import Callback
 from ncssl_tune.records.spectra import read_spectra_csv
 from ncssl_tune.records.store import default_tracking_uri
 from ncssl_tune.spec import load_spec
+from ncssl_tune.sweep.monitor import read_trials
 from ncssl_tune.sweep.runner import optuna_storage, run_sweep
 from ncssl_tune.sweep.tracker import OUTBOX_DIR, OUTBOX_FILE
 from ncssl_tune.vocab import SPECTRUM_CSV, TAG_TRIAL
 
 
-def _psutil():
-    """Ray's bundled psutil (ray/thirdparty_files, on sys.path once ray is imported): the project itself does
-    not depend on psutil."""
-    import psutil
-
-    return psutil
-
-SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "vicreg.yaml"
-# Tiny trials (a small synthetic dataset, no conditional views, probe only at the first and last epoch), a
-# FIFO scheduler and no collapse stopper, so every trial is meant to run to its last epoch.
-FAST = [*TINY, "eval.probe_every=0", "eval.eval_samples=256", "model.projector=64-64", "search.max_concurrent=2",
-        "search.scheduler.name=fifo", "search.collapse_stop.total=false", "search.max_failures=1"]
-
-
 def small_space(tmp_path: Path) -> Path:
     """vicreg.yaml without its projector dimension (the wide projectors would triple a trial's time here)."""
-    raw = yaml.safe_load(SPACE.read_text())
-    del raw["space"]["model.projector"]
-    path = tmp_path / "vicreg_small.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def read_rows(out_dir: Path) -> list[dict]:
-    with open(out_dir / "trials.csv") as f:
-        return list(csv.DictReader(f))
+    return space_without(tmp_path, "model.projector")
 
 
 class KillWorkerOnce(Callback):
@@ -77,9 +54,10 @@ class KillWorkerOnce(Callback):
         self.recovered.append(trial.trial_id)
 
 
+@pytest.mark.slow
 def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_session, tmp_path):
     epochs = 4
-    spec = load_spec(small_space(tmp_path), FAST, num_samples=2, epochs=epochs, name="killtrial")
+    spec = load_spec(small_space(tmp_path), TINY_TO_THE_END, num_samples=2, epochs=epochs, name="killtrial")
     killer = KillWorkerOnce(at=2)
     uri = default_tracking_uri(tmp_path)
     result = run_sweep(spec, tmp_path, tracking_uri=uri, extra_callbacks=[killer], monitor_interval_s=1e9)
@@ -95,7 +73,7 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_session, tmp_pat
     assert killer.after[-1][0] == epochs
 
     assert result.errors == 0 and result.num_trials == 2
-    rows = {r["trial_id"]: r for r in read_rows(result.out_dir)}
+    rows = {r["trial_id"]: r for r in read_trials(result.out_dir)}
     assert len(rows) == 2
     for r in rows.values():
         assert r["status"] == "finished" and int(r["epoch"]) == epochs, r
@@ -112,26 +90,27 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_session, tmp_pat
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
 
 
+@pytest.mark.slow
 def test_resume_runs_errored_trials_again_and_records_them_once(ray_session, tmp_path):
     """A trial whose worker dies with no retries left ends in ERROR; `--resume` starts it again as a new trial
     with the same config (Ray's restart_errored): the new trial runs to the end in trials.csv and MLflow (every
     epoch once), and the study continues the failed Optuna trial with a new one of the same parameters."""
     epochs = 4
-    spec = load_spec(small_space(tmp_path), [*FAST, "search.max_failures=0"], num_samples=2, epochs=epochs,
+    spec = load_spec(small_space(tmp_path), [*TINY_TO_THE_END, "search.max_failures=0"], num_samples=2, epochs=epochs,
                      name="errored")
     uri = default_tracking_uri(tmp_path)
     killer = KillWorkerOnce(at=2)
     first = run_sweep(spec, tmp_path, tracking_uri=uri, extra_callbacks=[killer], monitor_interval_s=1e9)
     assert killer.killed is not None and first.errors == 1
     errored = killer.killed[0]
-    assert {r["trial_id"]: r["status"] for r in read_rows(first.out_dir)}[errored] == "error"
+    assert {r["trial_id"]: r["status"] for r in read_trials(first.out_dir)}[errored] == "error"
 
     done = run_sweep(spec, tmp_path, resume=True, tracking_uri=uri, monitor_interval_s=1e9)
     assert done.errors == 0 and done.num_trials == 2
-    rows = {r["trial_id"]: r for r in read_rows(done.out_dir)}
+    rows = {r["trial_id"]: r for r in read_trials(done.out_dir)}
     assert rows.pop(errored)["status"] == "error"  # the failed attempt keeps its record
     assert [(r["status"], int(r["epoch"])) for r in rows.values()] == [("finished", epochs)] * 2, rows
-    config = {k: v for k, v in read_rows(first.out_dir)[0].items() if k.startswith("param.")}
+    config = {k: v for k, v in read_trials(first.out_dir)[0].items() if k.startswith("param.")}
     assert config in [{k: v for k, v in r.items() if k.startswith("param.")} for r in rows.values()]
     client = MlflowClient(uri)
     parents, kids = runs_of(client, spec.name)
@@ -156,7 +135,7 @@ CLI = ["-c", "import sys; from ncssl_tune.cli import main; sys.exit(main(sys.arg
 def _cli(results: Path, *extra: str, num_samples: int, epochs: int) -> list[str]:
     args = [sys.executable, *CLI, str(small_space(results)), "--results-dir", str(results), "--name", "killdriver",
             "--num-samples", str(num_samples), "--epochs", str(epochs)]
-    for s in FAST:
+    for s in TINY_TO_THE_END:
         args += ["--set", s]
     return [*args, *extra]
 
@@ -182,7 +161,6 @@ sys.exit(main(sys.argv[2:]))
 
 
 def _end_all(procs: list) -> None:
-    psutil = _psutil()
     for p in procs:
         try:
             p.kill()
@@ -191,6 +169,7 @@ def _end_all(procs: list) -> None:
     psutil.wait_procs(procs, timeout=20)
 
 
+@pytest.mark.slow
 def test_resume_after_the_driver_is_killed_mid_sweep(tmp_path):
     num_samples, epochs = 3, 4
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
@@ -201,7 +180,6 @@ def test_resume_after_the_driver_is_killed_mid_sweep(tmp_path):
     with open(tmp_path / "first.log", "w") as log:
         driver = subprocess.Popen([sys.executable, *FROZEN_CLI, str(frozen), *cmd[len(CLI) + 1:]], cwd=cwd, env=env,
                                   stdout=log, stderr=subprocess.STDOUT)
-    psutil = _psutil()
     tree: list = []
     try:
         deadline = time.monotonic() + 180
@@ -219,14 +197,14 @@ def test_resume_after_the_driver_is_killed_mid_sweep(tmp_path):
         time.sleep(1)  # what dies with the driver (fate sharing) gets a moment; the rest is ended by pid
         _end_all([p for p in tree if p.is_running()])
 
-    killed_at = read_rows(out_dir)
+    killed_at = read_trials(out_dir)
     assert sum(r["status"] == "finished" for r in killed_at) < num_samples
 
     resumed = subprocess.run([*cmd, "--resume"], cwd=cwd, env=env, capture_output=True, text=True,
                              timeout=300, check=False)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
 
-    rows = read_rows(out_dir)
+    rows = read_trials(out_dir)
     assert len(rows) == num_samples, rows
     for r in rows:
         assert r["status"] in ("finished", "stopped"), r
@@ -263,7 +241,7 @@ def test_restored_searcher_takes_its_latest_state_not_rays_snapshot(tmp_path):
     from ncssl_tune.sweep.searcher import OptunaSearcher
     from ncssl_tune.sweep.space import DefineByRun
 
-    spec = load_spec(SPACE)
+    spec = load_spec(VICREG_SPACE)
 
     def searcher():
         return OptunaSearcher(DefineByRun(spec.space, spec.base), metric="probe_acc", mode="max",
@@ -302,6 +280,7 @@ def _outbox_ops(out_dir: Path) -> list[list]:
         return []
 
 
+@pytest.mark.slow
 def test_outbox_of_a_driver_killed_during_an_outage_is_sent_on_resume(own_server, tmp_path):
     """Server down after the first logged epoch; the driver SIGKILLed once its outbox file holds a trial's end
     (status and spectrum); server back, `--resume`: every epoch and artifact of every trial is there once."""
@@ -313,7 +292,6 @@ def test_outbox_of_a_driver_killed_during_an_outage_is_sent_on_resume(own_server
     client = MlflowClient(own_server.uri)
     with open(tmp_path / "first.log", "w") as log:
         driver = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    psutil = _psutil()
     tree: list = []
     try:
         def wait_for(what: str, done) -> None:
@@ -349,7 +327,7 @@ def test_outbox_of_a_driver_killed_during_an_outage_is_sent_on_resume(own_server
                              timeout=300, check=False)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
 
-    rows = read_rows(out_dir)
+    rows = read_trials(out_dir)
     assert len(rows) == num_samples and all(r["status"] == "finished" for r in rows), rows
     parents, kids = runs_of(client, "killdriver")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

@@ -12,13 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from helpers import REPO, TINY_SWEEP
 
 from ncssl_tune.cli import main
 from ncssl_tune.sweep.monitor import read_trials
 
-REPO = Path(__file__).resolve().parent.parent
-SETS = [*TINY, "eval.eval_samples=64", "search.max_concurrent=2", "search.scheduler.name=fifo", "train.threads=1"]
+pytestmark = pytest.mark.slow  # a real `ncssl-sweep` process, interrupted and resumed
+
+SETS = [*TINY_SWEEP, "search.scheduler.name=fifo", "train.threads=1"]
 ARGS = ["search_spaces/vicreg.yaml", "--name", "ctrlc", "--num-samples", "2", "--epochs", "6",
         *[a for s in SETS for a in ("--set", s)]]
 

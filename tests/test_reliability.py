@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-
 import pytest
 import torch
 
@@ -11,6 +9,7 @@ from ncssl_tune.config import TrainConfig
 from ncssl_tune.core.losses import WhiteningError, whiten
 from ncssl_tune.core.train import train
 from ncssl_tune.spec import load_spec
+from ncssl_tune.sweep.monitor import read_trials
 
 SMALL = {"data": {"dataset": "synthetic", "synthetic": {"n": 400, "size": 8, "channels": 1, "classes": 4}},
          "model": {"projector": "64-32", "width": 16},
@@ -36,7 +35,7 @@ def small(method: str, **train_over) -> TrainConfig:
 
 
 def test_diverging_trial_does_not_stop_the_sweep_and_is_excluded_from_the_analysis(tmp_path, ray_session):
-    from ncssl_tune.analysis.load import analyze, load_epochs, load_runs
+    from ncssl_tune.analysis import analyze, load_epochs, load_runs
     from ncssl_tune.records.store import default_tracking_uri
     from ncssl_tune.sweep.runner import run_sweep
 
@@ -51,8 +50,7 @@ def test_diverging_trial_does_not_stop_the_sweep_and_is_excluded_from_the_analys
     # Any 3 of the 4 grid points hold at least one learning rate that diverges and one that does not. (Not all
     # 4: Optuna's GridSampler calls study.stop() when its grid is used up, which fails outside study.optimize.)
     assert result.num_trials == 3 and result.errors == 0
-    with open(result.out_dir / "trials.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_trials(result.out_dir)
     diverged = {r["trial_id"] for r in rows if float(r["param.train.lr"]) >= 1e12}
     assert 1 <= len(diverged) <= 2 and len(rows) == 3
     for r in rows:

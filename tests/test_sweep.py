@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
 
 import optuna
 import pytest
-import yaml
+from helpers import DIGITS_SWEEP, space_without
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
@@ -19,22 +18,6 @@ from ncssl_tune.sweep.searcher import OptunaSearcher
 from ncssl_tune.sweep.space import DefineByRun
 from ncssl_tune.sweep.trainable import next_streak
 
-FAST = ["eval.cond_views=0", "eval.eval_samples=256", "eval.probe_every=0", "eval.knn_every=1",
-        "model.projector=128-128", "search.max_concurrent=2"]
-
-
-def space_without(tmp_path, *keys: str):
-    """search_spaces/vicreg.yaml with some swept keys removed, so --set can fix them for a test."""
-    raw = yaml.safe_load(Path("search_spaces/vicreg.yaml").read_text())
-    for k in keys:
-        raw["space"].pop(k)
-    path = tmp_path / "vicreg.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-read_rows = read_trials
-
 
 def study(out_dir, name):
     return optuna.load_study(study_name=name, storage=optuna_storage(out_dir))
@@ -45,7 +28,7 @@ def finished_sweep(ray_session, tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
     # BatchNorm kept on: without it some trials would collapse and be stopped, which another test covers.
     space = space_without(tmp_path_factory.mktemp("space"), "model.norm")
-    spec = load_spec(space, [*FAST, "search.scheduler.name=fifo"], num_samples=4, epochs=3, name="e2e")
+    spec = load_spec(space, [*DIGITS_SWEEP, "search.scheduler.name=fifo"], num_samples=4, epochs=3, name="e2e")
     result = run_sweep(spec, results, monitor_interval_s=1e9)
     return spec, results, result
 
@@ -53,7 +36,7 @@ def finished_sweep(ray_session, tmp_path_factory):
 def test_sweep_runs_every_trial_and_writes_trials_csv(finished_sweep):
     spec, _, result = finished_sweep
     assert result.num_trials == 4 and result.errors == 0
-    rows = read_rows(result.out_dir)
+    rows = read_trials(result.out_dir)
     assert len(rows) == 4
     assert len({r["trial_id"] for r in rows}) == 4
     for r in rows:
@@ -75,10 +58,10 @@ def test_sweep_study_records_completed_trials_with_intermediate_values(finished_
 
 def test_resume_of_a_finished_sweep_starts_no_new_trial(finished_sweep):
     spec, results, first = finished_sweep
-    before = read_rows(first.out_dir)
+    before = read_trials(first.out_dir)
     again = run_sweep(spec, results, resume=True, monitor_interval_s=1e9)
     assert again.num_trials == 4
-    assert read_rows(first.out_dir) == before
+    assert read_trials(first.out_dir) == before
     assert len(study(first.out_dir, spec.name).trials) == 4
 
 
@@ -92,11 +75,11 @@ def test_existing_sweep_needs_resume_and_missing_sweep_cannot_resume(finished_sw
 
 def test_collapse_stopper_ends_invariance_trials_and_optuna_sees_them_pruned(ray_session, tmp_path):
     spec = load_spec(space_without(tmp_path, "model.norm"),
-                     [*FAST, "loss.method=invariance", "model.norm=none", "search.scheduler.name=fifo",
+                     [*DIGITS_SWEEP, "loss.method=invariance", "model.norm=none", "search.scheduler.name=fifo",
                       "search.collapse_stop.min_epoch=2", "search.algorithm=random"],
                      num_samples=2, epochs=5, name="control")
     result = run_sweep(spec, tmp_path, monitor_interval_s=1e9)
-    rows = read_rows(result.out_dir)
+    rows = read_trials(result.out_dir)
     assert len(rows) == 2
     for r in rows:
         assert r["status"] == "stopped"

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -12,7 +11,7 @@ import types
 from pathlib import Path
 
 import pytest
-from conftest import TINY, MlflowServer, free_port, mlflow_client, runs_of, steps
+from helpers import TINY_SWEEP, MlflowServer, free_port, mlflow_client, runs_of, steps
 from ray.tune import Callback
 
 from ncssl_tune.config import flatten
@@ -20,13 +19,11 @@ from ncssl_tune.naming import fmt_number
 from ncssl_tune.records.spectra import read_spectrum_csv
 from ncssl_tune.records.store import TrackingError, check_tracking_uri, default_tracking_uri
 from ncssl_tune.spec import CollapseStopConfig, load_spec
-from ncssl_tune.sweep.monitor import trial_outcome
+from ncssl_tune.sweep.monitor import read_trials, trial_outcome
 from ncssl_tune.sweep.tracker import OUTBOX_DIR, OUTBOX_FILE, UNSENT_FILE, MlflowTracker, safe_key
 from ncssl_tune.sweep.trainable import build_config
 from ncssl_tune.vocab import EXPERIMENT_KIND_TAG, PARENT_TAG, SPECTRUM_CSV
 
-# Tiny trials: a small synthetic dataset keeps one epoch well under a second on a CPU core.
-FAST = [*TINY, "eval.eval_samples=64", "search.max_concurrent=2"]
 # --- check_tracking_uri
 
 def test_unreachable_server_fails_fast_with_a_clear_message():
@@ -60,21 +57,33 @@ def test_sqlite_uris(tmp_path):
         check_tracking_uri(f"sqlite:///{tmp_path}/file/mlflow.db")
 
 
-def test_an_address_that_passed_is_not_asked_again_in_the_same_command(tmp_path):
-    """The CLI, run_sweep and the tracker each check the tracking URI; the store is asked once."""
+def test_a_command_asks_the_store_once(tmp_path, monkeypatch, capsys):
+    """The CLI checks the tracking URI at its start and tells run_analysis (and run_sweep) so: the store is asked
+    once per command. No memory is kept between calls: the next check asks the store again."""
+    from ncssl_tune.cli import main
+    from ncssl_tune.records import store
+
+    asked = []
+    check_sqlite = store._check_sqlite
+    monkeypatch.setattr(store, "_check_sqlite", lambda uri: asked.append(uri) or check_sqlite(uri))
     uri = f"sqlite:///{tmp_path}/once/mlflow.db"
-    check_tracking_uri(uri)
+    assert main(["analyze", "--experiment", "x", "--tracking-uri", uri, "--no-log"]) == 2
+    assert asked == [uri] and "no MLflow database" in capsys.readouterr().err
     (tmp_path / "once").rmdir()
-    (tmp_path / "once").write_text("")  # the same check would now fail: it is not made again
-    check_tracking_uri(uri)
+    (tmp_path / "once").write_text("")  # the same check now fails, and is made again
     with pytest.raises(TrackingError, match="cannot write into"):
-        check_tracking_uri(f"sqlite:///{tmp_path}/once/other.db")  # another address is checked
+        check_tracking_uri(uri)
 
 
-def test_tracker_checks_its_uri_on_construction():
+def test_run_sweep_checks_its_uri_before_anything_starts_and_the_tracker_does_not(tmp_path):
+    from ncssl_tune.sweep.runner import run_sweep
+
     spec = load_spec("search_spaces/vicreg.yaml")
-    with pytest.raises(TrackingError):
-        MlflowTracker(spec, f"http://127.0.0.1:{free_port()}")
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingError, match="not reachable"):
+        run_sweep(spec, tmp_path, tracking_uri=uri)
+    assert not list(tmp_path.iterdir())
+    MlflowTracker(spec, uri)  # run_sweep has checked: the tracker asks nothing on construction
 
 
 # --- pure helpers
@@ -231,7 +240,7 @@ def sweep(server, ray_session, tmp_path_factory):
     from ncssl_tune.sweep.runner import run_sweep
 
     spec = load_spec("search_spaces/vicreg.yaml", name="trk_sweep", num_samples=3, epochs=2,
-                     sets=[*FAST, "search.scheduler.name=fifo"])
+                     sets=[*TINY_SWEEP, "search.scheduler.name=fifo"])
     results = tmp_path_factory.mktemp("results")
     first = run_sweep(spec, results, tracking_uri=server, extra_callbacks=[Interrupt(after=1)],
                       monitor_interval_s=1e9)
@@ -299,7 +308,7 @@ def test_sweep_records_params_metrics_and_artifacts(sweep, server):
 
 
 def test_run_analysis_reports_into_the_parent_run(sweep, server, tmp_path):
-    from ncssl_tune.analysis.load import run_analysis
+    from ncssl_tune.analysis import run_analysis
 
     result = run_analysis(sweep.spec.name, server, tmp_path / "analysis")
     assert result["n_trials"] == 3 and result["parent_run_id"] == sweep.first.mlflow_parent_run_id
@@ -354,12 +363,11 @@ def outage_sweep(tmp_path, server: MlflowServer, name: str, restart_after: int |
 
     path = tmp_path / "outage.yaml"
     path.write_text(OUTAGE_SPACE)
-    spec = load_spec(str(path), name=name, epochs=3, sets=[*FAST, "eval.probe_every=0"])
+    spec = load_spec(str(path), name=name, epochs=3, sets=[*TINY_SWEEP, "eval.probe_every=0"])
     outage = ServerOutage(server, restart_after)
     result = run_sweep(spec, tmp_path / "results", tracking_uri=server.uri, extra_callbacks=[outage],
                        monitor_interval_s=1e9)
-    with open(result.out_dir / "trials.csv") as f:
-        trial_ids = [r["trial_id"] for r in csv.DictReader(f)]
+    trial_ids = [r["trial_id"] for r in read_trials(result.out_dir)]
     return spec, outage, result, trial_ids
 
 
