@@ -534,7 +534,8 @@ def test_training_on_the_low_rank_route_reports_the_direct_metrics(monkeypatch, 
     """A real run whose projector ends 128 -> 512 (P = 128 < M = 256): the reported metrics of z come from the
     route, and equal those computed directly on the embedded z of the final model; the collapse class holds."""
     from ncssl_tune.config import TrainConfig
-    from ncssl_tune.core.train import _Run, embed, last_linear, train
+    from ncssl_tune.core.evaluate import embed, last_linear
+    from ncssl_tune.core.train import _Run, train
 
     calls = []
     route = metrics.centred_low_rank
@@ -551,9 +552,11 @@ def test_training_on_the_low_rank_route_reports_the_direct_metrics(monkeypatch, 
     run.restore(states[-1])
     run.model.eval()
     x = run.train_x[run.eval_idx]
-    h, z, a = embed(run.model, x, 1024, run.autocast, head_input=True)  # one pass, split before the last layer
+    split = embed(run.model, x, 1024, run.autocast, head_input=True)  # one pass, split before the last layer
+    h, z, a = split.h, split.z, split.head_input
     plain = embed(run.model, x, 1024, run.autocast)
-    assert torch.equal(plain[0], h) and torch.equal(plain[1], z) and torch.equal(last_linear(run.model)(a), z)
+    assert plain.head_input is None
+    assert torch.equal(plain.h, h) and torch.equal(plain.z, z) and torch.equal(last_linear(run.model)(a), z)
     # against numpy's SVD of the exact product a Wᵀ, in float64; the (P+1)² Gram matrix still leaves ~1e-8·σ_max on
     # each of the ~P near-zero σ of a collapsed z: rel 1e-6, as for the direct route's RankMe against numpy
     exact = np_metrics(a.double().numpy() @ last_linear(run.model).weight.detach().double().numpy().T)

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from ncssl_tune.config import TrainConfig
+from ncssl_tune.core import evaluate
+from ncssl_tune.core.evaluate import EVALUATORS
 from ncssl_tune.core.metrics import gaussian_entropy
 from ncssl_tune.core.optim import LARS, build_optimizer, lr_at
 from ncssl_tune.core.train import load_state, reference_scores, save_state, train
@@ -141,6 +143,26 @@ def test_reference_scores_of_random_init_and_pixels():
     # 5 labels per class see far less than the full train split, on either representation
     for scores in ref.values():
         assert 0.1 < scores["fewshot_acc"] < scores["probe_acc"]
+
+
+def test_evaluators_are_registered_label_free_first_with_distinct_names():
+    # metrics_seconds is the time of the label-free evaluators, run before every downstream one
+    kinds = [cls.downstream for cls in EVALUATORS]
+    assert kinds == sorted(kinds) and any(kinds) and not all(kinds)
+    assert len({cls.name for cls in EVALUATORS}) == len(EVALUATORS)
+
+
+def test_evaluators_share_one_embedding_pass_per_image_set(monkeypatch):
+    """Whichever evaluators are due, an evaluation embeds each set of images once: train, test and the views when a
+    downstream evaluator is due (the eval subset is rows of train), else the eval subset and the views."""
+    calls: list[int] = []
+    real = evaluate.embed
+    monkeypatch.setattr(evaluate, "embed", lambda model, x, *a, **kw: calls.append(len(x)) or real(model, x, *a, **kw))
+    last = train(cfg(eval={"cond_views": 2, "cond_samples": 16, "knn_every": 0}, train={"epochs": 3}))
+    assert last["status"] == "finished" and last["probe_epoch"] == 3
+    n_train, n_test = calls[:2]
+    probe_epoch, plain_epoch = [n_train, n_test, 2 * 16], [256, 2 * 16]  # the probe is due on epochs 1 and 3
+    assert calls == probe_epoch + plain_epoch + probe_epoch
 
 
 def _live_models() -> list:

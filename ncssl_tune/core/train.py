@@ -18,19 +18,10 @@ import torch
 from ncssl_tune.config import TrainConfig
 from ncssl_tune.core.augment import TwoViewAugment, default_augment
 from ncssl_tune.core.data import load_dataset
+from ncssl_tune.core.evaluate import Labels, SharedEmbeddings, build_evaluators, collapse_thresholds, embed
 from ncssl_tune.core.losses import LOSSES, WhiteningError
-from ncssl_tune.core.metrics import (
-    CollapseThresholds,
-    LinearHead,
-    all_finite,
-    collapse_metrics,
-    entropy_cond,
-    lidar,
-    low_rank_route,
-)
 from ncssl_tune.core.models import SSLModel, build_backbone, build_projector
 from ncssl_tune.core.optim import build_optimizer, lr_at
-from ncssl_tune.core.probe import fewshot_probe, knn_acc, linear_probe
 
 Report = Callable[[dict, "dict | None"], None]
 
@@ -48,36 +39,6 @@ def save_state(state: dict, path: str | os.PathLike) -> None:
 def load_state(path: str | os.PathLike) -> dict:
     # weights_only: a checkpoint is data, never code (safe even if the storage is shared).
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def last_linear(model: SSLModel) -> torch.nn.Linear | None:
-    """The projector's last layer when it is an nn.Linear (build_projector's always is), else None."""
-    proj = model.projector
-    if isinstance(proj, torch.nn.Sequential) and len(proj) > 0 and isinstance(proj[-1], torch.nn.Linear):
-        return proj[-1]
-    return None
-
-
-@torch.no_grad()
-def embed(model: SSLModel, x: torch.Tensor, batch: int, autocast, head_input: bool = False) -> tuple[torch.Tensor, ...]:
-    """h: (N, F), z: (N, D) in eval mode, float32; with head_input also a: (N, P), the input of the projector's
-    last nn.Linear (z = a Wᵀ + b, for metrics.LinearHead; head_input needs last_linear(model))."""
-    last = last_linear(model) if head_input else None
-    if head_input and last is None:
-        raise ValueError("embed: head_input needs a projector that ends with an nn.Linear")
-    hs, zs, as_ = [], [], []
-    for i in range(0, x.shape[0], batch):
-        with autocast():
-            if last is None:
-                h, z = model(x[i:i + batch])
-            else:  # SSLModel.forward split before the last layer, in one pass
-                h = model.backbone(x[i:i + batch])
-                a = model.projector[:-1](h)
-                z = last(a)
-                as_.append(a.float())
-        hs.append(h.float())
-        zs.append(z.float())
-    return (torch.cat(hs), torch.cat(zs), *((torch.cat(as_),) if head_input else ()))
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -134,8 +95,9 @@ class _Run:
         self.eval_idx = torch.randperm(n, generator=g)[:m].to(dev)  # fixed subset, same for every trial
         self.loss_fn = LOSSES[cfg.loss.method]
         self.loss_params = cfg.loss.params()
-        e = cfg.eval
-        self.thresholds = CollapseThresholds(total_std=e.collapse_total_std, dim_rank_frac=e.collapse_dim_frac)
+        self.thresholds = collapse_thresholds(cfg.eval)
+        self.labels = Labels(self.train_y, self.test_y, self.data.num_classes)
+        self.evaluators = build_evaluators(cfg)
         use_amp = dev.type == "cuda" and t.amp
         self.autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp)
         self.epoch = 0
@@ -201,66 +163,26 @@ class _Run:
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
         return {k: v / self.steps_per_epoch for k, v in sums.items()}
 
-    def downstream(self, train_f: torch.Tensor, test_f: torch.Tensor, knn: bool = True,
-                   probes: bool = True) -> dict[str, float]:
-        """knn_acc and fewshot_acc (knn=True), probe_acc (probes=True) of frozen train_f (N, F), test_f (M, F)."""
-        e, out = self.cfg.eval, {}
-        kw = {"num_classes": self.data.num_classes, "seed": self.cfg.data.seed}
-        if knn:  # the few-labels probe (~0.1 s on digits) is as cheap as kNN, so it shares kNN's schedule
-            out["knn_acc"] = knn_acc(train_f, self.train_y, test_f, self.test_y, k=e.knn_k, t=e.knn_t,
-                                     num_classes=self.data.num_classes)
-            if e.fewshot_k:
-                out.update(fewshot_probe(train_f, self.train_y, test_f, self.test_y, k=e.fewshot_k,
-                                         draws=e.fewshot_draws, weight_decay=e.fewshot_weight_decay, **kw))
-        if probes:
-            out.update(linear_probe(train_f, self.train_y, test_f, self.test_y, weight_decays=e.probe_weight_decays,
-                                    val_fraction=e.probe_val_fraction, **kw))
-        return out
-
     @torch.no_grad()
     def evaluate(self, final: bool) -> dict[str, Any]:
-        """Collapse metrics on the fixed eval subset; kNN and probe on their schedule (always at the end)."""
-        e, ep = self.cfg.eval, self.epoch
+        """Every due evaluator (evaluate.EVALUATORS, in order) on one set of embeddings shared by all of them."""
+        ep = self.epoch
         self.model.eval()
+        due = [ev for ev in self.evaluators if ev.due(ep, final)]
+        shared = SharedEmbeddings(self.model, self.autocast, self.augment, self.train_x, self.test_x, self.eval_idx,
+                                  self.labels, self.cfg.eval, ep, splits=any(ev.downstream for ev in due))
         out: dict[str, Any] = {}
-        do_knn = final or bool(e.knn_every and ep % e.knn_every == 0)
-        do_probe = final or ep == 1 or bool(e.probe_every and ep % e.probe_every == 0)
-        # z = a Wᵀ through a narrow last layer (P < min(M, D)): the metrics decompose (P+1)² instead of min(M, D)²
-        last = last_linear(self.model)
-        low_rank = last is not None and low_rank_route(last.in_features, len(self.eval_idx), last.out_features)
-        a = None
-        if do_knn or do_probe:
-            # One pass over train serves kNN, the probe and (its rows at eval_idx) the collapse metrics.
-            htr, ztr, *atr = embed(self.model, self.train_x, 1024, self.autocast, head_input=low_rank)
-            hte, _ = embed(self.model, self.test_x, 1024, self.autocast)
-            h, z = htr[self.eval_idx], ztr[self.eval_idx]
-            a = atr[0][self.eval_idx] if atr else None
         t0 = time.perf_counter()
-        x_eval = self.train_x[self.eval_idx]  # (M, C, H, W)
-        if not (do_knn or do_probe):
-            h, z, *a_ = embed(self.model, x_eval, 1024, self.autocast, head_input=low_rank)
-            a = a_[0] if a_ else None
-        if not all_finite(h, z):
-            raise FloatingPointError(f"non-finite embeddings after epoch {ep}")
-        head = LinearHead(a, last.weight, last.bias) if a is not None else None
-        for rep, suffix, rep_head in ((z, "", head), (h, "_h", None)):
-            m = collapse_metrics(rep, self.thresholds, suffix=suffix, head=rep_head)
-            # every epoch's: the driver keeps them all for the trial's spectrum-over-epochs record
-            out[f"spectrum{suffix}"] = [float(v) for v in m.pop(f"spectrum{suffix}")]
-            out.update(m)
-        if e.cond_views:
-            x_cond = x_eval[:e.cond_samples]  # (Mc, C, H, W)
-            views = self.augment.views(x_cond, e.cond_views)  # (K, Mc, C, H, W)
-            k, mm = views.shape[:2]
-            hk, zk = embed(self.model, views.flatten(0, 1), 1024, self.autocast)
-            hk, zk = hk.view(k, mm, -1), zk.view(k, mm, -1)  # (K, Mc, F), (K, Mc, D)
-            out["entropy_cond"] = float(entropy_cond(zk))
-            out["lidar"], out["lidar_h"] = lidar(zk), lidar(hk)  # the same views: no extra forward pass
+        for ev in due:
+            if not ev.downstream:
+                out.update(ev(shared))
         out["metrics_seconds"] = time.perf_counter() - t0  # collapse metrics incl. their own forward passes
-        if do_knn:
-            out.update(self.downstream(htr, hte, probes=False))
-        if do_probe:
-            self.last_probe = {**self.downstream(htr, hte, knn=False), "probe_epoch": ep}
+        carried: dict[str, Any] = {}
+        for ev in due:
+            if ev.downstream:
+                (carried if ev.carried else out).update(ev(shared))
+        if carried:
+            self.last_probe = {**carried, "probe_epoch": ep}
         # Every report carries the latest probe so a scheduler never meets a missing metric; probe_epoch says
         # when it was measured.
         out.update(self.last_probe)
@@ -321,7 +243,12 @@ def reference_scores(cfg: TrainConfig) -> dict[str, dict[str, float]]:
     """
     run = _Run(cfg)
     run.model.eval()
-    htr, _ = embed(run.model, run.train_x, 1024, run.autocast)
-    hte, _ = embed(run.model, run.test_x, 1024, run.autocast)
-    return {"random_init": run.downstream(htr, hte),
-            "pixels": run.downstream(run.train_x.flatten(1), run.test_x.flatten(1))}
+    # what a final epoch's downstream evaluators measure, on frozen features
+    final = [ev for ev in run.evaluators if ev.downstream and ev.due(cfg.train.epochs, final=True)]
+
+    def scores(train_f: torch.Tensor, test_f: torch.Tensor) -> dict[str, float]:
+        return {k: v for ev in final for k, v in ev.score(train_f, test_f, run.labels).items()}
+
+    h_train = embed(run.model, run.train_x, 1024, run.autocast).h
+    h_test = embed(run.model, run.test_x, 1024, run.autocast).h
+    return {"random_init": scores(h_train, h_test), "pixels": scores(run.train_x.flatten(1), run.test_x.flatten(1))}
