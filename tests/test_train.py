@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,9 +136,14 @@ def test_lr_schedule_warmup_then_cosine():
 
 def test_reference_scores_of_random_init_and_pixels():
     ref = reference_scores(cfg(eval={"knn_every": 1}))
-    assert set(ref) == {"random_init", "pixels"}
+    assert set(ref) == {"random_init", "random_init_sd", "random_init_0", "random_init_1", "random_init_2", "pixels"}
     for scores in ref.values():
         assert {"knn_acc", "probe_acc", "fewshot_acc", "fewshot_acc_std"} <= set(scores)
+    draws = [ref[f"random_init_{i}"]["fewshot_acc"] for i in range(3)]
+    assert ref["random_init"]["fewshot_acc"] == pytest.approx(np.mean(draws))  # three initialisations averaged
+    assert ref["random_init_sd"]["fewshot_acc"] == pytest.approx(np.std(draws, ddof=1))
+    assert len(set(draws)) > 1  # different initialisations: the spread is measured, not assumed
+    ref.pop("random_init_sd")
     assert ref["pixels"]["probe_acc"] > 0.9  # digits are nearly linearly separable in pixel space
     assert ref["random_init"]["probe_acc"] > 0.5
     # 5 labels per class see far less than the full train split, on either representation

@@ -70,7 +70,12 @@ def _sweep_info(run) -> dict[str, Any]:
             ref[name] = float(raw) if raw is not None else None
         except ValueError:
             ref[name] = None
-    return {"objective": metric, "mode": mode, "reference": ref}
+    # the spread of the random-init encoder over its initialisations (core.train.reference_scores)
+    sd = metrics.get(f"reference_random_init_sd_{metric}")
+    inits = sum(1 for k in metrics if k.startswith("reference_random_init_") and k.endswith(f"_{metric}")
+                and k.removesuffix(f"_{metric}").removeprefix("reference_random_init_").isdigit())
+    return {"objective": metric, "mode": mode, "reference": ref,
+            "reference_sd": {"random_init": sd, "inits": inits} if sd is not None else {}}
 
 
 def load_runs(experiment: str, tracking_uri: str, parent_run_id: str | None = None) -> pd.DataFrame:

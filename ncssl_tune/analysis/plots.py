@@ -139,9 +139,13 @@ def rank_vs_objective(result: AnalysisResult, runs: pd.DataFrame, epochs: pd.Dat
                                linewidths=0.3, label=f"{m or '?'}, collapse {cls}" if len(g) else None)
             if _log_if_wide(e[p]):
                 ax.set_xscale("log")
+        sd = (result.get("reference_sd") or {}).get("random_init")
         for (name, v), ls in zip((result.get("reference") or {}).items(), (":", "-.")):
             if v is not None:
-                ax.axhline(v, color="gray", ls=ls, lw=1, label=f"reference: {name.replace('_', ' ')} ({v:.3g})")
+                spread = f" ± {sd:.2g}, {result['reference_sd']['inits']} inits" if sd and name == "random_init" else ""
+                ax.axhline(v, color="gray", ls=ls, lw=1, label=f"reference: {name.replace('_', ' ')} ({v:.3g}{spread})")
+                if spread:  # the band one SD wide each side: where another initialisation would land
+                    ax.axhspan(v - sd, v + sd, color="gray", alpha=0.15, lw=0)
         r = rows.get(p) or {}
         rho = f"{r['rho']:.3g}" if r.get("rho") is not None else "–"
         rank = f"#{r['rank_rho']} of {len(table)}, " if r.get("rank_rho") else ""

@@ -96,7 +96,9 @@ def markdown(result: AnalysisResult, plot_files: dict[str, str | None]) -> str:
              f"{ex['diverged_or_failed']} diverged or failed. Collapse class of z at each trial's last epoch: "
              + (", ".join(f"{k} {v}" for k, v in result["collapse_counts"].items()) or "–") + ".", "",
              f"Objective: `{obj}` ({o['mode']}), as the sweep recorded it (search.metric)."
-             + (" Reference scores: " + ", ".join(f"{k} {g3(v)}" for k, v in ref.items()) + "." if ref else ""), "",
+             + (" Reference scores: " + ", ".join(f"{k} {g3(v)}" for k, v in ref.items()) + "." if ref else "")
+             + (f" The random-init encoder's is the mean of {sd['inits']} initialisations, SD {g3(sd['random_init'])}."
+                if (sd := result.get("reference_sd")) else ""), "",
              f"## Which label-free metric predicts {obj}?", "",
              (f"Equal budgets: each predictor is compared with {obj} at the same epoch, over the trials that reached "
              f"it. ρ is Spearman's, with each predictor oriented so that ρ > 0 means it agrees with {obj} "

@@ -259,6 +259,9 @@ class AnalysisResult(_AnalysisResult, total=False):
     """The whole analysis: `analyze` returns it, run_analysis adds where it came from, analysis.json is its JSON."""
 
     study: Study
+    reference_sd: dict[str, float | int]
+    """{"random_init": SD of the objective over the random-init encoder's initialisations, "inits": how many};
+    present when the sweep recorded them (reference.random_init is their mean)."""
     lidar: dict[str, Any]
     """LiDAR of z where it cannot work: {"trials", "rank_deficient": trials whose views give a within-sample scatter
     of rank M(K-1) below the width D of z, "widths": those D, "views_dof": the M(K-1) of the sweep}."""

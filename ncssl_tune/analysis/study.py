@@ -151,6 +151,8 @@ def run_analysis(experiment: str, tracking_uri: str, out_dir: str | Path, log_to
     logged = [m for m in [*LABEL_FREE, objective, "probe_epoch", *losses] if m in df.columns]
     epochs = load_epochs(tracking_uri, list(df["run_id"]), list(dict.fromkeys(logged)))
     result = analyze(df, epochs, objective, mode, df.attrs["reference"])
+    if df.attrs.get("reference_sd"):
+        result["reference_sd"] = df.attrs["reference_sd"]
     result.update(experiment=experiment, parent_run_id=df.attrs["parent_run_id"])
     df = _normalize(df, [DRIVER_RESPONSE, objective])
     spectra = fetch_spectra(tracking_uri, df, objective, mode)

@@ -305,7 +305,9 @@ def _write_spec(spec: SweepSpec, out_dir: Path) -> None:
 
 def _print_reference(metric: str, reference: dict) -> None:
     if metric in DOWNSTREAM:
-        print(f"reference {metric}: random-init encoder {reference['random_init'][metric]:.3f}, raw pixels "
+        sd = (reference.get("random_init_sd") or {}).get(metric)
+        spread = f" ± {sd:.3f} (SD of {sum(k[-1].isdigit() for k in reference)} inits)" if sd is not None else ""
+        print(f"reference {metric}: random-init encoder {reference['random_init'][metric]:.3f}{spread}, raw pixels "
               f"{reference['pixels'][metric]:.3f}", flush=True)
 
 
