@@ -243,29 +243,6 @@ def test_analysis_imports_neither_ray_nor_optuna():
     assert out.strip() == "[]"
 
 
-def test_no_import_cycle_among_the_analysis_modules():
-    import ast
-    from pathlib import Path
-
-    import ncssl_tune.analysis as pkg
-
-    folder = Path(pkg.__file__).parent
-    names = {p.stem for p in folder.glob("*.py")} - {"__init__"}
-    graph = {}
-    for name in names:  # every import, function-level ones included
-        tree = ast.parse((folder / f"{name}.py").read_text())
-        mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        mods |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
-                 for a in n.names}
-        mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        graph[name] = {m.rsplit(".", 1)[-1] for m in mods if m.startswith(pkg.__name__ + ".")} & names
-
-    def reaches(start, goal, seen=()):
-        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph[start])
-
-    assert [n for n in sorted(names) if reaches(n, n)] == []
-
-
 def test_a_scope_with_the_same_trials_is_not_printed_twice():
     ids = [f"r{i}" for i in range(8)]
     runs = pd.DataFrame({"run_id": ids, "trial_id": ids, "status": "stopped", "run_status": "FINISHED",
