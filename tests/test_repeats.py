@@ -251,3 +251,50 @@ def test_replicate_command_prints_the_table_and_refuses_a_bad_file(tmp_path, cap
     assert "--scope 'healthy' not in this analysis; choose from: all" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text("{")
     assert main(["replicate", files[0], str(tmp_path / "bad.json")]) == 2
+
+
+def test_a_study_recorded_in_mlflow_is_analysed_as_one(tmp_path):
+    """A constructed MLflow sweep as the tracker records a study: child runs tagged config_id, param train.seed,
+    the loss among the metrics, the random-init reference over 3 initialisations on the parent. run_analysis finds
+    the study, averages repeats, carries a collapse-stopped trial and predicts early."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from ncssl_tune.analysis import run_analysis
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("study", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = c.create_run(exp, tags={"run_kind": "sweep", "objective": "fewshot_acc (max)"}).info.run_id
+    c.log_param(parent, "search.metric", "fewshot_acc")
+    c.log_batch(parent, metrics=[Metric(f"reference_random_init{k}_fewshot_acc", v, 0, 0) for k, v in
+                                 (("", 0.6), ("_sd", 0.03), ("_0", 0.57), ("_1", 0.6), ("_2", 0.63))])
+    for cfg in range(8):
+        for rep in range(2):
+            stopped = cfg == 0
+            run = c.create_run(exp, tags={"mlflow.parentRunId": parent, "ray_trial_id": f"c{cfg}r{rep}",
+                                          "config_id": f"c{cfg}", "method": "vicreg",
+                                          "status": "stopped" if stopped else "finished",
+                                          "stop_reason": "collapse_total (epoch 2)" if stopped else "",
+                                          "collapse": "total" if stopped else "none"})
+            rid = run.info.run_id
+            c.log_param(rid, "train.seed", str(1000 * rep))
+            c.log_param(rid, "loss.vicreg.mu", str(5.0 * cfg))
+            epochs = (1, 2) if stopped else (1, 2, 3, 4)
+            c.log_batch(rid, metrics=[Metric(k, v, 0, e) for e in epochs for k, v in {
+                "fewshot_acc": 0.5 + 0.05 * cfg * e / 4 + 0.001 * rep, "effective_rank": 10.0 + cfg,
+                "avg_corr": float((cfg * 7 + rep * 3) % 5), "loss": 2.0 - 0.1 * cfg, "epoch": e}.items()])
+            c.set_terminated(rid, "FINISHED")
+    res = run_analysis("study", uri, tmp_path / "out", log_to_parent=False)
+    st = res["study"]
+    assert (st["n_configs"], st["repeats"], st["final_epoch"]) == (8, 2, 4)
+    assert sorted(st["carried_trials"]) == ["c0r0", "c0r1"]
+    table = {r["predictor"]: r for r in st["scopes"]["all"]["table"]}
+    assert table["effective_rank"]["rho"] == pytest.approx(1.0) and table["effective_rank"]["n"] == 8
+    assert table["loss"]["baseline"] and table["loss"]["rho"] == pytest.approx(1.0)  # lower loss, better config
+    assert st["noise"]["objective"]["r"] == pytest.approx(1.0)  # repeat 1 = repeat 0 + 0.001
+    assert [p["epoch"] for p in st["early"]["effective_rank"]] == [1, 2, 3, 4]
+    assert all(p["rho"] == pytest.approx(1.0) for p in st["early"]["effective_rank"])
+    assert res["reference"]["random_init"] == pytest.approx(0.6)
+    assert res["reference_sd"] == {"random_init": pytest.approx(0.03), "inits": 3}
+    assert (tmp_path / "out" / "early_prediction.png").is_file()
