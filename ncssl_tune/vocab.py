@@ -57,6 +57,8 @@ RESOLVED_CONFIG = "resolved_config"  # key of a trial's first result: its whole 
 RUN_STATUS = {FINISHED: "FINISHED", STOPPED: "FINISHED", DIVERGED: "FAILED", ERROR: "FAILED", INTERRUPTED: "KILLED"}
 # Bookkeeping Ray adds to every result, the trainable's copy of the objective and its count of epochs in the same
 # collapse state (for the collapse stopper): not metrics of the trial.
-NOT_METRICS = frozenset({"objective", "collapse_streak", "timestamp", "training_iteration", "time_this_iter_s", "time_total_s",
+RESULT_OBJECTIVE = "objective"  # the trainable's copy of the sweep's objective in every result (Ray's schedulers)
+RESULT_STREAK = "collapse_streak"  # epochs in the current collapse state, counted by the trainable (the stopper)
+NOT_METRICS = frozenset({RESULT_OBJECTIVE, RESULT_STREAK, "timestamp", "training_iteration", "time_this_iter_s", "time_total_s",
                          "time_since_restore", "iterations_since_restore", "timesteps_since_restore",
                          "timesteps_total", "episodes_total", "pid", "done", "should_checkpoint"})

@@ -14,7 +14,7 @@ from ray.tune.stopper import Stopper
 
 from ncssl_tune.naming import config_id, fmt_number, short_names
 from ncssl_tune.spec import CollapseStopConfig
-from ncssl_tune.vocab import ENDED, PARAM_PREFIX
+from ncssl_tune.vocab import ENDED, PARAM_PREFIX, RESULT_STREAK, RUNNING, TAG_COLLAPSE, TAG_STATUS
 
 ID_COLUMNS = ("trial_id", "method", "status", "stop_reason", "config_id")  # config_id: shared by repeats
 FINAL_COLUMNS = ("epoch", "loss", "effective_rank", "effective_rank_frac", "effective_rank_h", "entropy",
@@ -28,9 +28,9 @@ def collapse_stop_reason(cfg: CollapseStopConfig, result: dict[str, Any]) -> str
     reports how many consecutive epochs it has been in its collapse state, `collapse_streak`), so the stopper,
     the live table and the tracker agree on the reason without sharing any state."""
     epoch = result.get("epoch", 0)
-    if epoch < cfg.min_epoch or result.get("status") != "running":
+    if epoch < cfg.min_epoch or result.get(TAG_STATUS) != RUNNING:
         return None
-    state, n = result.get("collapse", "none"), result.get("collapse_streak", 0)
+    state, n = result.get(TAG_COLLAPSE, "none"), result.get(RESULT_STREAK, 0)
     if state == "total" and cfg.total and n >= cfg.total_patience:
         return f"collapse_total (epoch {epoch})"
     if state == "dimensional" and cfg.dimensional and n >= cfg.dimensional_patience:

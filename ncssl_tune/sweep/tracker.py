@@ -37,6 +37,8 @@ from ncssl_tune.records.unsent import UNSENT_FILE, report_unsent
 from ncssl_tune.spec import SweepSpec
 from ncssl_tune.sweep.monitor import trial_outcome
 from ncssl_tune.vocab import (
+    DIVERGED,
+    FINISHED,
     NOT_METRICS,
     RESOLVED_CONFIG,
     RUN_STATUS,
@@ -211,7 +213,7 @@ class MlflowTracker(Callback):
                 continue  # store unreachable: a trial this session never saw was closed before
             if t.status == "ERROR":
                 self._finish(t, error=str(getattr(t, "error_file", "") or "error"))
-            elif (t.last_result or {}).get("status") in ("finished", "diverged"):
+            elif (t.last_result or {}).get(TAG_STATUS) in (FINISHED, DIVERGED):
                 self._finish(t)
             else:
                 unfinished += 1

@@ -16,7 +16,14 @@ from ray import tune
 
 from ncssl_tune.config import flatten
 from ncssl_tune.core.train import TrainConfig, load_state, save_state, train
-from ncssl_tune.vocab import RESOLVED_CONFIG
+from ncssl_tune.vocab import (
+    RESOLVED_CONFIG,
+    RESULT_OBJECTIVE,
+    RESULT_STREAK,
+    TAG_COLLAPSE,
+    TAG_METHOD,
+    TAG_NODE,
+)
 
 STATE_FILE = "state.pt"
 STREAK_FILE = "collapse_streak.json"
@@ -61,11 +68,11 @@ def run_trial(config: dict, *, base: TrainConfig, objective: str, cpus: float, g
 
     def report(metrics: dict, state: dict | None) -> None:
         nonlocal streak, resolved
-        streak = next_streak(streak, metrics.get("collapse", "none"))
+        streak = next_streak(streak, metrics.get(TAG_COLLAPSE, "none"))
         # Ray's schedulers and searchers need the objective in every result, diverged ones included.
-        out = {**metrics, "method": method, "objective": metrics.get(objective, math.nan),
-               "collapse_streak": streak[1],
-               "node_id": ray.get_runtime_context().get_node_id()}  # which node ran it (multi-node sweeps)
+        out = {**metrics, TAG_METHOD: method, RESULT_OBJECTIVE: metrics.get(objective, math.nan),
+               RESULT_STREAK: streak[1],
+               TAG_NODE: ray.get_runtime_context().get_node_id()}  # which node ran it (multi-node sweeps)
         if resolved is not None:
             out[RESOLVED_CONFIG], resolved = resolved, None
         out.setdefault(objective, math.nan)
