@@ -153,25 +153,40 @@ def _load(args) -> object:
                      name=args.name)
 
 
-def _missing_data(spec) -> str | None:
-    """What of the spec's dataset is not on this machine ("data.root: ..."), or None. A valid file may name
-    data that lives elsewhere (a cluster, a later --set data.root=...): `validate` and --dry-run only note it,
-    starting a sweep is an error."""
-    from ncssl_tune.core.data import DatasetError, check_dataset
+def _check_data(spec, checked: dict | None = None) -> tuple[str | None, str | None]:
+    """(missing, bad): what of the spec's dataset is not on this machine, and what is wrong with what is there
+    ("data.root: ..."), or None. A valid file may name data that lives elsewhere (a cluster, a later --set
+    data.root=...): `validate` and --dry-run only note missing data, starting a sweep refuses it. Data that is
+    here is loaded once, as a trial would, and checked (core/datasets_check.py): bad data is an error in every
+    command, before anything starts. checked: verdicts by dataset, so that files sharing one are loaded once."""
+    from ncssl_tune.core.data import DATASETS, DatasetError, DatasetMissing, check_dataset
+    from ncssl_tune.core.datasets_check import load_checked
 
     cfg = spec.train_config()
+    d = cfg.data
+    key = "data.root" if DATASETS[d.dataset].expected else "data"
     try:
-        check_dataset(cfg.data.dataset, cfg.data.root)
+        check_dataset(d.dataset, d.root)
+    except DatasetMissing as e:
+        return f"{key}: {e}", None
     except DatasetError as e:
-        return f"data.root: {e}"
-    return None
+        return None, f"{key}: {e}"
+    checked = {} if checked is None else checked
+    seen = (d.dataset, d.root, d.seed, d.test_fraction, d.image_size, repr(d.synthetic), cfg.eval.fewshot_k)
+    if seen not in checked:
+        try:
+            load_checked(cfg)
+            checked[seen] = None
+        except DatasetError as e:
+            checked[seen] = f"{key}: {e}"
+    return None, checked[seen]
 
 
 def _validate(args) -> int:
     """Every file checked and reported on its own line (ok on stdout, errors on stderr); 2 if any failed."""
     from ncssl_tune.spec import SpecError
 
-    failed = 0
+    failed, checked = 0, {}
     for path in args.spaces:
         ns = argparse.Namespace(space=path, set=args.set, num_samples=None, epochs=None, seed=None, name=None)
         try:
@@ -180,7 +195,11 @@ def _validate(args) -> int:
             print(f"ncssl-sweep: error: {e}", file=sys.stderr, flush=True)
             failed += 1
             continue
-        missing = _missing_data(spec)
+        missing, bad = _check_data(spec, checked)
+        if bad:
+            print(f"ncssl-sweep: error: {path}: {bad}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
         note = f"; note: data missing on this machine, a sweep needs it: {missing}" if missing else ""
         s = spec.search
         trials = f"{s.num_samples} configurations x {s.repeats} repeats" if s.repeats > 1 else f"{s.num_samples} trials"
@@ -224,9 +243,9 @@ def _sweep(args, argv: list[str]) -> int:
     from ncssl_tune.sweep.runner import SweepError, check_storage, run_sweep
 
     spec = _load(args)
-    missing = _missing_data(spec)
-    if missing and not args.dry_run:
-        print(f"ncssl-sweep: error: {spec.path}: {missing}", file=sys.stderr)
+    missing, bad = _check_data(spec)
+    if bad or (missing and not args.dry_run):
+        print(f"ncssl-sweep: error: {spec.path}: {bad or missing}", file=sys.stderr)
         return 2
     if args.storage is not None:
         try:

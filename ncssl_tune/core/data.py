@@ -24,6 +24,11 @@ class DatasetError(ValueError):
     """A dataset on disk could not be found or read; the message says what was expected and how to get it."""
 
 
+class DatasetMissing(DatasetError):
+    """The dataset's files are not on this machine (no root, no folder, files absent): they may be on another one
+    (a cluster's nodes), so `validate` and --dry-run note it, while starting a sweep here is an error."""
+
+
 @dataclass
 class ImageData:
     """A labelled image dataset in memory; labels serve evaluation only, never the SSL loss."""
@@ -34,6 +39,7 @@ class ImageData:
     test_y: torch.Tensor  # (M,) int64
     num_classes: int
     name: str
+    classes: tuple[str, ...] = ()  # class names where the files give them (imagefolder), for messages
 
     @property
     def channels(self) -> int:
@@ -54,14 +60,15 @@ class DataSource:
     obtain: str = ""  # how to get the files onto a machine
 
 
-def _finish(name: str, xtr, ytr, xte, yte, num_classes: int, image_size: int | None) -> ImageData:
+def _finish(name: str, xtr, ytr, xte, yte, num_classes: int, image_size: int | None,
+            classes: tuple[str, ...] = ()) -> ImageData:
     """uint8 or float (N, C, H, W) arrays -> ImageData of float32 in [0, 1], resized if image_size differs."""
     xs = []
     for x in (torch.as_tensor(xtr), torch.as_tensor(xte)):
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         xs.append(_resize(x, image_size) if image_size and image_size != x.shape[-1] else x)
     ys = [torch.as_tensor(np.asarray(y), dtype=torch.int64) for y in (ytr, yte)]
-    return ImageData(xs[0], ys[0], xs[1], ys[1], num_classes, name)
+    return ImageData(xs[0], ys[0], xs[1], ys[1], num_classes, name, tuple(classes))
 
 
 def _resize(x: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
@@ -197,24 +204,41 @@ def _load_cifar(name: str, root: str, image_size: int | None) -> ImageData:
     import torchvision.datasets as tvd
 
     cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
-    with _reading(name, root):
+    try:
         tr, te = cls(root, train=True, download=False), cls(root, train=False, download=False)
+    except RuntimeError as e:  # torchvision's integrity check failed: its message names no file
+        damaged = _damaged_cifar(cls, name, root)
+        raise (damaged or e) from None
     # .data is (N, 32, 32, 3) uint8
     xtr, xte = (torch.from_numpy(d.data).permute(0, 3, 1, 2) for d in (tr, te))
     return _finish(name, xtr, tr.targets, xte, te.targets, len(tr.classes), image_size)
 
 
+def _damaged_cifar(cls, name: str, root: str) -> DatasetError | None:
+    """The first CIFAR file under root whose MD5 sum is not the official one, as a DatasetError (None: all match)."""
+    from torchvision.datasets.utils import check_integrity
+
+    for filename, md5 in [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]:
+        rel = f"{cls.base_folder}/{filename}"
+        if not check_integrity(os.path.join(root, rel), md5):
+            return content_error(name, root, f"{rel} is truncated or corrupt (its MD5 sum is not the official "
+                                 f"file's)", f"copy an intact {cls.base_folder} from another machine, or extract "
+                                 f"{_CIFAR_ARCHIVES[name]} again")
+    return None
+
+
 def _load_stl10(*, root: str, image_size: int | None, **_) -> ImageData:
     # Read the binaries directly: torchvision's STL10 checksums the 2.7 GB unlabeled_X.bin on every load.
     base, arrays = os.path.join(root, "stl10_binary"), []
-    with _reading("stl10", root):
-        for split in ("train", "test"):
-            x = np.fromfile(os.path.join(base, f"{split}_X.bin"), dtype=np.uint8)
-            y = np.fromfile(os.path.join(base, f"{split}_y.bin"), dtype=np.uint8).astype(np.int64)
-            y = y - 1  # labels are 1..10 on disk
-            if x.size != len(y) * 3 * 96 * 96:
-                raise ValueError(f"{split}_X.bin holds {x.size} bytes, expected {len(y)} images of 3x96x96")
-            arrays += [torch.from_numpy(x.reshape(-1, 3, 96, 96)).transpose(2, 3), y]  # stored column-major
+    for split in ("train", "test"):
+        x = np.fromfile(os.path.join(base, f"{split}_X.bin"), dtype=np.uint8)
+        y = np.fromfile(os.path.join(base, f"{split}_y.bin"), dtype=np.uint8).astype(np.int64)
+        y = y - 1  # labels are 1..10 on disk
+        if x.size != len(y) * 3 * 96 * 96:
+            raise content_error("stl10", root, f"stl10_binary/{split}_X.bin holds {x.size} bytes, expected "
+                                f"{len(y)} images of 3x96x96 (one per label in {split}_y.bin): it is truncated "
+                                "or does not belong with the labels", "extract stl10_binary.tar.gz again")
+        arrays += [torch.from_numpy(x.reshape(-1, 3, 96, 96)).transpose(2, 3), y]  # stored column-major
     return _finish("stl10", *arrays, 10, image_size)
 
 
@@ -227,19 +251,41 @@ def _imagefolder_dirs(root: str) -> tuple[str, str] | None:
 
 
 def _load_imagefolder(*, root: str, image_size: int | None, **_) -> ImageData:
-    from PIL import Image
     from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     size, arrays = image_size or 64, []
-    with _reading("imagefolder", root):
-        folders = [ImageFolder(d) for d in _imagefolder_dirs(root)]
-        if folders[0].classes != folders[1].classes:
-            raise ValueError(f"class folders differ: train {folders[0].classes}, test {folders[1].classes}")
-        for f in folders:
-            imgs = [np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR))
-                    for p, _ in f.samples]
-            arrays += [torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2), f.targets]  # (N, 3, S, S) uint8
-    return _finish("imagefolder", *arrays, len(folders[0].classes), None)
+    dirs = _imagefolder_dirs(root)
+    # allow_empty: an empty class folder is named below instead of torchvision's error for the whole split
+    folders = [ImageFolder(d, allow_empty=True) for d in dirs]
+    train, test = (set(f.classes) for f in folders)
+    if train != test:
+        only = "; ".join(f"only in {os.path.basename(d)}/: {', '.join(sorted(c))}"
+                         for d, c in zip(dirs, (train - test, test - train)) if c)
+        raise content_error("imagefolder", root, f"the class folders differ ({only})",
+                            "give train/ and the test split the same class folders")
+    for d, f in zip(dirs, folders):
+        counts = np.bincount(f.targets, minlength=len(f.classes))
+        if counts.min() == 0:
+            empty = os.path.join(d, f.classes[int(counts.argmin())])
+            raise content_error("imagefolder", root, f"the class folder {empty} holds no images (files ending "
+                                f"{', '.join(IMG_EXTENSIONS)})", "add images to it or remove the folder from "
+                                "every split")
+        imgs = [_read_image(p, size, root) for p, _ in f.samples]
+        arrays += [torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2), f.targets]  # (N, 3, S, S) uint8
+    return _finish("imagefolder", *arrays, len(folders[0].classes), None, classes=folders[0].classes)
+
+
+def _read_image(path: str, size: int, root: str) -> np.ndarray:
+    """One image file as (size, size, 3) uint8, whatever its size or mode (grey, palette, RGBA, CMYK)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # not an image, truncated, unreadable
+        raise content_error("imagefolder", root, f"cannot read {path} as an image ({e})",
+                            "remove the file or replace it with an intact image") from e
 
 
 def _network_hint(archive: str, url: str, cls: str) -> str:
@@ -248,6 +294,7 @@ def _network_hint(archive: str, url: str, cls: str) -> str:
 
 
 _CIFAR = "https://www.cs.toronto.edu/~kriz/cifar.html"
+_CIFAR_ARCHIVES = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}
 DATASETS: dict[str, DataSource] = {
     "digits": DataSource(_load_digits),
     "synthetic": DataSource(_load_synthetic),
@@ -257,12 +304,12 @@ DATASETS: dict[str, DataSource] = {
                  "batches.meta)",
         required=tuple(f"cifar-10-batches-py/{f}" for f in
                        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
-        obtain=_network_hint("cifar-10-python.tar.gz", _CIFAR, "CIFAR10")),
+        obtain=_network_hint(_CIFAR_ARCHIVES["cifar10"], _CIFAR, "CIFAR10")),
     "cifar100": DataSource(
         lambda root, image_size, **_: _load_cifar("cifar100", root, image_size),
         expected="<root>/cifar-100-python (the python version of CIFAR-100: train, test, meta)",
         required=("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"),
-        obtain=_network_hint("cifar-100-python.tar.gz", _CIFAR, "CIFAR100")),
+        obtain=_network_hint(_CIFAR_ARCHIVES["cifar100"], _CIFAR, "CIFAR100")),
     "stl10": DataSource(
         _load_stl10,
         expected="<root>/stl10_binary with train_X.bin, train_y.bin, test_X.bin, test_y.bin",
@@ -282,32 +329,50 @@ def _source(name: str) -> DataSource:
     return DATASETS[name]
 
 
-def _error(name: str, root: str | None, problem: str) -> DatasetError:
+def _error(name: str, root: str | None, problem: str) -> DatasetMissing:
+    """Files not where they should be: the message says what was expected and how to get it."""
     s = DATASETS[name]
-    msg = f"{name}: {problem}. Expected {s.expected} (root={root!r}). To obtain it: {s.obtain}."
-    return DatasetError(msg)
+    return DatasetMissing(f"{name}: {problem}. Expected {s.expected} (root={root!r}). To obtain it: {s.obtain}.")
+
+
+def content_error(name: str, root: str | None, problem: str, fix: str) -> DatasetError:
+    """Files present but unusable: names the dataset, its root, the problem and what to fix (on this machine)."""
+    where = f"{name} (root {root})" if root else name
+    return DatasetError(f"{where}: {problem}; {fix}".replace("\n", " "))
+
+
+# What reading damaged files raises, from open() to unpickling; PIL's errors are OSErrors and ValueErrors.
+READ_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError, IndexError, pickle.UnpicklingError)
 
 
 @contextlib.contextmanager
-def _reading(name: str, root: str) -> Iterator[None]:
-    """Turn any failure while reading the files of `name` into one DatasetError."""
+def _reading(name: str, root: str | None) -> Iterator[None]:
+    """Turn any failure while reading the files of `name` into one DatasetError (a loader's own DatasetError,
+    which names the file, passes as it is)."""
     try:
         yield
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
-        raise _error(name, root, f"files under {root} are missing or corrupt ({e})") from e
+    except DatasetError:
+        raise
+    except READ_ERRORS as e:
+        raise content_error(name, root, f"a file under the root is unreadable or corrupt ({type(e).__name__}: {e})",
+                            "replace the damaged files with intact copies") from e
 
 
 def check_dataset(name: str, root: str | None = None) -> None:
     """Cheaply check that `name` is known and, if it lives on disk, that root has the expected layout.
 
     Reads no image data, so the sweep can call it before starting anything. Raises ValueError for an
-    unknown name, DatasetError for a missing root or missing files.
+    unknown name, DatasetMissing for a missing root or missing files, DatasetError for a root that is a file.
+    What is inside the files is checked by loading them (core/datasets_check.py).
     """
     s = _source(name)
     if not s.expected:
         return
     if root is None:
         raise _error(name, root, "no data root given (set data.root to the folder holding the files)")
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise content_error(name, root, "the root is a file, not a folder",
+                            f"set data.root to the folder laid out as {s.expected}")
     if not os.path.isdir(root):
         raise _error(name, root, f"the root folder {root} does not exist")
     missing = [os.path.join(root, p) for p in s.required if not os.path.exists(os.path.join(root, p))]
@@ -329,5 +394,8 @@ def load_dataset(name: str, *, root: str | None = None, seed: int = 0, test_frac
     if synthetic and name != "synthetic":
         raise ValueError(f"synthetic options were given but the dataset is {name!r}; remove them")
     check_dataset(name, root)
-    return s.load(root=root, seed=seed, test_fraction=test_fraction, image_size=image_size,
-                  synthetic=synthetic)
+    # Every dataset on disk is read through one conversion, wherever it is loaded (the CLI's check, the reference
+    # scores, a trial): damaged files are one DatasetError. Generators' own errors (bad options) stay as they are.
+    with _reading(name, root) if s.expected else contextlib.nullcontext():
+        return s.load(root=root, seed=seed, test_fraction=test_fraction, image_size=image_size,
+                      synthetic=synthetic)

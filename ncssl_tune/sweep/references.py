@@ -10,6 +10,7 @@ from pathlib import Path
 
 import ray
 
+from ncssl_tune.core.data import DatasetError
 from ncssl_tune.spec import SweepSpec
 from ncssl_tune.vocab import DOWNSTREAM
 
@@ -29,13 +30,21 @@ def reference_scores(spec: SweepSpec, out_dir: Path, bundle: dict[str, float] | 
 
     bundle: one trial's resources ({"CPU": c, "GPU": g}): computed on a Ray worker that has them, because on a
     cluster that is where the data and the accelerator are. None: computed in this process, which spares a worker
-    start (~5 s on a 2-core machine; the computation itself is ~1 s on digits)."""
+    start (~5 s on a 2-core machine; the computation itself is ~1 s on digits).
+
+    Data that cannot be read where the scores are computed raises DatasetError, the worker's own (unwrapped from
+    Ray's RayTaskError, whose text carries the remote traceback), so the caller can report it as one line."""
     path = out_dir / REFERENCE_FILE
     if path.exists():
         return json.loads(path.read_text()), False
     if bundle is not None:
         task = _reference_task.options(num_cpus=bundle["CPU"], num_gpus=bundle["GPU"])
-        scores = ray.get(task.remote(spec.base))
+        try:
+            scores = ray.get(task.remote(spec.base))
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, DatasetError):
+                raise e.cause from None
+            raise
     else:
         import torch
 

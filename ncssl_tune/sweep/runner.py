@@ -22,6 +22,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.stopper import Stopper
 
 from ncssl_tune.config import flatten
+from ncssl_tune.core.data import DatasetError
 from ncssl_tune.records.store import check_tracking_uri
 from ncssl_tune.spec import SweepSpec, resolved
 from ncssl_tune.sweep import live
@@ -193,9 +194,24 @@ def _trial_bundle(spec: SweepSpec) -> dict[str, float]:
 
 
 def _lacking(spec: SweepSpec) -> list[str]:
+    """Ray's names (CPU, GPU, ...) of the resources one trial asks for beyond what the whole cluster has."""
     total = ray.cluster_resources()
-    return [f"{key.lower()}={need:g} (resources.{key.lower()}) but the Ray cluster has {total.get(key, 0.0):g} {key}"
-            for key, need in _trial_bundle(spec).items() if need > total.get(key, 0.0)]
+    return [key for key, need in _trial_bundle(spec).items() if need > total.get(key, 0.0)]
+
+
+def _shortfall(spec: SweepSpec, lacking: list[str]) -> tuple[str, str]:
+    """("cpu=4 (resources.cpu) but the Ray cluster has 2 CPU", "--set resources.cpu=2"): each short resource in the
+    spec's names, and the flag that lowers its request to what the cluster has."""
+    total, bundle = ray.cluster_resources(), _trial_bundle(spec)
+    asks, fixes = [], []
+    for key in lacking:
+        short, have = key.lower(), total.get(key, 0.0)
+        asks.append(f"{short}={bundle[key]:g} (resources.{short}) but the Ray cluster has {have:g} {key}")
+        if key == "GPU" and have == 0:
+            fixes.append("--set resources.gpu=0 to run on CPU")
+        else:
+            fixes.append(f"--set resources.{short}={have:g}" if have > 0 else f"a lower resources.{short}")
+    return "; ".join(asks), " and ".join(fixes)
 
 
 def check_resources(spec: SweepSpec, wait_s: float = 0.0) -> None:
@@ -206,8 +222,8 @@ def check_resources(spec: SweepSpec, wait_s: float = 0.0) -> None:
         from ray.autoscaler.sdk import request_resources
 
         bundle = {k: v for k, v in _trial_bundle(spec).items() if v > 0}
-        print(f"ncssl-sweep: each trial asks for {'; '.join(lacking)}; waiting up to {wait_s:g} s for the "
-              f"autoscaler to add a node (--resource-wait)", file=sys.stderr, flush=True)
+        print(f"ncssl-sweep: each trial asks for {_shortfall(spec, lacking)[0]}; waiting up to {wait_s:g} s for the autoscaler to add a node "
+              f"(--resource-wait)", file=sys.stderr, flush=True)
         request_resources(bundles=[bundle])
         try:
             deadline = time.monotonic() + wait_s
@@ -216,11 +232,11 @@ def check_resources(spec: SweepSpec, wait_s: float = 0.0) -> None:
                 lacking = _lacking(spec)
         finally:
             request_resources(bundles=[])  # the request is persistent: withdraw it, trials make their own demand
-        if lacking:
-            lacking[-1] += f" after waiting {wait_s:g} s for its autoscaler"
     if lacking:
-        raise SweepError(f"each trial asks for {'; '.join(lacking)}; lower the request (e.g. --set "
-                         f"resources.gpu=0 to run on CPU) or add nodes that have it")
+        asks, fixes = _shortfall(spec, lacking)
+        waited = f" after waiting {wait_s:g} s for its autoscaler" if wait_s > 0 else ""
+        raise SweepError(f"each trial asks for {asks}{waited}; lower the request (e.g. {fixes}) or add nodes "
+                         "that have it")
 
 
 def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, resume: bool = False,
@@ -261,7 +277,11 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
         # A Ray this sweep started itself runs on this machine alone: the data is here, and only GPU trials need
         # a worker's device. A joined cluster (address) or a Ray the caller started keeps the worker path.
         on_driver = started_ray and address is None and spec.resources.gpu == 0
-        reference, fresh = reference_scores(spec, out_dir, None if on_driver else _trial_bundle(spec))
+        # The CLI checked the data before Ray started; a cluster's worker may still lack it or find it damaged.
+        try:
+            reference, fresh = reference_scores(spec, out_dir, None if on_driver else _trial_bundle(spec))
+        except DatasetError as e:
+            raise SweepError(f"{spec.path}: reference scores: {e}") from None
         marks.append(time.perf_counter())
         _print_reference(spec.search.metric, reference)
         # flush_s=0: each result's metrics (one log_batch per epoch) reach MLflow in on_trial_result, which Ray

@@ -15,6 +15,7 @@ import ray
 from ray import tune
 
 from ncssl_tune.config import flatten
+from ncssl_tune.core.data import DatasetError
 from ncssl_tune.core.train import TrainConfig, load_state, save_state, train
 from ncssl_tune.vocab import (
     RESOLVED_CONFIG,
@@ -85,4 +86,7 @@ def run_trial(config: dict, *, base: TrainConfig, objective: str, cpus: float, g
                 json.dump(list(streak), f)
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(tmp))
 
-    train(cfg, report, resume=resume)
+    try:
+        train(cfg, report, resume=resume)
+    except DatasetError as e:  # this node's copy of the data: say which node, without the loader's chain
+        raise DatasetError(f"on node {ray.util.get_node_ip_address()}: {e}") from None
