@@ -269,13 +269,18 @@ def early_prediction(result: AnalysisResult, path: Path) -> None:
     obj, final = result["objective"]["metric"], st["final_epoch"]
     table = st["scopes"]["all"]["table"]
     top = [r["predictor"] for r in table if r["rho"] is not None and not r.get("baseline")][:5]
+    if not top:  # too few configurations for a headline table: the label-free metrics in their own order
+        top = [p for p in st["early"] if p not in st["baselines"] and p != obj][:5]
+    dashes = ["--", "-.", ":", (0, (5, 1, 1, 1)), (0, (1, 1))]
     fig, axes = _figure(1, 2, 5.2, 3.6)
     for name in [*top, *st["baselines"], obj]:
         pts = [p for p in st["early"].get(name, []) if p["rho"] is not None]
         if not pts:
             continue
-        style = ({"color": "k", "lw": 2.0} if name == obj else {"color": "gray", "ls": "--", "lw": 1.0}
-                 if name in st["baselines"] else {"color": f"C{top.index(name)}", "lw": 1.4})
+        base = list(st["baselines"]).index(name) if name in st["baselines"] else 0
+        style = ({"color": "k", "lw": 2.0} if name == obj else
+                 {"color": "gray", "ls": dashes[base % len(dashes)], "lw": 1.0} if name in st["baselines"]
+                 else {"color": f"C{top.index(name)}", "lw": 1.4})
         label = f"{name} (objective, measured early)" if name == obj else (
             f"{name} (baseline)" if name in st["baselines"] else name)
         axes[0][0].plot([p["epoch"] for p in pts], [p["rho"] for p in pts], marker=".", label=label, **style)
