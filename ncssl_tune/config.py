@@ -384,6 +384,10 @@ def build(cls: type, raw: Any, prefix: str, group: str | None = None) -> Any:
     kwargs = {}
     for f in fields:
         if f.name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                choices = f.metadata.get("choices")
+                raise ConfigError(f"{prefix}{f.name}", "required" + (f"; choose from: {', '.join(map(str, choices))}"
+                                                                    if choices else ""))
             continue
         tp, key, value = hints[f.name], f"{prefix}{f.name}", raw[f.name]
         if dataclasses.is_dataclass(tp):

@@ -45,10 +45,10 @@ class SchedulerConfig:
 @dataclass
 class CollapseStopConfig:
     total: bool = True  # stop a trial whose embeddings collapsed totally
-    total_patience: int = 1  # consecutive epochs in total collapse before stopping
+    total_patience: int = bounded(1, ge=1)  # consecutive epochs in total collapse before stopping
     dimensional: bool = False  # also stop sustained dimensional collapse
-    dimensional_patience: int = 3  # consecutive epochs in dimensional collapse before stopping
-    min_epoch: int = 2  # never stop before this epoch (early epochs can look collapsed during warmup)
+    dimensional_patience: int = bounded(3, ge=1)  # consecutive epochs in dimensional collapse before stopping
+    min_epoch: int = bounded(2, ge=1)  # never stop before this epoch (early epochs can look collapsed during warmup)
 
 
 @dataclass
