@@ -153,6 +153,14 @@ class ModelConfig:
     width: int | None = None  # small_cnn feature width F (None: its default, 128)
     norm: Literal["batch", "none"] = "batch"  # BatchNorm in small_cnn and projector hidden layers; "none"
     # removes BN's implicit protection against collapse (ResNets always keep theirs)
+    # The architectural anti-collapse mechanisms (docs/definitions.md); None takes the loss method's default
+    # (METHOD_MECHANISMS: SimSiam and BYOL have some, every other method none), an explicit value wins.
+    predictor: str | None = None  # hidden widths of the predictor MLP q on the online branch, p = q(z) with z's width
+    # D; "" means none (p = z). "64" is SimSiam's bottleneck D -> 64 -> D
+    stop_grad: bool | None = None  # detach the target branch's z (no gradient through it); an EMA target implies it
+    ema: bool | None = None  # the target branch is an EMA copy of backbone + projector instead of the same weights
+    ema_tau: float | None = bounded(None, ge=0, lt=1, what="EMA momentum")  # τ₀ of the EMA, cosine-scheduled to 1
+    # over the training steps; None: 0.996 (BYOL). Only with an EMA target
     channels_last: bool = True  # memory format for conv backbones on CUDA (faster convolutions)
     compile: bool = False  # torch.compile the model (CUDA only; pays a start-up cost)
 
@@ -191,6 +199,16 @@ class InvarianceParams:
 
 
 @dataclass
+class SimSiamParams:
+    pass  # the method is its architecture: predictor and stop-gradient (model.*)
+
+
+@dataclass
+class BYOLParams:
+    pass  # the method is its architecture: predictor and EMA target (model.*; τ₀ is model.ema_tau)
+
+
+@dataclass
 class LossConfig:
     method: str = registered("vicreg", "ncssl_tune.core.losses:LOSSES")  # a loss of the registry
     vicreg: VICRegParams = field(default_factory=VICRegParams)
@@ -198,6 +216,8 @@ class LossConfig:
     wmse: WMSEParams = field(default_factory=WMSEParams)
     simclr: SimCLRParams = field(default_factory=SimCLRParams)
     invariance: InvarianceParams = field(default_factory=InvarianceParams)
+    simsiam: SimSiamParams = field(default_factory=SimSiamParams)
+    byol: BYOLParams = field(default_factory=BYOLParams)
 
     def params(self) -> dict:
         """Keyword arguments for the selected loss."""
@@ -275,6 +295,51 @@ class TrainConfig:
         for part in dotted.split("."):
             obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
         return obj
+
+
+@dataclass(frozen=True)
+class Mechanisms:
+    """The architectural mechanisms a run uses, each resolved from model.* and the method's defaults."""
+
+    predictor: str  # hidden widths of q ("" none)
+    stop_grad: bool
+    ema_tau: float | None  # τ₀ of the EMA target; None: the target branch shares the online weights
+
+    @property
+    def asymmetric(self) -> bool:
+        """Whether the two branches differ, so that the loss is taken in both directions (docs/definitions.md)."""
+        return bool(self.predictor) or self.stop_grad or self.ema_tau is not None
+
+
+BYOL_TAU = 0.996  # BYOL's τ₀ (Grill et al. 2020), the default of model.ema_tau whenever an EMA target is on
+# What each method brings when model.predictor / stop_grad / ema are unset; any other method has none of them.
+# A predictor default is a function of the projector's widths (D = the embedding width): SimSiam's is a bottleneck
+# D -> D/4 -> D (its 2048 -> 512 -> 2048), BYOL's has the projector's first width as its hidden layer (its projector
+# and predictor are both 4096 -> 256).
+METHOD_MECHANISMS: dict[str, dict[str, Any]] = {
+    "simsiam": {"predictor": lambda widths: str(max(1, widths[-1] // 4)), "stop_grad": True, "ema": False},
+    "byol": {"predictor": lambda widths: str(widths[0]), "stop_grad": True, "ema": True},
+}
+
+
+def mechanisms(cfg: TrainConfig, feat_dim: int | None = None) -> Mechanisms:
+    """Resolve model.predictor, stop_grad, ema and ema_tau against cfg.loss.method's defaults.
+
+    feat_dim: the backbone's width, the embedding width when the projector is "" (needed only then, for a method's
+    default predictor; without it the small_cnn width is assumed)."""
+    m, method = cfg.model, METHOD_MECHANISMS.get(cfg.loss.method, {})
+    ema = m.ema if m.ema is not None else method.get("ema", False)
+    stop_grad = m.stop_grad if m.stop_grad is not None else method.get("stop_grad", False) or ema
+    predictor = m.predictor
+    if predictor is None:
+        make = method.get("predictor")
+        if make is None:
+            predictor = ""
+        else:
+            widths = [int(w) for w in m.projector.split("-")] if m.projector else [feat_dim or m.width or 128]
+            predictor = make(widths)
+    tau = (m.ema_tau if m.ema_tau is not None else BYOL_TAU) if ema else None
+    return Mechanisms(predictor=predictor, stop_grad=stop_grad, ema_tau=tau)
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -421,6 +486,7 @@ def _check_relations(cfg: TrainConfig) -> None:
     spec = m.projector
     if spec and not all(p.isdigit() and int(p) > 0 for p in spec.split("-")):
         raise ConfigError("model.projector", f"got {spec!r}; expected positive widths joined by '-', e.g. '2048-2048-2048'")
+    _check_mechanisms(cfg)
     if t.device != "auto" and t.device != "cpu" and not t.device.startswith("cuda"):
         raise ConfigError("train.device", f"got {t.device!r}; choose from: auto, cpu, cuda, cuda:N")
     if e.cond_views == 1:
@@ -436,3 +502,21 @@ def _check_relations(cfg: TrainConfig) -> None:
                               f"{spec.split('-')[-1]} (last projector layer) for a well-conditioned whitening")
         if t.batch_size % w_size:
             raise ConfigError("loss.wmse.w_size", f"batch size {t.batch_size} must be a multiple of w_size {w_size}")
+
+
+def _check_mechanisms(cfg: TrainConfig) -> None:
+    """The mechanism combinations that mean nothing: an EMA target without a gradient to stop, a τ₀ without an EMA."""
+    m = cfg.model
+    if m.predictor and not all(p.isdigit() and int(p) > 0 for p in m.predictor.split("-")):
+        raise ConfigError("model.predictor", f"got {m.predictor!r}; expected the hidden widths joined by '-', e.g. "
+                          "'64' (its output always has the embedding's width), or '' for none")
+    method = METHOD_MECHANISMS.get(cfg.loss.method, {})
+    ema = m.ema if m.ema is not None else method.get("ema", False)
+    whose = "" if m.ema is not None else f" (loss.method {cfg.loss.method}'s default)"
+    if m.ema_tau is not None and not ema:
+        raise ConfigError("model.ema_tau", f"set to {m.ema_tau}, but model.ema is false{whose}: there is no EMA "
+                          "target to schedule; remove model.ema_tau or set model.ema: true")
+    if ema and m.stop_grad is False:
+        raise ConfigError("model.stop_grad", f"false with model.ema true{whose}: the EMA target's weights are not "
+                          "trained, so no gradient flows through it to stop; remove model.stop_grad or set model.ema: "
+                          "false")

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ncssl_tune.config import EvalConfig, TrainConfig
+from ncssl_tune.config import EvalConfig, TrainConfig, mechanisms
 from ncssl_tune.core.augment import TwoViewAugment
 from ncssl_tune.core.metrics import (
     CollapseThresholds,
@@ -191,6 +191,29 @@ class CollapseMetricsH(CollapseMetrics):
     rep, suffix = "h", "_h"
 
 
+class PredictorMetrics(Evaluator):
+    """The numeric collapse metrics of the predictor's output p = q(z) on the eval subset (suffix _p: std_l2_p,
+    effective_rank_p, ...), when the run has a predictor: SimSiam's collapse shows first in p's std_l2 (Chen & He
+    2021). No spectrum or collapse class: those of the online branch's z and h are the run's."""
+
+    name = "collapse_p"
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.thresholds = collapse_thresholds(cfg.eval)
+        self.has_predictor = bool(mechanisms(cfg).predictor)
+
+    def due(self, epoch: int, final: bool) -> bool:
+        return self.has_predictor
+
+    def __call__(self, shared: SharedEmbeddings) -> dict[str, Any]:
+        q = shared.model.predictor
+        with shared.autocast():
+            p = q(shared.eval.z).float()  # (M, D), eval mode: BatchNorm with its running statistics
+        m = collapse_metrics(p, self.thresholds, suffix="_p")
+        return {k: v for k, v in m.items() if not isinstance(v, (str, list))}
+
+
 class EntropyCond(Evaluator):
     """entropy_cond: the Gaussian estimate of H(Z|X) from the K augmented views."""
 
@@ -280,7 +303,7 @@ class LinearProbe(Downstream):
 # In the order they run, which is the order of their metrics in a report. The label-free evaluators of the eval
 # subset come before the downstream ones: their time, with their own forward passes, is metrics_seconds.
 EVALUATORS: tuple[type[Evaluator], ...] = (
-    CollapseMetrics, CollapseMetricsH, EntropyCond, LiDAR, OnlineKNN, FewLabelsProbe, LinearProbe,
+    CollapseMetrics, CollapseMetricsH, PredictorMetrics, EntropyCond, LiDAR, OnlineKNN, FewLabelsProbe, LinearProbe,
 )
 
 

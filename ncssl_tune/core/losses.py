@@ -5,6 +5,11 @@ returns ``dict[str, Tensor]``: ``"loss"`` (the scalar to minimise) and its named
 the trainer can log each one. Hyperparameters are keyword-only and default to the papers' values;
 the config layer validates user keys against these keyword names, so they are part of the API.
 
+Each loss is its method's whole (symmetrised) loss as it reads when both branches are the same network. When
+the branches differ (a predictor, a stop-gradient or an EMA target, ``model.*``), the trainer takes the loss on
+(p1, t2) and (p2, t1), online output of one view against the target of the other, and averages the two
+(``core/mechanisms.py``); for a loss symmetric in its views that average is the method's own symmetrisation.
+
 Losses are computed in at least float32 with autocast disabled: the variance, covariance and
 whitening terms lose their meaning in bf16 (8 mantissa bits), and the trainer may run the
 network under bf16 autocast.
@@ -229,10 +234,44 @@ def invariance_loss(z1: Tensor, z2: Tensor) -> dict[str, Tensor]:
     return {"loss": loss_inv, "loss_inv": loss_inv}
 
 
+@_full_precision
+def simsiam_loss(z1: Tensor, z2: Tensor) -> dict[str, Tensor]:
+    """SimSiam's negative cosine similarity, symmetrised: −½·cos(z1, z2) − ½·cos(z2, z1), averaged over the batch.
+
+    Chen & He, "Exploring Simple Siamese Representation Learning", CVPR 2021; reference code
+    facebookresearch/simsiam ``main_simsiam.py`` (``nn.CosineSimilarity(dim=1)``). ``z1, z2: (N, D)``.
+    The predictor and the stop-gradient are the model's (``model.predictor``, ``model.stop_grad``): with them the
+    trainer takes this loss on (p1, sg(z2)) and (p2, sg(z1)) and averages, which is SimSiam's
+    −½·cos(p1, sg(z2)) − ½·cos(p2, sg(z1)) (core/mechanisms.py). ``cos_sim`` is the mean cosine similarity.
+    """
+    _check_views(z1, z2)
+    cos = F.cosine_similarity(z1, z2, dim=1)  # (N,)
+    # cos is symmetric, so −½·cos(z1, z2) − ½·cos(z2, z1) is −cos(z1, z2)
+    return {"loss": -cos.mean(), "cos_sim": cos.mean()}
+
+
+@_full_precision
+def byol_loss(z1: Tensor, z2: Tensor) -> dict[str, Tensor]:
+    """BYOL's regression loss 2 − 2·cos, summed over the two directions as BYOL's L + L̃, averaged over the batch.
+
+    Grill et al., "Bootstrap Your Own Latent", NeurIPS 2020; reference code google-deepmind/deepmind-research
+    ``byol/byol_experiment.py`` (``regression_loss`` in ``byol/utils/helpers.py``: the squared distance of the
+    l2-normalised vectors, which is 2 − 2·cos). ``z1, z2: (N, D)``. The predictor and the EMA target are the
+    model's: the trainer takes this loss on (p1, sg(ξ-z2)) and (p2, sg(ξ-z1)) and averages, which is BYOL's
+    mean of (2 − 2·cos(p1, z'2)) + (2 − 2·cos(p2, z'1)) (core/mechanisms.py). ``cos_sim`` is the mean cosine.
+    """
+    _check_views(z1, z2)
+    cos = (F.normalize(z1, dim=1) * F.normalize(z2, dim=1)).sum(dim=1)  # (N,)
+    # 2 − 2·cos is symmetric, so ℓ(z1, z2) + ℓ(z2, z1) = 2·ℓ(z1, z2)
+    return {"loss": 2 * (2 - 2 * cos).mean(), "cos_sim": cos.mean()}
+
+
 LOSSES: dict[str, LossFn] = {
     "vicreg": vicreg_loss,
     "barlow_twins": barlow_twins_loss,
     "wmse": wmse_loss,
     "simclr": simclr_loss,
     "invariance": invariance_loss,
+    "simsiam": simsiam_loss,
+    "byol": byol_loss,
 }

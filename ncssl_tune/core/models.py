@@ -149,16 +149,39 @@ def build_projector(in_dim: int, spec: str, norm: str = "batch") -> tuple[nn.Mod
     return mlp, dims[-1]
 
 
+def build_predictor(dim: int, hidden: str, norm: str = "batch") -> nn.Module:
+    """The predictor q: (N, dim) -> (N, dim), hidden layers of the widths in `hidden` ("64", "512-512").
+
+    As SimSiam's (facebookresearch/simsiam builder.py: Linear without bias, BatchNorm, ReLU, then Linear with
+    bias) and BYOL's two-layer MLP; hidden Linear layers carry a bias only without BatchNorm (model.norm none),
+    which would cancel it. The output keeps the embedding's width: p is compared with the other branch's z.
+    """
+    widths = [int(w) for w in hidden.split("-")] if hidden else []
+    if not widths or any(w < 1 for w in widths):
+        raise ValueError(f"predictor needs positive hidden widths joined by '-', got {hidden!r}")
+    dims = [dim, *widths]
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(dims):
+        layers += [nn.Linear(a, b, bias=norm == "none"), _norm1d(norm, b), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(dims[-1], dim))
+    q = nn.Sequential(*layers)
+    q.out_dim = dim
+    return q
+
+
 class SSLModel(nn.Module):
-    """Backbone f and projector g: x (N, C, H, W) -> (h (N, feat_dim), z (N, embed_dim)).
+    """Backbone f and projector g: x (N, C, H, W) -> (h (N, feat_dim), z (N, embed_dim)); optionally a predictor.
 
     feat_dim / embed_dim default to the modules' `out_dim` (set by build_backbone / build_projector).
     """
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, feat_dim: int | None = None,
-                 embed_dim: int | None = None):
+                 embed_dim: int | None = None, predictor: nn.Module | None = None):
         super().__init__()
         self.backbone, self.projector = backbone, projector
+        # q on the online branch, (N, D) -> (N, D) (core/mechanisms.py): trained and checkpointed with the model,
+        # applied by the trainer, never part of forward (h and z stay what the evaluators measure)
+        self.predictor = predictor
         self.feat_dim = feat_dim if feat_dim is not None else getattr(backbone, "out_dim", None)
         self.embed_dim = embed_dim if embed_dim is not None else getattr(projector, "out_dim", None)
         if self.feat_dim is None or self.embed_dim is None:

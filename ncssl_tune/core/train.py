@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
-from ncssl_tune.config import TrainConfig
+from ncssl_tune.config import TrainConfig, mechanisms
 from ncssl_tune.core.augment import TwoViewAugment, default_augment
 from ncssl_tune.core.data import load_dataset
 from ncssl_tune.core.evaluate import Labels, SharedEmbeddings, build_evaluators, collapse_thresholds, embed
 from ncssl_tune.core.losses import LOSSES, WhiteningError
-from ncssl_tune.core.models import SSLModel, build_backbone, build_projector
+from ncssl_tune.core.mechanisms import EMATarget, two_way_loss
+from ncssl_tune.core.models import SSLModel, build_backbone, build_predictor, build_projector
 from ncssl_tune.core.optim import build_optimizer, lr_at
 
 Report = Callable[[dict, "dict | None"], None]
@@ -79,8 +80,11 @@ class _Run:
         c, s = self.train_x.shape[1], self.train_x.shape[-1]
         self.augment = TwoViewAugment(default_augment(s, c, d.augment), s, c).to(dev)
         backbone, feat = build_backbone(cfg.model.backbone, c, s, backbone_options(cfg))
-        projector, _ = build_projector(feat, cfg.model.projector, cfg.model.norm)
-        self.model = SSLModel(backbone, projector).to(dev)
+        projector, embed_dim = build_projector(feat, cfg.model.projector, cfg.model.norm)
+        self.mech = mechanisms(cfg, feat)
+        # built only when asked for: a run without one draws the same weights as before there were predictors
+        predictor = build_predictor(embed_dim, self.mech.predictor, cfg.model.norm) if self.mech.predictor else None
+        self.model = SSLModel(backbone, projector, predictor=predictor).to(dev)
         if dev.type == "cuda" and cfg.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if cfg.model.compile and dev.type == "cuda" else self.model
@@ -90,6 +94,8 @@ class _Run:
         self.steps_per_epoch = n // self.batch
         self.total_steps = self.steps_per_epoch * t.epochs
         self.warmup_steps = round(t.warmup_epochs * self.steps_per_epoch)
+        tau0 = self.mech.ema_tau
+        self.ema = None if tau0 is None else EMATarget(self.model, tau0, self.total_steps)
         g = torch.Generator().manual_seed(d.seed)
         m = min(cfg.eval.eval_samples, n)
         self.eval_idx = torch.randperm(n, generator=g)[:m].to(dev)  # fixed subset, same for every trial
@@ -121,6 +127,8 @@ class _Run:
              "epoch": self.epoch, "cpu_rng": torch.get_rng_state(), "last_probe": dict(self.last_probe)}
         if self.device.type == "cuda":
             s["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if self.ema is not None:
+            s["ema"] = _to_cpu(self.ema.state_dict())  # ξ and the schedule's step
         return s
 
     def restore(self, s: dict) -> None:
@@ -131,6 +139,11 @@ class _Run:
         if "cuda_rng" in s and self.device.type == "cuda":
             torch.cuda.set_rng_state(s["cuda_rng"], self.device)
         self.last_probe = dict(s.get("last_probe", {}))
+        if self.ema is not None:
+            if "ema" not in s:
+                raise ValueError("resume: this run has an EMA target (model.ema) but the checkpoint holds none; it "
+                                 "was saved by a run without one")
+            self.ema.load_state_dict(s["ema"])
 
     def train_epoch(self) -> dict[str, float]:
         """One pass; returns the mean of every loss term. Raises FloatingPointError on a non-finite loss."""
@@ -149,19 +162,36 @@ class _Run:
             v1, v2 = self.augment(x)
             if self.device.type == "cuda" and self.cfg.model.channels_last:
                 v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
-            with self.autocast():
-                _, z1 = self.forward(v1)
-                _, z2 = self.forward(v2)
-            terms = self.loss_fn(z1.float(), z2.float(), **self.loss_params)
+            terms = self.step_loss(v1, v2)
             loss = terms["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {self.epoch + 1}, step {b}")
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
+            if self.ema is not None:
+                self.ema.update(self.model, step)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
         return {k: v / self.steps_per_epoch for k, v in sums.items()}
+
+    def step_loss(self, v1: torch.Tensor, v2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss terms of one batch of views v1, v2: (B, C, H, W), through the run's mechanisms (mechanisms.py)."""
+        with self.autocast():
+            _, z1 = self.forward(v1)  # (B, D)
+            _, z2 = self.forward(v2)
+            if not self.mech.asymmetric:
+                p1 = p2 = t1 = t2 = None
+            else:
+                q = self.model.predictor
+                p1, p2 = (q(z1), q(z2)) if q is not None else (z1, z2)  # online outputs, (B, D)
+                if self.ema is not None:
+                    t1, t2 = self.ema(v1), self.ema(v2)  # targets from ξ, (B, D), no graph
+                else:
+                    t1, t2 = (z1.detach(), z2.detach()) if self.mech.stop_grad else (z1, z2)
+        if p1 is None:  # both branches the same network: the loss as its method states it, taken once
+            return self.loss_fn(z1.float(), z2.float(), **self.loss_params)
+        return two_way_loss(self.loss_fn, self.loss_params, p1.float(), p2.float(), t1.float(), t2.float())
 
     @torch.no_grad()
     def evaluate(self, final: bool) -> dict[str, Any]:
