@@ -8,7 +8,7 @@ import inspect
 
 import pytest
 
-from ncssl_tune.config import LOSS_PARAMS, ConfigError, TrainConfig
+from ncssl_tune.config import LOSS_PARAMS, ConfigError, Mechanisms, TrainConfig, mechanisms
 from ncssl_tune.core.losses import LOSSES
 
 
@@ -45,3 +45,48 @@ def test_get_reads_dotted_keys_and_unset_keys_hold_their_default():
     assert cfg.get("train.lr") == 0.01
     assert cfg.get("model.norm") == "batch" and cfg.get("loss.wmse.w_size") == 128
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # survives its own dict form (what trials report)
+
+
+SMALL = {"projector": "256-256-32"}
+
+
+@pytest.mark.parametrize("method, model, expected", [
+    ("vicreg", {}, Mechanisms(predictor="", stop_grad=False, ema_tau=None)),
+    ("simsiam", {}, Mechanisms(predictor="8", stop_grad=True, ema_tau=None)),  # D/4: SimSiam's 2048 -> 512
+    ("byol", {}, Mechanisms(predictor="256", stop_grad=True, ema_tau=0.996)),  # the projector's hidden width
+    ("simsiam", {"predictor": ""}, Mechanisms(predictor="", stop_grad=True, ema_tau=None)),
+    ("simsiam", {"stop_grad": False}, Mechanisms(predictor="8", stop_grad=False, ema_tau=None)),
+    ("byol", {"predictor": "", "ema_tau": 0.99}, Mechanisms(predictor="", stop_grad=True, ema_tau=0.99)),
+    ("byol", {"ema": False}, Mechanisms(predictor="256", stop_grad=True, ema_tau=None)),
+    ("vicreg", {"ema": True}, Mechanisms(predictor="", stop_grad=True, ema_tau=0.996)),  # an EMA implies sg
+    ("barlow_twins", {"predictor": "64-64", "stop_grad": True},
+     Mechanisms(predictor="64-64", stop_grad=True, ema_tau=None)),
+])
+def test_a_method_supplies_mechanism_defaults_and_explicit_keys_win(method, model, expected):
+    cfg = TrainConfig.from_dict({"loss": {"method": method}, "model": {**SMALL, **model}})
+    assert mechanisms(cfg) == expected
+    assert expected.asymmetric == (method != "vicreg" or bool(model))
+    # the defaults follow the method: a swept loss.method takes its own
+    other = "byol" if method != "byol" else "simsiam"
+    if not model:
+        assert mechanisms(cfg.with_overrides({"loss.method": other})) != expected
+
+
+def test_a_method_default_predictor_without_a_projector_uses_the_feature_width():
+    cfg = TrainConfig.from_dict({"loss": {"method": "simsiam"}, "model": {"projector": "", "width": 16}})
+    assert mechanisms(cfg, feat_dim=16).predictor == "4"
+
+
+@pytest.mark.parametrize("method, model, match", [
+    ("vicreg", {"ema_tau": 0.99}, (r"^model\.ema_tau: set to 0\.99, but model\.ema is false \(loss\.method vicreg's "
+                                   r"default\): there is no EMA target")),
+    ("byol", {"ema": False, "ema_tau": 0.99}, r"^model\.ema_tau: set to 0\.99, but model\.ema is false: "),
+    ("byol", {"stop_grad": False}, r"^model\.stop_grad: false with model\.ema true \(loss\.method byol's default\)"),
+    ("vicreg", {"ema": True, "stop_grad": False}, r"^model\.stop_grad: false with model\.ema true: the EMA target"),
+    ("simsiam", {"predictor": "64x64"}, r"^model\.predictor: got '64x64'; expected the hidden widths"),
+    ("byol", {"ema_tau": 1.0}, r"^model\.ema_tau: EMA momentum must be in \[0, 1\), got 1\.0"),
+])
+def test_mechanism_combinations_that_mean_nothing_are_one_line_errors(method, model, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        TrainConfig.from_dict({"loss": {"method": method}, "model": model})
+    assert "\n" not in str(err.value)

@@ -11,13 +11,16 @@ from ncssl_tune.core.losses import (
     LOSSES,
     WhiteningError,
     barlow_twins_loss,
+    byol_loss,
     invariance_loss,
     off_diagonal,
     simclr_loss,
+    simsiam_loss,
     vicreg_loss,
     whiten,
     wmse_loss,
 )
+from ncssl_tune.core.mechanisms import two_way_loss
 
 N, D = 32, 8
 # small sub-batches so W-MSE runs on the shared (N, D) inputs: w_size >= 2·D and N % w_size == 0
@@ -183,6 +186,7 @@ def test_paper_defaults():
     assert sig["wmse"] == {"w_size": 128, "w_iter": 1, "eps": 0.0}
     assert sig["simclr"] == {"temperature": 0.1}
     assert sig["invariance"] == {}
+    assert sig["simsiam"] == {} and sig["byol"] == {}  # their mechanisms are model.* keys (test_mechanisms.py)
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -210,6 +214,48 @@ def test_vicreg_variance_term_zero_when_std_above_gamma():
 def test_invariance_of_identical_views_is_zero():
     z, _ = views(12)
     assert invariance_loss(z, z)["loss"].item() == 0.0
+
+
+def ref_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.array([x @ y / math.sqrt((x @ x) * (y @ y)) for x, y in zip(a, b, strict=True)])  # (N,)
+
+
+def test_simsiam_and_byol_match_their_formulas():
+    z1, z2 = views(18)
+    cos = ref_cos(z1.numpy(), z2.numpy())
+    s, b = simsiam_loss(z1, z2), byol_loss(z1, z2)
+    assert s["loss"].item() == pytest.approx(-cos.mean(), rel=1e-12)
+    # BYOL's L + L̃ on one pair of embeddings: the two directions of 2 − 2·cos are equal
+    assert b["loss"].item() == pytest.approx(2 * np.mean(2 - 2 * cos), rel=1e-12)
+    assert s["cos_sim"].item() == pytest.approx(cos.mean(), rel=1e-12) == b["cos_sim"].item()
+
+
+@pytest.mark.parametrize("name, same, opposite", [("simsiam", -1.0, 1.0), ("byol", 0.0, 8.0)])
+def test_cosine_losses_end_points_and_scale_invariance(name, same, opposite):
+    z, other = views(19)
+    fn = LOSSES[name]
+    assert fn(z, z)["loss"].item() == pytest.approx(same, abs=1e-12)
+    assert fn(z, -z)["loss"].item() == pytest.approx(opposite, abs=1e-12)
+    scale = torch.rand(N, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.1
+    torch.testing.assert_close(fn(z * scale, other)["loss"], fn(z, other)["loss"], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(set(LOSSES) - {"wmse"}))  # wmse draws a fresh split per call
+def test_two_way_loss_without_a_mechanism_is_the_loss(name):
+    """p = t = z: averaging the two directions gives a symmetric loss back unchanged, so switching a mechanism on
+    keeps the loss's scale."""
+    z1, z2 = views(20)
+    once = LOSSES[name](z1, z2)
+    both = two_way_loss(LOSSES[name], {}, z1, z2, z1, z2)
+    for key in once:
+        torch.testing.assert_close(both[key], once[key], rtol=1e-12, atol=1e-12)
+
+
+def test_two_way_loss_stops_the_gradient_at_detached_targets():
+    p1, p2 = (v.requires_grad_(True) for v in views(21))
+    t1, t2 = (v.requires_grad_(True) for v in views(22))
+    two_way_loss(simsiam_loss, {}, p1, p2, t1.detach(), t2.detach())["loss"].backward()
+    assert p1.grad is not None and p2.grad is not None and t1.grad is None and t2.grad is None
 
 
 def test_off_diagonal():
@@ -278,6 +324,11 @@ def test_wmse_rejects_bad_w_size(n, d, w_size):
 #   (sim_coeff = lam, std_coeff = mu, cov_coeff = nu; the target std 1 = gamma)
 # - BarlowTwins.forward, facebookresearch/barlowtwins main.py @ a655214c76c97d0150277b85d16e69328ea52fd9
 #   (BatchNorm1d(affine=False) in training mode, c / batch_size, lambd = lam)
+# - SimSiam: the loss of main_simsiam.py `train` with criterion = nn.CosineSimilarity(dim=1),
+#   facebookresearch/simsiam @ 39ac33e618948b88cbe43a65e31f142537073e55 (`official_simsiam` below)
+# - BYOL: BYOLExperiment.loss_fn's repr_loss with helpers.regression_loss and l2_normalize (epsilon 1e-12),
+#   google-deepmind/deepmind-research byol/byol_experiment.py and byol/utils/helpers.py @
+#   4822a45504cb05042841a358f070bba35c6fbc24 (`official_byol` below, numpy for jax.numpy)
 # - Whitening2d.forward (track_running_stats=False), htdt/self-supervised methods/whitening.py, and the loss of
 #   WMSE.forward with norm_mse_loss on one sub-batch of the whole batch, methods/w_mse.py, both @
 #   d0cdce2c9671fa3119a4f8c5376a21715489443d
@@ -320,3 +371,32 @@ def test_wmse_matches_the_w_mse_authors_loss(eps, official):
     z1, z2 = official_inputs(4, 32, 8)
     # one sub-batch of the whole batch: the random split cannot change the loss
     assert wmse_loss(z1, z2, w_size=32, eps=eps)["loss"].item() == pytest.approx(official, rel=1e-10)
+
+
+def official_simsiam(p1, p2, z1, z2) -> float:
+    """facebookresearch/simsiam main_simsiam.py, transcribed: z1, z2 come detached out of SimSiam.forward."""
+    criterion = torch.nn.CosineSimilarity(dim=1)
+    return (-(criterion(p1, z2.detach()).mean() + criterion(p2, z1.detach()).mean()) * 0.5).item()
+
+
+def official_byol(p1, p2, z1, z2) -> float:
+    """google-deepmind/deepmind-research byol: regression_loss in both directions, summed, then the batch mean."""
+    def l2_normalize(x, epsilon=1e-12):
+        return x * (1 / np.sqrt(np.maximum(np.sum(np.square(x), axis=-1, keepdims=True), epsilon)))
+
+    def regression_loss(x, y):
+        return np.sum((l2_normalize(x) - l2_normalize(y)) ** 2, axis=-1)
+
+    p1, p2, z1, z2 = (t.numpy() for t in (p1, p2, z1, z2))
+    return float(np.mean(regression_loss(p1, z2) + regression_loss(p2, z1)))
+
+
+@pytest.mark.parametrize("name, official, transcription", [("simsiam", -0.04789099079952554, official_simsiam),
+                                                           ("byol", 3.808436036801898, official_byol)])
+def test_simsiam_and_byol_match_the_official_code(name, official, transcription):
+    """The trainer's loss with a predictor (p) and a target branch (z): two_way_loss, as core/train.py takes it."""
+    z1, z2 = official_inputs(5, 32, 8)
+    p1, p2 = official_inputs(6, 32, 8)
+    assert transcription(p1, p2, z1, z2) == pytest.approx(official, rel=1e-12)
+    got = two_way_loss(LOSSES[name], {}, p1, p2, z1.detach(), z2.detach())["loss"].item()
+    assert got == pytest.approx(official, rel=1e-12)

@@ -104,6 +104,23 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     assert [strip(m) for m in resumed] == [strip(m) for m in full[1:]]
 
 
+def test_resume_with_an_ema_target_and_a_predictor_matches_uninterrupted_run(tmp_path):
+    """BYOL: the EMA target's weights and its schedule step travel with the checkpoint."""
+    config = cfg(loss={"method": "byol"}, model={"width": 16, "projector": "64-64"}, train={"epochs": 3})
+    full, states = collect(config)
+    assert states[0]["ema"]["steps"] > 0 and states[-1]["ema"]["steps"] == 3 * states[0]["ema"]["steps"]
+    path = tmp_path / "state.pt"
+    save_state(states[0], path)
+    resumed, resumed_states = collect(config, resume=load_state(path))
+    assert [strip(m) for m in resumed] == [strip(m) for m in full[1:]]
+    for a, b in zip(resumed_states[-1]["ema"]["net"].values(), states[-1]["ema"]["net"].values(), strict=True):
+        assert torch.equal(a, b)
+    without = dict(states[0])
+    del without["ema"]
+    with pytest.raises(ValueError, match="holds none"):
+        collect(config, resume=without)
+
+
 def test_nan_loss_ends_as_diverged_without_exception():
     reports, _ = collect(cfg(train={"lr": 1e12, "epochs": 3, "warmup_epochs": 0}))
     last = reports[-1]
