@@ -180,17 +180,14 @@ class _Run:
         with self.autocast():
             _, z1 = self.forward(v1)  # (B, D)
             _, z2 = self.forward(v2)
-            if not self.mech.asymmetric:
-                p1 = p2 = t1 = t2 = None
+            if not self.mech.asymmetric:  # both branches the same network: the loss as its method states it, once
+                return self.loss_fn(z1.float(), z2.float(), **self.loss_params)
+            q = self.model.predictor
+            p1, p2 = (q(z1), q(z2)) if q is not None else (z1, z2)  # online outputs, (B, D)
+            if self.ema is not None:
+                t1, t2 = self.ema(v1), self.ema(v2)  # targets from ξ, (B, D), no graph
             else:
-                q = self.model.predictor
-                p1, p2 = (q(z1), q(z2)) if q is not None else (z1, z2)  # online outputs, (B, D)
-                if self.ema is not None:
-                    t1, t2 = self.ema(v1), self.ema(v2)  # targets from ξ, (B, D), no graph
-                else:
-                    t1, t2 = (z1.detach(), z2.detach()) if self.mech.stop_grad else (z1, z2)
-        if p1 is None:  # both branches the same network: the loss as its method states it, taken once
-            return self.loss_fn(z1.float(), z2.float(), **self.loss_params)
+                t1, t2 = (z1.detach(), z2.detach()) if self.mech.stop_grad else (z1, z2)
         return two_way_loss(self.loss_fn, self.loss_params, p1.float(), p2.float(), t1.float(), t2.float())
 
     @torch.no_grad()
