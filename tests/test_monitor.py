@@ -23,7 +23,7 @@ def trial(tid: str, config: dict, number: int | None = None):
 
 
 def result(epoch: int, method: str, **metrics):
-    return {"epoch": epoch, "method": method, "status": "running", "effective_rank": 7.123456789,
+    return {"epoch": epoch, "method": method, "status": "running", "effective_rank": 7.123456789, "collapse": "none",
             "knn_acc": 0.9972222447395325, "probe_acc": 0.5, "loss": 1.0 / 3, "fewshot_acc": 0.41234, **metrics}
 
 
@@ -43,12 +43,12 @@ def test_table_names_each_parameter_once_and_rounds(tmp_path):
     head, *rows, summary = out.getvalue().strip().splitlines()
     # the objective is the first metric column; number and Ray id name the trial
     assert head.split() == ["#", "trial_id", "method", "barlow_twins.lam", "vicreg.lam", "lr", "fewshot_acc",
-                            "epoch", "eff_rank", "knn", "probe", "state"]
+                            "epoch", "eff_rank", "knn", "probe", "collapse", "state"]
     assert rows[0].split() == ["1", "aaaa0001", "vicreg", "-", "25.1", "0.00312", "0.412", "1", "7.12", "0.997",
-                               "0.5", "interrupted"]
+                               "0.5", "none", "interrupted"]
     # a trial without a result yet: its method from its config
     assert rows[1].split() == ["2", "bbbb0002", "barlow_twins", "0.00123", "-", "0.001", "-", "-", "-", "-", "-",
-                               "interrupted"]
+                               "-", "interrupted"]
     assert "best #1 (aaaa0001) fewshot_acc=0.412" in summary
     assert "0.9972222447395325" not in out.getvalue()
 
@@ -62,7 +62,7 @@ def test_method_shows_before_the_first_result_when_the_space_does_not_sample_it(
     head, row, _ = out.getvalue().split("\x1b[J", 1)[1].strip().splitlines()
     # the objective under its own name, first, and not again under its short name
     assert head.split()[:5] == ["#", "trial_id", "method", "lam", "knn_acc"] and "knn" not in head.split()
-    assert row.split() == ["1", "aaaa0001", "vicreg", "25", "-", "-", "-", "-", "running"]
+    assert row.split() == ["1", "aaaa0001", "vicreg", "25", "-", "-", "-", "-", "-", "running"]
 
 
 @pytest.mark.parametrize(("status", "reason", "state"), [

@@ -118,7 +118,9 @@ def csv_columns(rows: list[dict]) -> list[str]:
 
 
 # The live table's metric columns after the objective: (header, key in the trial's row).
-TABLE_METRICS = (("epoch", "epoch"), ("eff_rank", "effective_rank"), ("knn", "knn_acc"), ("probe", "probe_acc"))
+# The last collapse class too: a trial that ends "finished" in total collapse must not read like a healthy one.
+TABLE_METRICS = (("epoch", "epoch"), ("eff_rank", "effective_rank"), ("knn", "knn_acc"), ("probe", "probe_acc"),
+                 ("collapse", TAG_COLLAPSE))
 WAITING = ("running", "pending")  # short states of a trial that has not ended
 TTY_INTERVAL_S = 2.0  # a table redrawn in place adds no lines: on a terminal it may follow the sweep closely
 
