@@ -182,3 +182,32 @@ def test_csv_puts_number_and_id_first_and_parameters_before_metrics_at_full_prec
     assert [r["config_id"] for r in rows] == [config_id(first.config), config_id(late.config)]
     assert rows[0]["knn_acc"] == "0.9972222447395325" and rows[1]["param.loss.barlow_twins.lam"] == "0.0012345"
     assert [(r["status"], r["stop_reason"]) for r in rows] == [("stopped", "asha"), ("stopped", "asha")]
+
+
+def test_a_terminal_table_fits_the_screen_running_trials_first(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("LINES", "8")
+    out = Terminal()
+    mon = SweepMonitor(tmp_path, CollapseStopConfig(), "asha", interval_s=1e9, stream=out, metric="fewshot_acc")
+    trials = [trial(f"t{i:07d}", {"loss.vicreg.lam": float(i)}, i + 1) for i in range(10)]
+    for i, t in enumerate(trials[:-1]):  # nine ended, the best of them #4; #10 still running
+        t.last_result = result(3, "vicreg", status="finished", fewshot_acc=0.9 if i == 3 else 0.1 * (i % 3))
+        mon.on_trial_result(0, trials, t, t.last_result)
+        mon.on_trial_complete(0, trials, t)
+    mon.on_trial_start(0, trials, trials[-1])
+    frame = out.getvalue().split("\x1b[J")[-1].strip().splitlines()
+    assert len(frame) <= 8 - 1  # and the cursor on the last line: the redraw never scrolls the screen
+    numbers = [line.split()[0] for line in frame[1:-2]]
+    assert "10" in numbers and "4" in numbers  # the running trial and the best ended one
+    assert frame[-2] == f"... {10 - len(numbers)} more trials in trials.csv"
+
+
+def test_a_pickled_monitor_keeps_its_rows_and_draws_afresh(tmp_path):
+    import pickle
+
+    mon = SweepMonitor(tmp_path, CollapseStopConfig(), "asha", interval_s=1e9, metric="fewshot_acc")
+    t = trial("aaaa0001", {"loss.vicreg.lam": 1.0}, 1)
+    mon.on_trial_result(0, [t], t, result(1, "vicreg"))
+    mon._drawn = 7
+    again = pickle.loads(pickle.dumps(mon))
+    assert again.rows == mon.rows and again._drawn == 0 and again.metric == "fewshot_acc"
