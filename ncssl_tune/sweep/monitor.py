@@ -169,7 +169,7 @@ class SweepMonitor(Callback):
     rounds numbers for reading; trials.csv keeps them at full precision.
 
     On a terminal the table is drawn in place (ANSI cursor movement; `rich` is not a dependency), redrawn every
-    `interval_s` seconds and when a trial starts or ends, cut to the terminal's height (running trials first,
+    min(`interval_s`, TTY_INTERVAL_S) seconds and when a trial starts or ends, cut to the terminal's height (running trials first,
     then the best ended ones). Elsewhere one line per event and the whole table once at the end (module doc).
 
     `metric`/`mode`: the sweep's objective, the table's first metric column and what "best" means; `method`: the

@@ -199,7 +199,10 @@ class OptunaSearcher(Searcher):
 
     # --- helpers
     def _ending(self, result: dict, error: bool) -> dict:
-        """The user attributes of a Ray trial that ended, from its last result (empty for an errored trial)."""
+        """The user attributes of a Ray trial that ended, from its last result (Ray's flattened copy of
+        trial.last_result, where Ray has put the trial's experiment tag); an errored trial gets no result from Ray:
+        its status and stop reason only. getattr: a searcher pickled with a sweep started before these
+        attributes existed lacks them."""
         status, reason = trial_outcome(None if error else result, getattr(self, "collapse_stop", CollapseStopConfig()),
                                        getattr(self, "scheduler", "fifo"), "error" if error else None)
         attrs = {TAG_STATUS: status, TAG_REASON: reason, TAG_TRIAL_NUMBER: trial_index(result.get("experiment_tag")),
