@@ -292,10 +292,12 @@ def _sweep(args, argv: list[str]) -> int:
 
 
 def _print_best(metrics: dict, config: dict, metric: str) -> None:
-    """The best trial, rounded for reading (trials.csv and MLflow keep full precision)."""
-    from ncssl_tune.naming import fmt_number
+    """The best trial, rounded for reading (trials.csv and MLflow keep full precision), named as the live table,
+    trials.csv and its MLflow run name it: `#9 (66ad3c7a)`, number (Ray's experiment tag) and Ray trial id."""
+    from ncssl_tune.naming import fmt_number, trial_index, trial_label
 
-    print(f"best trial {metrics.get('trial_id')}: {metric} = {fmt_number(metrics.get(metric))}")
+    label = trial_label(trial_index(metrics.get("experiment_tag")), str(metrics.get("trial_id")))
+    print(f"best trial {label}: {metric} = {fmt_number(metrics.get(metric))}")
     for key, value in sorted(config.items()):
         print(f"  {key} = {fmt_number(value)}")
 

@@ -154,7 +154,8 @@ def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: Stoppe
     searcher = OptunaSearcher(DefineByRun(spec.space, spec.base), metric=s.metric, mode=spec.mode,
                               sampler=sampler, storage=optuna_storage(out_dir), study_name=spec.name,
                               max_concurrent=s.max_concurrent, state_path=out_dir / SEARCHER_STATE,
-                              repeats=s.repeats, base_seed=spec.base.train.seed)
+                              repeats=s.repeats, base_seed=spec.base.train.seed,
+                              collapse_stop=s.collapse_stop, scheduler=s.scheduler.name)
     if s.scheduler.name == "asha":
         epochs = spec.train_config().train.epochs
         scheduler = ASHAScheduler(time_attr="epoch", metric=s.metric, mode=spec.mode, max_t=epochs,
@@ -273,7 +274,8 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
             check_resources(spec, wait_s=resource_wait_s if address else 0.0)
         _write_spec(spec, out_dir)
         monitor = SweepMonitor(out_dir, spec.search.collapse_stop, spec.search.scheduler.name,
-                               interval_s=monitor_interval_s)
+                               interval_s=monitor_interval_s, metric=spec.search.metric, mode=spec.mode,
+                               method=spec.base.loss.method)
         # A Ray this sweep started itself runs on this machine alone: the data is here, and only GPU trials need
         # a worker's device. A joined cluster (address) or a Ray the caller started keeps the worker path.
         on_driver = started_ray and address is None and spec.resources.gpu == 0
