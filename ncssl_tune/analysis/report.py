@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ncssl_tune.analysis import plots
+from ncssl_tune.analysis.html import to_html
 from ncssl_tune.analysis.report_study import study_markdown, study_summary
 from ncssl_tune.analysis.result import AnalysisResult, Scope, TableRow
 from ncssl_tune.analysis.stats import WARN_N, spectrum_picks
@@ -141,8 +142,9 @@ def markdown(result: AnalysisResult, plot_files: dict[str, str | None]) -> str:
 
 def write_report(result: AnalysisResult, runs: pd.DataFrame, epochs: pd.DataFrame, out_dir: str | Path,
                  spectra: dict[str, dict] | None = None) -> list[Path]:
-    """analysis.json, report.md and the plots; spectra: run_id -> {"z": [...], "h": [...]}. A plot whose data is
-    missing is skipped and report.md says so."""
+    """analysis.json, report.md, report.html (the same text with the plots embedded, for MLflow's artifact viewer)
+    and the plots; spectra: run_id -> {"z": [...], "h": [...]}. A plot whose data is missing is skipped and the
+    report says so."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "analysis.json"]
@@ -169,6 +171,9 @@ def write_report(result: AnalysisResult, runs: pd.DataFrame, epochs: pd.DataFram
         if ready:
             fn(*args, out / name)
             files.append(out / name)
-    (out / "report.md").write_text(markdown(result, plot_files))
-    files.append(out / "report.md")
+    md = markdown(result, plot_files)
+    (out / "report.md").write_text(md)
+    # rendered from the same text, after the plots exist: it embeds them
+    (out / "report.html").write_text(to_html(md, out, title=f"Collapse analysis: {result.get('experiment', 'sweep')}"))
+    files += [out / "report.md", out / "report.html"]
     return files
