@@ -160,12 +160,12 @@ def write_report(result: AnalysisResult, runs: pd.DataFrame, epochs: pd.DataFram
         ("ρ over epochs", "rho_over_epochs.png", plots.rho_over_epochs, (result,), has_table),
         (f"Effective rank vs {obj} at the headline epoch", "rank_vs_objective.png", plots.rank_vs_objective,
          (result, runs, epochs), result["scopes"]["all"]["headline_epoch"] is not None),
-        ("Spectra of the best, median and worst trials", "spectra.png", plots.spectra, (picks, spectra, obj),
+        ("Spectra of the best, median and worst trials, each at its last epoch", "spectra.png", plots.spectra, (picks, spectra, obj),
          bool(picks)),
         ("Effective rank over epochs", "rank_over_epochs.png", plots.histories, (runs, epochs),
          "effective_rank" in epochs and epochs["effective_rank"].notna().any()),
         (f"Collapse map ({', '.join(d['param'] for d in map_drivers) or 'needs two swept params'})",
-         "collapse_map.png", plots.collapse_map, (runs, map_drivers), len(map_drivers) == 2),
+         "collapse_map.png", plots.collapse_map, (runs, map_drivers, obj), len(map_drivers) == 2),
     ]:
         plot_files[title] = name if ready else None
         if ready:
