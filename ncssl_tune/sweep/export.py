@@ -173,7 +173,6 @@ x of shape (N, {channels}, {size}, {size}) in [0, 1]; h is the representation th
 
 Re-measure its downstream scores as the trial did:
 
-    from ncssl_tune.config import TrainConfig
     from ncssl_tune.sweep.export import load_config, score_encoder
     print(score_encoder(model, load_config("{folder}")))
 """
