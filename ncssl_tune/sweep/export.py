@@ -1,8 +1,8 @@
 """The best trial's encoder, taken home: an MLflow model on that trial's child run and a folder `<sweep>/best/`.
 
 A researcher who found a good configuration should not have to train it again. After a sweep the best trial's
-latest checkpoint (the epoch of its last result: trials checkpoint every `train.checkpoint_every` epochs and at the
-end) is rebuilt into the trial's `SSLModel` (backbone + projector, and the predictor of SimSiam/BYOL), and written
+latest checkpoint (trials checkpoint every `train.checkpoint_every` epochs, default 1, and at the end: so, by
+default, the epoch of its last result; best.json names the epoch) is rebuilt into the trial's `SSLModel` (backbone + projector, and the predictor of SimSiam/BYOL), and written
 as an MLflow pytorch model with its resolved configuration:
 
     <sweep>/best/model/        mlflow.pytorch.save_model (MLmodel, the pickled module, ncssl_tune's code)
@@ -146,12 +146,13 @@ def log_to_run(model: SSLModel, tracking_uri: str, run_id: str,
     quiet.setLevel(logging.ERROR)  # "no signature", "no input example": an encoder of images has neither to give
     try:
         mlflow.set_tracking_uri(tracking_uri)
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(model, name=MODEL_NAME, pip_requirements=_requirements(),
-                                            code_paths=_code_paths(), registered_model_name=register,
-                                            serialization_format=SERIALIZATION)
-        # start_run re-opened the ended run; give it back its status and end time
-        client.set_terminated(run_id, status=before.status, end_time=before.end_time)
+        try:
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pytorch.log_model(model, name=MODEL_NAME, pip_requirements=_requirements(),
+                                                code_paths=_code_paths(), registered_model_name=register,
+                                                serialization_format=SERIALIZATION)
+        finally:  # start_run re-opened the ended run (and ends it FINISHED, or FAILED on an error): as it was
+            client.set_terminated(run_id, status=before.status, end_time=before.end_time)
     finally:
         mlflow.set_tracking_uri(previous_uri)
         quiet.setLevel(level)
