@@ -123,6 +123,19 @@ def _child_run(client, experiment_id: str, parent_run_id: str, trial_id: str):
 SERIALIZATION = "pickle"
 
 
+@contextlib.contextmanager
+def _quiet_mlflow():
+    """MLflow's warnings while saving: no signature, no input example (an image encoder has neither to give), and
+    the pickle format's caution (the model is this sweep's own, loaded by its own researcher)."""
+    log = logging.getLogger("mlflow")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}"]
 
@@ -141,9 +154,6 @@ def log_to_run(model: SSLModel, tracking_uri: str, run_id: str,
     client = mlflow.MlflowClient(tracking_uri)
     before = client.get_run(run_id).info
     previous_uri = mlflow.get_tracking_uri()
-    quiet = logging.getLogger("mlflow")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # "no signature", "no input example": an encoder of images has neither to give
     try:
         mlflow.set_tracking_uri(tracking_uri)
         try:
@@ -155,7 +165,6 @@ def log_to_run(model: SSLModel, tracking_uri: str, run_id: str,
             client.set_terminated(run_id, status=before.status, end_time=before.end_time)
     finally:
         mlflow.set_tracking_uri(previous_uri)
-        quiet.setLevel(level)
     version = getattr(info, "registered_model_version", None)
     return info.model_uri, (f"{register} version {version}" if register and version is not None else register)
 
@@ -200,7 +209,7 @@ def export_best(sweep_name: str, base: TrainConfig, out_dir: Path, best, trackin
     model.eval()
     epoch, trial = int(state["epoch"]), str(best.metrics.get("trial_id"))
     folder = out_dir / BEST_DIR
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # a new best/ replaces the old one whole
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp, _quiet_mlflow():  # a new best/ replaces the old whole
         staged = Path(tmp) / BEST_DIR
         staged.mkdir()
         import mlflow.pytorch
