@@ -179,7 +179,7 @@ def test_callback_statuses_tags_and_replayed_epochs(server):
     c = mlflow_client(server)
     assert {a.path for a in c.list_artifacts(fin.info.run_id)} == {"spectrum.csv", "spectrum.png", "spectrum_epochs.png"}
     spectra = read_spectrum_csv(c.download_artifacts(fin.info.run_id, SPECTRUM_CSV))
-    assert spectra == {"z": [4.0, 1.0, 0.0], "h": [2.0, 1e-3]}
+    assert spectra == {"z": [4.0, 1.0, 0.0], "h": [2.0, 1e-3], "epoch": 3}
     assert steps(server, by_id["col"].info.run_id) == [1, 2]
     assert "collapse_streak" not in by_id["col"].data.metrics and by_id["col"].data.tags["collapse"] == "total"
 
