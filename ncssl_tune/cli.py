@@ -70,6 +70,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the sweep stored under RESULTS_DIR/NAME")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved space and budget, start nothing")
     p.add_argument("--seed", type=int, help="seed of the sampler and of training (overrides search.seed, train.seed)")
+    p.add_argument("--register", metavar="NAME", help="also register the best trial's encoder in MLflow's model "
+                   "registry as NAME (it is always written to RESULTS_DIR/NAME/best and logged on its trial's run)")
     return p
 
 
@@ -268,7 +270,7 @@ def _sweep(args, argv: list[str]) -> int:
         check_tracking_uri(uri)
         wait = {} if args.resource_wait is None else {"resource_wait_s": args.resource_wait}
         result = run_sweep(spec, args.results_dir, resume=args.resume, address=args.address, tracking_uri=uri,
-                           storage=args.storage, tracking_checked=True, **wait)
+                           storage=args.storage, tracking_checked=True, register=args.register, **wait)
     except (SweepError, TrackingError) as e:
         print(f"ncssl-sweep: error: {e}", file=sys.stderr)
         return 2
@@ -280,6 +282,11 @@ def _sweep(args, argv: list[str]) -> int:
     if result.best_metrics:
         _print_best(result.best_metrics, result.best_config or {}, spec.search.metric)
     print(f"per-trial table: {result.out_dir / 'trials.csv'}")
+    if (ex := result.best_export) is not None:
+        logged = f"; MLflow model {ex.model_uri}" if ex.model_uri else ""
+        registered = f", registered as {ex.registered}" if ex.registered else ""
+        print(f"best encoder (trial {ex.trial_id}, epoch {ex.epoch}): {ex.folder}{logged}{registered} "
+              f"(how to load it: {ex.folder / 'README.md'})")
     print(f"MLflow: mlflow ui --host 127.0.0.1 --backend-store-uri {uri}  (experiment {spec.name!r})")
     if result.mlflow_experiment_id:
         # MLflow 3's UI opens in its GenAI view whatever the experiment's tags; the link selects Model training.
@@ -292,10 +299,12 @@ def _sweep(args, argv: list[str]) -> int:
 
 
 def _print_best(metrics: dict, config: dict, metric: str) -> None:
-    """The best trial, rounded for reading (trials.csv and MLflow keep full precision)."""
-    from ncssl_tune.naming import fmt_number
+    """The best trial, rounded for reading (trials.csv and MLflow keep full precision), named as the live table,
+    trials.csv and its MLflow run name it: `#9 (66ad3c7a)`, number (Ray's experiment tag) and Ray trial id."""
+    from ncssl_tune.naming import fmt_number, trial_index, trial_label
 
-    print(f"best trial {metrics.get('trial_id')}: {metric} = {fmt_number(metrics.get(metric))}")
+    label = trial_label(trial_index(metrics.get("experiment_tag")), str(metrics.get("trial_id")))
+    print(f"best trial {label}: {metric} = {fmt_number(metrics.get(metric))}")
     for key, value in sorted(config.items()):
         print(f"  {key} = {fmt_number(value)}")
 

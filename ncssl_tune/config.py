@@ -223,6 +223,11 @@ class LossConfig:
         """Keyword arguments for the selected loss."""
         return dataclasses.asdict(getattr(self, self.method))
 
+    def __reduce__(self) -> tuple:
+        # Rebuilt from its values, so that a process that unpickles it (a Ray worker) first loads the installed
+        # plugin losses, whose parameters extend this class (install_plugins)
+        return _loss_config, (dataclasses.asdict(self),)
+
 
 @dataclass
 class OptimConfig:
@@ -267,13 +272,14 @@ class EvalConfig:
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: LossConfig = field(default_factory=lambda: LossConfig())  # late-bound: plugins extend the class
     train: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @classmethod
     def from_dict(cls, raw: dict | None) -> TrainConfig:
         """Validate a nested dict (sections data/model/loss/train/eval) into a TrainConfig."""
+        install_plugins()
         cfg = build(cls, raw or {}, "")
         _check_relations(cfg)
         return cfg
@@ -343,8 +349,35 @@ def mechanisms(cfg: TrainConfig, feat_dim: int | None = None) -> Mechanisms:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
-# method -> its parameter dataclass
+# method -> its parameter dataclass; install_plugins adds the plugin losses'
 LOSS_PARAMS: dict[str, type] = {k: v for k, v in typing.get_type_hints(LossConfig).items() if k != "method"}
+
+
+def install_plugins() -> None:
+    """Load the installed plugins (core/plugins.py) and give each plugin loss a parameter section loss.<name>, typed
+    and bounded like the built-in ones: LossConfig becomes a subclass with one field per plugin loss. Idempotent;
+    a broken plugin raises PluginError naming its entry point."""
+    global LossConfig
+    from ncssl_tune.core.plugins import load_plugins
+
+    new = {name: ps for name, ps in load_plugins().items() if name not in LOSS_PARAMS}
+    if not new:
+        return
+    for name, ps in new.items():
+        cls = dataclasses.make_dataclass(
+            "".join(w.capitalize() for w in name.split("_")) + "PluginParams",
+            [(p.name, p.type, bounded(p.default, **p.bounds)) for p in ps], namespace={"__module__": __name__})
+        globals()[cls.__name__] = cls  # found by name where a Ray worker unpickles a configuration
+        LOSS_PARAMS[name] = cls
+    extended = dataclasses.make_dataclass(
+        "LossConfig", [(name, LOSS_PARAMS[name], field(default_factory=LOSS_PARAMS[name])) for name in new],
+        bases=(LossConfig,), namespace={"__module__": __name__, "__doc__": LossConfig.__doc__})
+    LossConfig = extended
+
+
+def _loss_config(values: dict) -> LossConfig:
+    install_plugins()
+    return build(LossConfig, values, "loss.")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

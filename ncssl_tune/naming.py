@@ -57,13 +57,25 @@ def trial_index(experiment_tag: str | None) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def run_name(index: int | None, trial_id: str, method: str, sampled: dict[str, Any]) -> str:
-    """An MLflow run name a person can scan: `#3 vicreg lam=25.1 lr=0.00312` (trial number, method, each sampled
-    value but the method under its short name). The Ray trial id stays in the run's tags; it heads the name only
-    when the number is unknown."""
+def sampled_values(sampled: dict[str, Any]) -> list[str]:
+    """`lam=25.1`, `lr=0.00312`, ...: each sampled value but the method (named apart) under its short name."""
     names = short_names(sampled)
-    values = [f"{names[k]}={fmt_number(v)}" for k, v in sorted(sampled.items()) if k != "loss.method"]
-    name = " ".join([f"#{index}" if index is not None else str(trial_id), str(method), *values])
+    return [f"{names[k]}={fmt_number(v)}" for k, v in sorted(sampled.items()) if k != "loss.method"]
+
+
+def trial_label(index: int | None, trial_id: str) -> str:
+    """How the console names a trial: `#3 (ab12cd34)`, its number and Ray trial id; the id alone when the number
+    is unknown."""
+    return f"#{index} ({trial_id})" if index is not None else str(trial_id)
+
+
+def run_name(index: int | None, trial_id: str, method: str, sampled: dict[str, Any], mark: str = "") -> str:
+    """An MLflow run name a person can scan: `#3 vicreg lam=25.1 lr=0.00312` (trial number, method, each sampled
+    value but the method under its short name); `mark` (e.g. `[collapsed]`) goes after the number, where a
+    person scanning the runs table sees it. The Ray trial id stays in the run's tags; it heads the name only when
+    the number is unknown."""
+    head = f"#{index}" if index is not None else str(trial_id)
+    name = " ".join([head, *([mark] if mark else []), str(method), *sampled_values(sampled)])
     return name if len(name) <= RUN_NAME_MAX else name[:RUN_NAME_MAX - 1] + "…"
 
 

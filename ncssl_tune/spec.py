@@ -16,7 +16,17 @@ from typing import Any, Literal
 
 import yaml
 
-from ncssl_tune.config import SECTIONS, ConfigError, TrainConfig, bounded, build, choice, coerce, set_dotted
+from ncssl_tune.config import (
+    SECTIONS,
+    ConfigError,
+    TrainConfig,
+    bounded,
+    build,
+    choice,
+    coerce,
+    install_plugins,
+    set_dotted,
+)
 from ncssl_tune.vocab import OBJECTIVES
 
 PARAM_TYPES = ("float", "logfloat", "int", "logint", "categorical")
@@ -168,6 +178,12 @@ def load_spec(path: str | Path, sets: list[str] | None = None, **flags: Any) -> 
     if flags.get("seed") is not None:
         overrides.append(("train.seed", flags["seed"]))
         origin["train.seed"] = f"--seed {flags['seed']}"
+    from ncssl_tune.core.plugins import PluginError
+
+    try:  # a broken plugin is named before any value of the file is read against the registries it extends
+        install_plugins()
+    except PluginError as e:
+        raise SpecError(str(e)) from None
     pinned: dict[str, Any] = {}
     try:
         for key, value in overrides:

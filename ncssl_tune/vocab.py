@@ -35,6 +35,17 @@ TAG_KIND = "run_kind"  # "sweep" (parent) or "trial" (child)
 TAG_SWEEP = "sweep"
 TAG_UID = "sweep_uid"  # tells a resumed sweep (same uid) from a new sweep of the same name
 TAG_TRIAL = "ray_trial_id"
+# A trial's number: 1-based, in the order Ray creates trials (the head of its experiment tag), kept on resume. With
+# the Ray trial id it is the trial's one identity: live table, trials.csv, MLflow run name and tags, Optuna user
+# attributes. An errored trial restarted by --resume keeps its number under a new Ray trial id.
+TAG_TRIAL_NUMBER = "trial_number"
+TAG_COLLAPSED = "collapsed"  # "true" when the trial ended collapsed (collapse stopper, or total collapse at the end)
+TAG_RUN_NAME = "mlflow.runName"  # MLflow's own tags: the run name (a collapsed trial's is marked) and description
+TAG_NOTE = "mlflow.note.content"
+COLLAPSED_MARK = "[collapsed]"  # after the number in a collapsed trial's run name: #9 [collapsed] vicreg ...
+# The tracker writes the child run's id into each result of the trial (Ray lets callbacks modify the result in
+# place); the searcher reads it from the trial's last result and sets it as an Optuna user attribute.
+RESULT_MLFLOW_RUN = "mlflow_run_id"
 TAG_STATUS = "status"  # RUNNING, or how the trial ended (above)
 TAG_REASON = "stop_reason"
 TAG_SAMPLED = "sampled_params"  # JSON list of the keys Optuna sampled for this trial

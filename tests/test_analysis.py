@@ -167,15 +167,19 @@ def test_known_sweep_end_to_end(store, tmp_path):
     assert result["drivers"][0]["param"] in ("loss.vicreg.mu", "model.norm")
 
     files = {p.name for p in tmp_path.iterdir()}
-    assert files == {"analysis.json", "report.md", "predictors.png", "rho_over_epochs.png", "rank_vs_objective.png",
-                     "rank_over_epochs.png", "collapse_map.png", "spectra.png"}
-    for name in files - {"analysis.json", "report.md"}:
+    assert files == {"analysis.json", "report.md", "report.html", "predictors.png", "rho_over_epochs.png",
+                     "rank_vs_objective.png", "rank_over_epochs.png", "collapse_map.png", "spectra.png"}
+    for name in files - {"analysis.json", "report.md", "report.html"}:
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
     assert json.loads((tmp_path / "analysis.json").read_text()) == result
     md = (tmp_path / "report.md").read_text()
     assert "Headline epoch **9**" in md and "Headline epoch **3**" in md and "Warning" in md  # n = 6 < 8
     assert "| 1 | lidar | higher | 6 | 1 [" in md and "Reference scores: random_init 0.3, pixels 0.4." in md
     assert "(not enough data for this plot)" not in md
+    page = (tmp_path / "report.html").read_text()
+    # every plot report.md links is embedded in report.html, so MLflow's viewer shows it without the folder
+    assert page.count('src="data:image/png;base64,') == len(files - {"analysis.json", "report.md", "report.html"})
+    assert "<th>Spearman ρ [95% CI]</th>" in page and "<strong>9</strong>" in page
 
     from mlflow import MlflowClient
     logged = {a.path for a in MlflowClient(store).list_artifacts(load_runs("known", store).attrs["parent_run_id"],

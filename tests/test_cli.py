@@ -454,3 +454,31 @@ def test_bad_tracking_uri_is_rejected_before_anything_starts(tmp_path, capsys, m
     for want in expected:
         assert want in err
     assert sorted(tmp_path.rglob("*")) == before and not results.exists()  # no results folder, no mlflow.db
+
+
+def test_register_reaches_the_sweep_and_the_best_encoder_is_printed(tmp_path, capsys, monkeypatch):
+    import ncssl_tune.analysis
+    import ncssl_tune.cli
+    import ncssl_tune.sweep.runner
+    from ncssl_tune.sweep.export import BestExport
+    from ncssl_tune.sweep.runner import SweepResult
+
+    seen = {}
+    best = tmp_path / "results" / "space" / "best"
+
+    def fake_sweep(spec, results_dir, **kwargs):
+        seen.update(kwargs)
+        return SweepResult(out_dir=best.parent, best_config=None, best_metrics=None, num_trials=1, errors=0,
+                           best_export=BestExport(folder=best, trial_id="t1", epoch=3, scores={},
+                                                  model_uri="models:/m-1", registered="mine version 1"))
+
+    monkeypatch.setattr(ncssl_tune.sweep.runner, "run_sweep", fake_sweep)
+    monkeypatch.setattr(ncssl_tune.analysis, "run_analysis", lambda *a, **k: {})
+    monkeypatch.setattr(ncssl_tune.cli, "_print_analysis", lambda *a: None)
+    path = tmp_path / "space.yaml"
+    path.write_text(BASE)
+    assert main([str(path), "--results-dir", str(tmp_path / "results"), "--register", "mine"]) == 0
+    assert seen["register"] == "mine"
+    out = capsys.readouterr().out
+    assert (f"best encoder (trial t1, epoch 3): {best}; MLflow model models:/m-1, registered as mine version 1 "
+            f"(how to load it: {best / 'README.md'})") in out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ncssl_tune.naming import RUN_NAME_MAX, fmt_number, run_name, short_names, trial_index
+from ncssl_tune.naming import RUN_NAME_MAX, fmt_number, run_name, short_names, trial_index, trial_label
 from ncssl_tune.spec import load_spec
 
 SPACES = sorted(Path("search_spaces").glob("*.yaml"))
@@ -44,5 +44,8 @@ def test_run_name_reads_index_method_and_sampled_values():
     assert trial_index("3_loss.method=vicreg,loss.vicreg.lam=25.1") == 3
     assert run_name(3, "ab12cd34", "vicreg", sampled) == "#3 vicreg lam=25.1 lr=0.00312"
     assert run_name(trial_index(""), "ab12cd34", "vicreg", {}) == "ab12cd34 vicreg"
+    # a mark goes after the number, where the runs table shows it
+    assert run_name(9, "ab12cd34", "vicreg", sampled, "[collapsed]") == "#9 [collapsed] vicreg lam=25.1 lr=0.00312"
+    assert trial_label(9, "ab12cd34") == "#9 (ab12cd34)" and trial_label(None, "ab12cd34") == "ab12cd34"
     long = run_name(1, "x", "vicreg", {f"k{i}": 0.123456 for i in range(40)})
     assert len(long) == RUN_NAME_MAX and long.endswith("…")

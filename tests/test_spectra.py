@@ -31,14 +31,14 @@ def test_long_csv_round_trips_every_epoch_exactly(tmp_path):
     assert lines[0] == "epoch,k,z,h" and lines[1].startswith("1,1,") and len(lines) == 1 + 3 + 3
     assert lines[3].endswith(",0.0,")  # h is narrower than z: an empty cell, not a zero
     assert read_spectra_csv(path) == {1: {"z": Z1, "h": H1}, 2: {"z": Z2, "h": H2}}
-    assert read_spectrum_csv(path) == {"z": Z2, "h": H2}  # the last epoch
+    assert read_spectrum_csv(path) == {"z": Z2, "h": H2, "epoch": 2}  # the last epoch, named
 
 
 def test_earlier_single_epoch_format_still_reads(tmp_path):
     path = tmp_path / "old.csv"
     path.write_text("k,z,h\n1,4.0,2.0\n2,1.0,0.001\n3,0.0,\n")
     assert read_spectra_csv(path) == {0: {"z": [4.0, 1.0, 0.0], "h": [2.0, 0.001]}}
-    assert read_spectrum_csv(path) == {"z": [4.0, 1.0, 0.0], "h": [2.0, 0.001]}
+    assert read_spectrum_csv(path) == {"z": [4.0, 1.0, 0.0], "h": [2.0, 0.001], "epoch": None}  # not recorded
 
 
 def test_history_keeps_the_latest_replay_and_survives_a_new_driver(tmp_path):
@@ -97,7 +97,7 @@ def test_trial_files_for_a_collapsing_trial(tmp_path):
 
 def test_trial_files_when_nothing_was_measured(tmp_path):
     paths = write_trial_spectra(tmp_path, {}, "sweep trial t: diverged (non-finite loss at epoch 1)")
-    assert paths[0].read_text() == "epoch,k,z,h\n" and read_spectrum_csv(paths[0]) == {"z": [], "h": []}
+    assert paths[0].read_text() == "epoch,k,z,h\n" and read_spectrum_csv(paths[0]) == {"z": [], "h": [], "epoch": None}
     assert all(_image(p).ndim == 3 for p in paths[1:])
 
 

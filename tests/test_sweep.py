@@ -56,6 +56,19 @@ def test_sweep_study_records_completed_trials_with_intermediate_values(finished_
     assert all(sorted(t.intermediate_values) == [1, 2, 3] for t in trials)
 
 
+def test_one_identity_per_trial_in_trials_csv_the_study_and_the_best_trial(finished_sweep):
+    """Number and Ray id of each trial agree between trials.csv, the Optuna trial's user attributes (through real
+    Ray: the number comes from the experiment tag of the trial's last result) and the sweep's best trial."""
+    spec, _, result = finished_sweep
+    rows = read_trials(result.out_dir)
+    assert [r["trial_number"] for r in rows] == ["1", "2", "3", "4"]
+    attrs = {t.user_attrs["ray_trial_id"]: t.user_attrs for t in study(result.out_dir, spec.name).trials}
+    assert {r["trial_id"]: int(r["trial_number"]) for r in rows} == {k: a["trial_number"] for k, a in attrs.items()}
+    assert all((a["status"], a["stop_reason"]) == ("finished", "") for a in attrs.values())
+    best = next(r for r in rows if r["trial_id"] == result.best_metrics["trial_id"])
+    assert result.best_metrics["experiment_tag"].split("_")[0] == best["trial_number"]
+
+
 def test_resume_of_a_finished_sweep_starts_no_new_trial(finished_sweep):
     spec, results, first = finished_sweep
     before = read_trials(first.out_dir)

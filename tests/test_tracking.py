@@ -163,8 +163,14 @@ def test_callback_statuses_tags_and_replayed_epochs(server):
     for i, (name, (mlflow_status, status, reason)) in enumerate(expected.items(), start=1):
         run = by_id[name]
         assert run.data.tags[PARENT_TAG] == p.info.run_id
-        assert run.info.run_name == f"#{i} vicreg lam=10"
+        # the trial's number heads the name and is a tag; a collapsed trial is marked in the runs table
+        assert run.info.run_name == f"#{i} {'[collapsed] ' if name == 'col' else ''}vicreg lam=10"
+        assert run.data.tags["trial_number"] == str(i)
+        assert run.data.tags["collapsed"] == ("true" if name == "col" else "false")
+        assert ("mlflow.note.content" in run.data.tags) == (name == "col")
         assert (run.info.status, run.data.tags["status"], run.data.tags["stop_reason"]) == (mlflow_status, status, reason)
+        # each result of the trial carries its run's id, for the Optuna trial's user attributes
+        assert trials[name].last_result["mlflow_run_id"] == run.info.run_id
     fin = by_id["fin"]
     assert steps(server, fin.info.run_id) == [1, 2, 3]
     assert math.isnan(fin.data.metrics["knn_acc"]) and "pid" not in fin.data.metrics
@@ -173,7 +179,7 @@ def test_callback_statuses_tags_and_replayed_epochs(server):
     c = mlflow_client(server)
     assert {a.path for a in c.list_artifacts(fin.info.run_id)} == {"spectrum.csv", "spectrum.png", "spectrum_epochs.png"}
     spectra = read_spectrum_csv(c.download_artifacts(fin.info.run_id, SPECTRUM_CSV))
-    assert spectra == {"z": [4.0, 1.0, 0.0], "h": [2.0, 1e-3]}
+    assert spectra == {"z": [4.0, 1.0, 0.0], "h": [2.0, 1e-3], "epoch": 3}
     assert steps(server, by_id["col"].info.run_id) == [1, 2]
     assert "collapse_streak" not in by_id["col"].data.metrics and by_id["col"].data.tags["collapse"] == "total"
 

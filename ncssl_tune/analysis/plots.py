@@ -36,11 +36,23 @@ def _scopes_with_tables(result: AnalysisResult, distinct: bool = False) -> list[
     return [(n, s) for n, s in result["scopes"].items() if s["table"] and n not in dup]
 
 
+def log_subs(lo: float, hi: float) -> tuple[float, ...]:
+    """Where a log axis from lo to hi gets labelled ticks, per decade: 1, 2, 5 over a wide range; every integer
+    (and 1.5) within about a decade, where 1-2-5 leaves one or two labels (a range 1.5-5.5 read only "2" and "5")."""
+    if lo > 0 and hi / lo < 12:
+        return (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)
+    if lo > 0 and hi / lo < 150:
+        return (1.0, 2.0, 3.0, 5.0)
+    return (1.0, 2.0, 5.0)
+
+
 def _plain_log_ticks(axis) -> None:
-    """Log-axis labels as 2, 20, 200 instead of 2×10⁰, 2×10¹."""
+    """Log-axis labels as 2, 20, 200 instead of 2×10⁰, 2×10¹, dense enough to read on a short range. Call it once
+    the data are drawn: the ticks follow the axis's range."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    lo, hi = sorted(axis.get_view_interval())
+    axis.set_major_locator(LogLocator(subs=log_subs(lo, hi)))
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(NullFormatter())
 
@@ -156,35 +168,63 @@ def rank_vs_objective(result: AnalysisResult, runs: pd.DataFrame, epochs: pd.Dat
     fig.savefig(path, dpi=110)
 
 
+def spectrum_label(label: str, row: pd.Series, objective: str, epoch: int | None) -> str:
+    """A legend entry that says which epoch the spectrum is from: a trial stopped early (ASHA, the collapse
+    stopper) has its spectrum from the epoch it stopped at, not from the sweep's last epoch."""
+    when = ("epoch ?" if epoch is None else f"epoch {epoch}" if row.get("status") == FINISHED
+            else f"stopped at epoch {epoch}")
+    return (f"{label}: {row['trial_id']} ({when}; {objective} {row[objective]:.3g}, "
+            f"RankMe {row['effective_rank']:.3g})")
+
+
 def spectra(picks: dict[str, pd.Series], spectra_: dict[str, dict], objective: str, path: Path) -> None:
-    fig, axes = _figure(1, 2, 5.2, 3.9)
+    """The covariance spectra of z and h of the picked trials, each at its own last measured epoch (legend)."""
+    fig, axes = _figure(1, 2, 5.6, 3.9)
     for ax, (rep, name) in zip(axes[0], (("z", "z (projector)"), ("h", "h (representation)"))):
-        plot_spectra(ax, {f"{label}: {row['trial_id']} ({objective} {row[objective]:.3g}, "
-                          f"RankMe {row['effective_rank']:.3g})": spectra_[row["run_id"]].get(rep, [])
-                          for label, row in picks.items()})
-        ax.set_title(f"final spectrum of {name}", fontsize=9)
+        curves = {}
+        for label, row in picks.items():
+            s = spectra_[row["run_id"]]
+            epoch = s.get("epoch") or (int(row["epoch"]) if pd.notna(row.get("epoch")) else None)
+            curves[spectrum_label(label, row, objective, epoch)] = s.get(rep, [])
+        plot_spectra(ax, curves, legend=False)
+        ax.set_title(f"spectrum of {name} at each trial's last epoch", fontsize=9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, title=f"trial (epoch of this spectrum; its last {objective})", title_fontsize=7)
     fig.savefig(path, dpi=110)
 
 
+def present_statuses(runs: pd.DataFrame, run_ids: set[str]) -> list[str]:
+    """The statuses of the trials drawn, in STATUS_COLORS's order then any other: one legend entry each, so the
+    legend never names a status (diverged, say) that no trial has."""
+    found = set(runs.loc[runs["run_id"].isin(run_ids), "status"].astype(str))
+    return [s for s in STATUS_COLORS if s in found] + sorted(found - set(STATUS_COLORS))
+
+
 def histories(runs: pd.DataFrame, epochs: pd.DataFrame, path: Path) -> None:
+    """Effective rank of z and of h of every trial over its epochs, coloured by how the trial ended."""
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = _figure(1, 2, 5.0, 3.8)
     status = dict(zip(runs["run_id"], runs["status"]))
-    for ax, p in zip(axes[0], ("effective_rank", "effective_rank_h")):
+    for ax, (p, rep) in zip(axes[0], (("effective_rank", "z (projector)"), ("effective_rank_h", "h (representation)"))):
+        drawn: set[str] = set()
         if p in epochs:
             for run_id, g in epochs[epochs[p].notna()].groupby("run_id"):
                 ax.plot(g["epoch"], g[p], color=STATUS_COLORS.get(status.get(run_id, ""), "tab:gray"), alpha=0.6,
                         lw=1, marker=".")
-        for st, color in STATUS_COLORS.items():
-            if st != "error":
-                ax.plot([], [], color=color, label=st)
+                drawn.add(run_id)
+        for st in present_statuses(runs, drawn):
+            n = sum(status.get(r) == st for r in drawn)
+            ax.plot([], [], color=STATUS_COLORS.get(st, "tab:gray"), label=f"{st} ({n})")
         ax.set_yscale("log")
         _plain_log_ticks(ax.yaxis)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set(xlabel="epoch", ylabel=p)
+        ax.set(xlabel="epoch", ylabel=f"{p} (RankMe, log scale)")
+        ax.set_title(f"effective rank of {rep}, one line per trial", fontsize=9)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        if drawn:
+            ax.legend(fontsize=7, title="how the trial ended", title_fontsize=7)
+    fig.suptitle("Effective rank over epochs", fontsize=10)
     fig.savefig(path, dpi=110)
 
 
@@ -193,11 +233,19 @@ def map_drivers(drivers: list[Driver]) -> list[Driver]:
     return [d for d in drivers if d["strength"] > 0][:2]
 
 
-def collapse_map(runs: pd.DataFrame, drivers: list[Driver], path: Path) -> None:
+def map_colour(y: str, objective: str) -> str:
+    """The column the collapse map colours by: the final effective rank, unless that is already the y axis (one
+    numeric driver), where the objective is: a colour repeating the y position says nothing new."""
+    return objective if y == "effective_rank" else "effective_rank"
+
+
+def collapse_map(runs: pd.DataFrame, drivers: list[Driver], objective: str, path: Path) -> None:
     """The two strongest drivers: numeric ones are axes, a categorical one splits the map into panels (two
     categoricals: panels by the first, x by the second). With one numeric axis the other is the final effective
-    rank. Colour: final effective rank (log); marker: collapse class; diverged or failed trials: red x."""
+    rank. Colour: map_colour (final effective rank, log when wide, or the final objective); marker: collapse
+    class; diverged or failed trials: red x."""
     from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.lines import Line2D
 
     num = [PARAM + d["param"] for d in drivers if d["kind"] == "numeric"]
     cat = [PARAM + d["param"] for d in drivers if d["kind"] == "categorical"]
@@ -210,14 +258,16 @@ def collapse_map(runs: pd.DataFrame, drivers: list[Driver], path: Path) -> None:
         x, y = num[0], "effective_rank"
     else:
         x, y = cat[1], "effective_rank"
+    colour = map_colour(y, objective)
+    colour_label = "final effective_rank (z)" if colour == "effective_rank" else f"final {objective}"
     fig, axes = _figure(1, len(panels), 4.4, 3.8, sharey=True)
     if x not in cat:  # the same numeric x range in every panel, so panels compare
         lo, hi = df[x].astype(float).min(), df[x].astype(float).max()
         pad = 0.05 * (hi - lo) if hi > lo else 1.0
-    er = df["effective_rank"].astype(float)
-    finite = er[np.isfinite(er) & (er > 0)]
+    cv = df[colour].astype(float) if colour in df else pd.Series(np.nan, index=df.index)
+    finite = cv[np.isfinite(cv) & ~failed(df)]
     norm = None
-    if len(finite) and _log_if_wide(finite):  # ranks from ≈ 1 (collapse) to hundreds
+    if colour == "effective_rank" and len(finite) and finite.min() > 0 and _log_if_wide(finite):  # ≈ 1 to hundreds
         norm = LogNorm(finite.min(), finite.max())
     elif len(finite):
         norm = Normalize(finite.min(), max(finite.max(), finite.min() + 1e-9))
@@ -231,11 +281,10 @@ def collapse_map(runs: pd.DataFrame, drivers: list[Driver], path: Path) -> None:
         for cls, marker in MARKERS.items():
             g = d[~bad & (d["collapse"] == cls)]
             if len(g):
-                sc = ax.scatter(xs(g[x]), g[y].astype(float), c=g["effective_rank"].astype(float), cmap="viridis",
-                                norm=norm, marker=marker, s=45, edgecolors="k", linewidths=0.3,
-                                label=f"collapse {cls}")
+                sc = ax.scatter(xs(g[x]), g[y].astype(float), c=cv[g.index], cmap="viridis", norm=norm,
+                                marker=marker, s=45, edgecolors="k", linewidths=0.3)
         if bad.any():
-            ax.scatter(xs(d[bad][x]), d[bad][y].astype(float), marker="x", c="tab:red", label="diverged / failed")
+            ax.scatter(xs(d[bad][x]), d[bad][y].astype(float), marker="x", c="tab:red")
         if categories:
             ax.set_xticks(range(len(categories)), categories, fontsize=7)
         elif _log_if_wide(df[x]):
@@ -251,11 +300,19 @@ def collapse_map(runs: pd.DataFrame, drivers: list[Driver], path: Path) -> None:
         ax.set_ylabel(y.removeprefix(PARAM) if y != "effective_rank" else "final effective_rank (z)")
         ax.set_title(f"{facet.removeprefix(PARAM)} = {value}" if facet else "collapse map", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        # grey legend markers: a point's colour is the colour bar's, not its class's
+        handles = [Line2D([], [], ls="", marker=MARKERS[cls], color="gray", markeredgecolor="k", markersize=6,
+                          label=f"collapse {cls}") for cls in MARKERS if (~failed(d) & (d["collapse"] == cls)).any()]
+        handles += [Line2D([], [], ls="", marker="x", color="tab:red", label="diverged / failed")] if bad.any() else []
+        if handles:
+            ax.legend(handles=handles, fontsize=6, title="z's collapse class (marker)", title_fontsize=6)
     if sc is not None:
-        bar = fig.colorbar(sc, ax=list(axes[0]), label="final effective_rank (z)")
+        bar = fig.colorbar(sc, ax=list(axes[0]), label=f"{colour_label} (colour)")
         if isinstance(norm, LogNorm):
             _plain_log_ticks(bar.ax.yaxis)
+    shown = [c.removeprefix(PARAM) for c in (facet, x) if c]
+    fig.suptitle(f"Collapse map: {'final effective rank (z)' if y == 'effective_rank' else y.removeprefix(PARAM)}"
+                 f" by {' and '.join(shown)}, coloured by {colour_label}", fontsize=10)
     fig.savefig(path, dpi=110)
 
 

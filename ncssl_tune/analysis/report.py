@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ncssl_tune.analysis import plots
+from ncssl_tune.analysis.html import to_html
 from ncssl_tune.analysis.report_study import study_markdown, study_summary
 from ncssl_tune.analysis.result import AnalysisResult, Scope, TableRow
 from ncssl_tune.analysis.stats import WARN_N, spectrum_picks
@@ -141,8 +142,9 @@ def markdown(result: AnalysisResult, plot_files: dict[str, str | None]) -> str:
 
 def write_report(result: AnalysisResult, runs: pd.DataFrame, epochs: pd.DataFrame, out_dir: str | Path,
                  spectra: dict[str, dict] | None = None) -> list[Path]:
-    """analysis.json, report.md and the plots; spectra: run_id -> {"z": [...], "h": [...]}. A plot whose data is
-    missing is skipped and report.md says so."""
+    """analysis.json, report.md, report.html (the same text with the plots embedded, for MLflow's artifact viewer)
+    and the plots; spectra: run_id -> {"z": [...], "h": [...]}. A plot whose data is missing is skipped and the
+    report says so."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "analysis.json"]
@@ -158,17 +160,20 @@ def write_report(result: AnalysisResult, runs: pd.DataFrame, epochs: pd.DataFram
         ("ρ over epochs", "rho_over_epochs.png", plots.rho_over_epochs, (result,), has_table),
         (f"Effective rank vs {obj} at the headline epoch", "rank_vs_objective.png", plots.rank_vs_objective,
          (result, runs, epochs), result["scopes"]["all"]["headline_epoch"] is not None),
-        ("Spectra of the best, median and worst trials", "spectra.png", plots.spectra, (picks, spectra, obj),
+        ("Spectra of the best, median and worst trials, each at its last epoch", "spectra.png", plots.spectra, (picks, spectra, obj),
          bool(picks)),
         ("Effective rank over epochs", "rank_over_epochs.png", plots.histories, (runs, epochs),
          "effective_rank" in epochs and epochs["effective_rank"].notna().any()),
         (f"Collapse map ({', '.join(d['param'] for d in map_drivers) or 'needs two swept params'})",
-         "collapse_map.png", plots.collapse_map, (runs, map_drivers), len(map_drivers) == 2),
+         "collapse_map.png", plots.collapse_map, (runs, map_drivers, obj), len(map_drivers) == 2),
     ]:
         plot_files[title] = name if ready else None
         if ready:
             fn(*args, out / name)
             files.append(out / name)
-    (out / "report.md").write_text(markdown(result, plot_files))
-    files.append(out / "report.md")
+    md = markdown(result, plot_files)
+    (out / "report.md").write_text(md)
+    # rendered from the same text, after the plots exist: it embeds them
+    (out / "report.html").write_text(to_html(md, out, title=f"Collapse analysis: {result.get('experiment', 'sweep')}"))
+    files += [out / "report.md", out / "report.html"]
     return files

@@ -34,6 +34,7 @@ from ncssl_tune.vocab import (
     TAG_STATUS,
     TAG_SWEEP,
     TAG_TRIAL,
+    TAG_TRIAL_NUMBER,
     TAG_UID,
 )
 
@@ -217,7 +218,7 @@ class SweepRuns:
 
     def attach_child(self, trial_id: str, config: dict, running: bool, index: int | None = None) -> int:
         """Create the trial's child run or find it again; returns the last epoch the store holds for it.
-        `index`: Ray's number of the trial, for the run name."""
+        `index`: Ray's number of the trial, for the run name and the trial_number tag."""
         c = self.client
         found = self._find_child(trial_id)
         params = trial_params(config)
@@ -229,16 +230,26 @@ class SweepRuns:
             if running and found[0].info.status != "RUNNING":  # a resumed trial runs again
                 c.update_run(run_id, status="RUNNING")
                 self.send(run_id, [], {TAG_STATUS: "running"})
+            if index is not None and TAG_TRIAL_NUMBER not in found[0].data.tags:  # a run from before the tag
+                self.send(run_id, [], {TAG_TRIAL_NUMBER: index})
         else:
-            method = str(config.get("loss.method", self.spec.base.loss.method))
             tags = {PARENT_TAG: self.run_id(None), TAG_KIND: "trial", TAG_SWEEP: self.spec.name,
-                    TAG_UID: self.sweep_uid, TAG_TRIAL: trial_id, TAG_STATUS: RUNNING, TAG_METHOD: method,
-                    TAG_SAMPLED: json.dumps(sorted(config)), TAG_CONFIG: config_id(config)}
+                    TAG_UID: self.sweep_uid, TAG_TRIAL: trial_id, TAG_STATUS: RUNNING, TAG_METHOD: self.method(config),
+                    TAG_SAMPLED: json.dumps(sorted(config)), TAG_CONFIG: config_id(config),
+                    **({TAG_TRIAL_NUMBER: str(index)} if index is not None else {})}
             run_id = c.create_run(self.experiment_id, tags=tags,
-                                  run_name=run_name(index, trial_id, method, config)).info.run_id
+                                  run_name=self.child_name(trial_id, config, index)).info.run_id
             self.log_params(run_id, params, {})
         self.runs[trial_id] = run_id
         return self.floor.get(trial_id, 0)
+
+    def method(self, config: dict) -> str:
+        """A trial's method: sampled, or the sweep's base method."""
+        return str(config.get("loss.method", self.spec.base.loss.method))
+
+    def child_name(self, trial_id: str, config: dict, index: int | None, mark: str = "") -> str:
+        """A child run's name: `#3 vicreg lam=25.1`, or `#3 [collapsed] vicreg lam=25.1` with a mark."""
+        return run_name(index, trial_id, self.method(config), config, mark)
 
     def log_trial_params(self, trial_id: str, params: dict[str, str]) -> None:
         """The params of a trial's child run that it lacks (its resolved configuration, once it reports it)."""

@@ -21,6 +21,7 @@ import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ncssl_tune.vocab import SPECTRUM_CSV, SPECTRUM_EPOCHS_PNG, SPECTRUM_PNG
 
@@ -73,10 +74,15 @@ def read_spectra_csv(path: str | Path) -> dict[int, dict[str, list[float]]]:
     return out
 
 
-def read_spectrum_csv(path: str | Path) -> dict[str, list[float]]:
-    """{"z": [...], "h": [...]} of the last epoch in `path` (empty lists when no epoch was measured)."""
+def read_spectrum_csv(path: str | Path) -> dict[str, Any]:
+    """{"z": [...], "h": [...], "epoch": E} of the last epoch in `path` (empty lists when no epoch was measured).
+    E is that epoch, which the plots name (a trial stopped early has its spectrum from then); None when the file
+    does not say (the single-epoch format, or nothing measured)."""
     epochs = read_spectra_csv(path)
-    return epochs[max(epochs)] if epochs else {"z": [], "h": []}
+    if not epochs:
+        return {"z": [], "h": [], "epoch": None}
+    last = max(epochs)
+    return {**epochs[last], "epoch": last or None}
 
 
 def plot_spectra(ax, curves: dict[str, Sequence[float]], legend: bool = True, **line) -> list[str]:

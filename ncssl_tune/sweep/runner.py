@@ -26,6 +26,7 @@ from ncssl_tune.core.data import DatasetError
 from ncssl_tune.records.store import check_tracking_uri
 from ncssl_tune.spec import SweepSpec, resolved
 from ncssl_tune.sweep import live
+from ncssl_tune.sweep.export import BestExport, try_export_best
 from ncssl_tune.sweep.monitor import CollapseStopper, SweepMonitor
 from ncssl_tune.sweep.references import reference_scores
 from ncssl_tune.sweep.searcher import OptunaSearcher
@@ -121,6 +122,7 @@ class SweepResult:
     # Wall seconds of each phase (PHASES). Only the sweep knows where its phases begin and end;
     # benchmarks/bench_sweep.py reports them to show where the wall time outside the trials goes.
     seconds: dict[str, float] = field(default_factory=dict)
+    best_export: BestExport | None = None  # the best trial's encoder (<sweep>/best/, MLflow model), export.py
 
 
 PHASES = ("ray_start", "references", "tune")
@@ -154,7 +156,8 @@ def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: Stoppe
     searcher = OptunaSearcher(DefineByRun(spec.space, spec.base), metric=s.metric, mode=spec.mode,
                               sampler=sampler, storage=optuna_storage(out_dir), study_name=spec.name,
                               max_concurrent=s.max_concurrent, state_path=out_dir / SEARCHER_STATE,
-                              repeats=s.repeats, base_seed=spec.base.train.seed)
+                              repeats=s.repeats, base_seed=spec.base.train.seed,
+                              collapse_stop=s.collapse_stop, scheduler=s.scheduler.name)
     if s.scheduler.name == "asha":
         epochs = spec.train_config().train.epochs
         scheduler = ASHAScheduler(time_attr="epoch", metric=s.metric, mode=spec.mode, max_t=epochs,
@@ -243,7 +246,8 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
               address: str | None = None, tracking_uri: str | None = None, extra_callbacks: list | None = None,
               monitor_interval_s: float = 10.0, storage: str | None = None,
               resource_wait_s: float = RESOURCE_WAIT_S, stoppers: list | None = None,
-              reuse_actors: bool = True, tracking_checked: bool = False) -> SweepResult:
+              reuse_actors: bool = True, tracking_checked: bool = False, export: bool = True,
+              register: str | None = None) -> SweepResult:
     """Run (or resume) the sweep; returns where the results are and the best trial.
 
     storage: Ray Tune's storage (checkpoints, result logs) for a multi-node cluster: s3://, gs:// or an absolute
@@ -261,6 +265,10 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
     reuse_actors: a worker that ended a trial starts the next one (Ray Tune's reuse_actors) instead of a fresh
     process importing torch again (~5 s a trial on 2 cores; benchmarks/bench_sweep.py measures both). A resumed
     sweep keeps the setting it started with.
+
+    export: write the best trial's encoder to <sweep>/best/ and log it as an MLflow model on its child run
+    (export.py); register: also register it in MLflow's model registry under this name. An interrupted sweep
+    exports nothing.
     """
     out_dir = sweep_dir(spec, results_dir)
     tune_path = _check_start(spec, out_dir, resume, storage)
@@ -273,7 +281,8 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
             check_resources(spec, wait_s=resource_wait_s if address else 0.0)
         _write_spec(spec, out_dir)
         monitor = SweepMonitor(out_dir, spec.search.collapse_stop, spec.search.scheduler.name,
-                               interval_s=monitor_interval_s)
+                               interval_s=monitor_interval_s, metric=spec.search.metric, mode=spec.mode,
+                               method=spec.base.loss.method)
         # A Ray this sweep started itself runs on this machine alone: the data is here, and only GPU trials need
         # a worker's device. A joined cluster (address) or a Ray the caller started keeps the worker path.
         on_driver = started_ray and address is None and spec.resources.gpu == 0
@@ -295,8 +304,14 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
                     [CollapseStopper(spec.search.collapse_stop), *(stoppers or [])], storage, reuse_actors)
         marks.append(time.perf_counter())
         monitor.write_csv()
-        return _result(spec, out_dir, grid, monitor, tracker,
-                       {p: b - a for p, a, b in zip(PHASES, marks, marks[1:])})
+        result = _result(spec, out_dir, grid, monitor, tracker,
+                         {p: b - a for p, a, b in zip(PHASES, marks, marks[1:])})
+        best = _best(spec, grid)
+        if export and best is not None and not result.interrupted:
+            result.best_export = try_export_best(
+                spec.name, spec.base, out_dir, best, tracking_uri, result.mlflow_experiment_id,
+                result.mlflow_parent_run_id, register)
+        return result
 
 
 def _check_start(spec: SweepSpec, out_dir: Path, resume: bool, storage: str | None) -> str:
@@ -350,14 +365,18 @@ def _fit(spec: SweepSpec, out_dir: Path, tune_path: str, resume: bool, callbacks
         live.unregister(tune_path)
 
 
-def _result(spec: SweepSpec, out_dir: Path, grid: ResultGrid, monitor: SweepMonitor,
-            tracker: MlflowTracker | None, seconds: dict[str, float]) -> SweepResult:
-    best = None
+def _best(spec: SweepSpec, grid: ResultGrid):
+    """The trial with the best last value of the objective, or None when no trial reported it."""
     try:
-        best = grid.get_best_result(metric=spec.search.metric, mode=spec.mode, scope="last",
+        return grid.get_best_result(metric=spec.search.metric, mode=spec.mode, scope="last",
                                     filter_nan_and_inf=True)
     except RuntimeError:  # no trial reported the metric
-        pass
+        return None
+
+
+def _result(spec: SweepSpec, out_dir: Path, grid: ResultGrid, monitor: SweepMonitor,
+            tracker: MlflowTracker | None, seconds: dict[str, float]) -> SweepResult:
+    best = _best(spec, grid)
     return SweepResult(out_dir=out_dir, best_config=best.config if best else None,
                        best_metrics=best.metrics if best else None, num_trials=len(grid),
                        errors=sum(1 for r in grid if r.error is not None),

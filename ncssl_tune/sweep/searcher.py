@@ -20,6 +20,12 @@ reaching into its private attributes. Here:
   with the mean objective when every repeat completed, else FAIL if one failed, else PRUNED. Its intermediate
   values are repeat 0's (a second report of a step is ignored). An errored repeat that `--resume` restarts
   continues as an Optuna trial of its own, as any errored trial does.
+
+Each Optuna trial names the Ray trial(s) that ran it in its user attributes (what optuna-dashboard shows beside
+its own 0-based number): `ray_trial_id` when suggested; at the end, before it is told, `trial_number` (the number
+the live table, trials.csv and the MLflow run name give it), `mlflow_run_id` (the tracker adds it to the trial's
+results), `collapse` (its last collapse class), `status` and `stop_reason` (as trials.csv has them). With repeats
+each repeat's attributes are prefixed `repeat<r>.`. An errored trial has no last result: only its id and status.
 """
 
 from __future__ import annotations
@@ -36,6 +42,18 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
+from ncssl_tune.naming import trial_index
+from ncssl_tune.spec import CollapseStopConfig
+from ncssl_tune.sweep.monitor import trial_outcome
+from ncssl_tune.vocab import (
+    RESULT_MLFLOW_RUN,
+    TAG_COLLAPSE,
+    TAG_REASON,
+    TAG_STATUS,
+    TAG_TRIAL,
+    TAG_TRIAL_NUMBER,
+)
+
 log = logging.getLogger(__name__)
 
 REPEAT_SEED_STEP = 1000  # repeat r trains with seed base + r·1000: two runs seeded s and s+1 share no training seed
@@ -48,8 +66,11 @@ class OptunaSearcher(Searcher):
     def __init__(self, space: Callable[[optuna.Trial], None], metric: str, mode: str,
                  sampler: optuna.samplers.BaseSampler, storage: optuna.storages.BaseStorage | None = None,
                  study_name: str | None = None, max_concurrent: int = 0, state_path: str | Path | None = None,
-                 repeats: int = 1, seed_key: str = "train.seed", base_seed: int = 0):
+                 repeats: int = 1, seed_key: str = "train.seed", base_seed: int = 0,
+                 collapse_stop: CollapseStopConfig | None = None, scheduler: str = "fifo"):
         super().__init__(metric=metric, mode=mode)
+        # how a trial ended (trial_outcome): for the Optuna trial's stop_reason attribute
+        self.collapse_stop, self.scheduler = collapse_stop or CollapseStopConfig(), scheduler
         self.space = space
         self.study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
                                          direction="maximize" if mode == "max" else "minimize",
@@ -65,6 +86,7 @@ class OptunaSearcher(Searcher):
         self.queued: list[tuple[optuna.Trial, dict]] = []  # repeats of the current configuration not yet issued
         self.ended: dict[int, list[tuple[TrialState, float | None]]] = {}  # Optuna number -> its ended repeats
         self.expected: dict[int, int] = {}  # Optuna number -> Ray trials it waits for, when not `repeats`
+        self.prefixes: dict[str, str] = {}  # Ray trial id -> prefix of its user attributes (repeat<r>.)
 
     # --- Ray's Searcher interface
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
@@ -89,6 +111,9 @@ class OptunaSearcher(Searcher):
         self.trials[trial_id] = trial
         self.configs[trial_id] = config
         self.live.add(trial_id)
+        if self.repeats > 1:
+            self.prefixes[trial_id] = f"repeat{(config[self.seed_key] - self.base_seed) // REPEAT_SEED_STEP}."
+        self._annotate(trial_id, {TAG_TRIAL: trial_id})
         self._save_state()
         return dict(config)
 
@@ -109,6 +134,7 @@ class OptunaSearcher(Searcher):
         self.told.add(trial_id)
         if error:
             self.errored.add(trial_id)
+        self._annotate(trial_id, self._ending(result, error))
         try:
             if error or status == "diverged" or value is None or not math.isfinite(value):
                 state = TrialState.FAIL
@@ -134,7 +160,7 @@ class OptunaSearcher(Searcher):
         # generator from the seed and proposes the first trials' parameters again.
         return {"trials": self.trials, "told": self.told, "errored": self.errored, "live": self.live,
                 "sampler": self.study.sampler, "configs": self.configs, "queued": self.queued, "ended": self.ended,
-                "expected": self.expected}
+                "expected": self.expected, "prefixes": self.prefixes}
 
     def set_state(self, state: dict) -> None:
         self.trials, self.live = dict(state["trials"]), set(state["live"])
@@ -144,6 +170,7 @@ class OptunaSearcher(Searcher):
         self.configs = dict(state.get("configs") or {t: dict(tr.params) for t, tr in self.trials.items()})
         self.queued, self.ended = list(state.get("queued", [])), dict(state.get("ended", {}))
         self.expected = dict(state.get("expected", {}))
+        self.prefixes = dict(state.get("prefixes", {}))
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -171,6 +198,27 @@ class OptunaSearcher(Searcher):
                 self.study.tell(number, None, state=TrialState.FAIL)
 
     # --- helpers
+    def _ending(self, result: dict, error: bool) -> dict:
+        """The user attributes of a Ray trial that ended, from its last result (Ray's flattened copy of
+        trial.last_result, where Ray has put the trial's experiment tag); an errored trial gets no result from Ray:
+        its status and stop reason only. getattr: a searcher pickled with a sweep started before these
+        attributes existed lacks them."""
+        status, reason = trial_outcome(None if error else result, getattr(self, "collapse_stop", CollapseStopConfig()),
+                                       getattr(self, "scheduler", "fifo"), "error" if error else None)
+        attrs = {TAG_STATUS: status, TAG_REASON: reason, TAG_TRIAL_NUMBER: trial_index(result.get("experiment_tag")),
+                 RESULT_MLFLOW_RUN: result.get(RESULT_MLFLOW_RUN), TAG_COLLAPSE: result.get(TAG_COLLAPSE)}
+        return {k: v for k, v in attrs.items() if v is not None}
+
+    def _annotate(self, trial_id: str, attrs: dict) -> None:
+        """Set user attributes on the Optuna trial of a Ray trial (optuna.Trial.set_user_attr), while it is still
+        running: Optuna refuses to change a finished trial. A failure is logged: it must not end the sweep."""
+        trial, prefix = self.trials.get(trial_id), getattr(self, "prefixes", {}).get(trial_id, "")
+        try:
+            for key, value in attrs.items():
+                trial.set_user_attr(prefix + key, value)
+        except Exception as e:  # noqa: BLE001 - bookkeeping only
+            log.warning("Optuna trial of Ray trial %s: user attributes not set (%s)", trial_id, e)
+
     def _tell(self, trial: optuna.Trial, state: TrialState, value: float | None) -> None:
         """Tell Optuna how a Ray trial ended; with repeats, once the configuration's last repeat has ended."""
         ended = self.ended.setdefault(trial.number, [])
@@ -225,6 +273,8 @@ class OptunaSearcher(Searcher):
         self.told.discard(trial_id)
         self.errored.discard(trial_id)
         self.live.add(trial_id)
+        self.prefixes.pop(trial_id, None)
+        self._annotate(trial_id, {TAG_TRIAL: trial_id})
         self._save_state()
         return trial
 

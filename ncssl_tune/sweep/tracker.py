@@ -37,16 +37,22 @@ from ncssl_tune.records.unsent import UNSENT_FILE, report_unsent
 from ncssl_tune.spec import SweepSpec
 from ncssl_tune.sweep.monitor import trial_outcome
 from ncssl_tune.vocab import (
+    COLLAPSED_MARK,
     DIVERGED,
     FINISHED,
     NOT_METRICS,
     RESOLVED_CONFIG,
+    RESULT_MLFLOW_RUN,
     RUN_STATUS,
+    STOPPED,
     TAG_COLLAPSE,
     TAG_COLLAPSE_H,
+    TAG_COLLAPSED,
     TAG_METHOD,
     TAG_NODE,
+    TAG_NOTE,
     TAG_REASON,
+    TAG_RUN_NAME,
     TAG_STATUS,
     TAG_TRIAL,
 )
@@ -72,6 +78,17 @@ def metrics_of(result: dict) -> dict[str, float]:
 def _metric(key: str, value: float, step: int) -> list:
     """[key, value, timestamp ms, step]: a metric as the outbox keeps it (JSON)."""
     return [safe_key(key), float(value), int(time.time() * 1000), int(step)]
+
+
+def collapse_note(status: str, reason: str, result: dict) -> str | None:
+    """Why a trial counts as collapsed, for its run's description, or None: the collapse stopper stopped it, or its
+    last measured epoch was in total collapse. A dimensional collapse at the end is left to the `collapse` tag: it
+    is a matter of degree (docs/metrics.md), not a failed run."""
+    if status == STOPPED and reason.startswith("collapse"):
+        return f"Collapsed: stopped by the collapse stopper, {reason}."
+    if result.get(TAG_COLLAPSE) == "total":
+        return f"Collapsed: its last measured epoch ({result.get('epoch', '?')}) was in total collapse."
+    return None
 
 
 def _guarded(hook):
@@ -171,6 +188,9 @@ class MlflowTracker(Callback):
     @_guarded
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self._child(trial, running=True)
+        run_id = self.runs.runs.get(trial.trial_id)
+        if run_id:  # Ray lets callbacks add to the result: the searcher finds the run in the trial's last result
+            result[RESULT_MLFLOW_RUN] = run_id
         if isinstance(result.get(RESOLVED_CONFIG), dict):  # the first result of each start carries it
             self.outbox.put(Kind.PARAMS, trial.trial_id, trial_params({**result[RESOLVED_CONFIG], **trial.config}))
         self._buffer(trial.trial_id, result)
@@ -285,6 +305,12 @@ class MlflowTracker(Callback):
         status, reason = trial_outcome(result, self.spec.search.collapse_stop, self.spec.search.scheduler.name, error)
         tags = {**self._pending_tags.pop(tid, {}), TAG_STATUS: status, TAG_REASON: reason}
         tags.update({k: result[k] for k in (TAG_COLLAPSE, TAG_COLLAPSE_H, TAG_METHOD) if isinstance(result.get(k), str)})
+        note = collapse_note(status, reason, result)
+        tags[TAG_COLLAPSED] = "true" if note else "false"
+        if note:  # seen in the runs table without opening the run
+            index = trial_index(getattr(trial, "experiment_tag", None))
+            tags[TAG_RUN_NAME] = self.runs.child_name(tid, dict(trial.config), index, COLLAPSED_MARK)
+            tags[TAG_NOTE] = note
         metrics = self._pending.pop(tid, [])
         if "time_total_s" in result:
             metrics.append(_metric("time_total_s", result["time_total_s"], self._last_step.get(tid, 0)))
