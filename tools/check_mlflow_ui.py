@@ -1,7 +1,8 @@
+#!/usr/bin/env python3
 """Look at a sweep in MLflow's own UI, as a person would: start `mlflow server` on a free 127.0.0.1 port over a
 sweep's SQLite store, take headless Chromium screenshots of the experiment page and of its runs, end the server.
 
-    python tools/check_mlflow_ui.py --db results/mlflow.db --experiment compare --out /tmp/ui
+    tools/check_mlflow_ui.py --db results/mlflow.db --experiment compare [--out /tmp/ui]
 
 Needs a Chromium binary (Debian: apt-get install chromium); not part of the package or CI. Prints the PNG paths;
 open them and check that the page shows the Runs table (not the GenAI traces view), readable run names, and stopped
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--db", required=True, type=Path, help="the sweep's SQLite MLflow store (RESULTS_DIR/mlflow.db)")
     p.add_argument("--experiment", required=True, help="experiment = sweep name")
-    p.add_argument("--out", type=Path, default=Path("mlflow_ui"), help="folder for the screenshots")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the screenshots (default: a new folder under the system's temp dir, never the "
+                        "repository)")
     p.add_argument("--browser", default=shutil.which("chromium") or "chromium")
     p.add_argument("--wait-ms", type=int, default=15000, help="virtual time the page gets to load")
     args = p.parse_args(argv)
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"check_mlflow_ui: error: --browser {args.browser!r} not found (apt-get install chromium)",
               file=sys.stderr)
         return 2
+    args.out = args.out or Path(tempfile.mkdtemp(prefix="mlflow_ui_"))
     args.out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     proc = start_server(args.db, port, args.out / "server.log")
