@@ -17,7 +17,7 @@ import pytest
 from helpers import TINY_TO_THE_END, VICREG_SPACE, runs_of, space_without, steps
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from ray.tune import Callback
+from ray.tune import Callback, Checkpoint
 
 from ncssl_tune.records.spectra import read_spectra_csv
 from ncssl_tune.records.store import default_tracking_uri
@@ -25,6 +25,7 @@ from ncssl_tune.spec import load_spec
 from ncssl_tune.sweep.monitor import read_trials
 from ncssl_tune.sweep.runner import optuna_storage, run_sweep
 from ncssl_tune.sweep.tracker import OUTBOX_DIR, OUTBOX_FILE
+from ncssl_tune.sweep.trainable import surviving_checkpoint
 from ncssl_tune.vocab import SPECTRUM_CSV, TAG_TRIAL
 
 
@@ -55,6 +56,23 @@ class KillWorkerOnce(Callback):
 
 
 @pytest.mark.slow
+def test_a_trial_resumes_from_the_oldest_checkpoint_newer_than_the_deleted_one_ray_remembers(tmp_path):
+    """Ray's experiment state can name a checkpoint that `num_to_keep` already deleted (a driver killed before
+    its next state upload): the trial resumes from the next one Ray registered, not from scratch, never fails."""
+    trial = tmp_path / "trial"
+    for i in (9, 10, 11):
+        (trial / f"checkpoint_{i:06d}").mkdir(parents=True)
+    (trial / "checkpoint_000011" / "state.pt").write_text("")
+    (trial / "events.out").write_text("")
+    kept = Checkpoint.from_directory(str(trial / "checkpoint_000010"))
+    assert surviving_checkpoint(kept).path == kept.path  # there: used as it is
+    gone = surviving_checkpoint(Checkpoint.from_directory(str(trial / "checkpoint_000008")))
+    assert gone is not None and Path(gone.path).name == "checkpoint_000009"  # 9 < 10 < 11 by index, not by text
+    for i in (9, 10, 11):
+        (trial / f"checkpoint_{i:06d}").rename(trial / f"old_{i}")
+    assert surviving_checkpoint(Checkpoint.from_directory(str(trial / "checkpoint_000008"))) is None
+
+
 def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_session, tmp_path):
     epochs = 4
     spec = load_spec(small_space(tmp_path), TINY_TO_THE_END, num_samples=2, epochs=epochs, name="killtrial")
@@ -145,7 +163,7 @@ def _cli(results: Path, *extra: str, num_samples: int, epochs: int) -> list[str]
 # instead of polling for a moment that may pass unseen.
 FROZEN_CLI = ["-c", """
 import pathlib, sys, time
-from ray.tune import Callback
+from ray.tune import Callback, Checkpoint
 import ncssl_tune.sweep.runner as sweep
 from ncssl_tune.cli import main
 
@@ -328,7 +346,8 @@ def test_outbox_of_a_driver_killed_during_an_outage_is_sent_on_resume(own_server
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
 
     rows = read_trials(out_dir)
-    assert len(rows) == num_samples and all(r["status"] == "finished" for r in rows), rows
+    assert len(rows) == num_samples and all(r["status"] == "finished" for r in rows), \
+        (rows, resumed.stdout[-3000:], resumed.stderr[-5000:])
     parents, kids = runs_of(client, "killdriver")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(k.data.tags[TAG_TRIAL] for k in kids) == sorted(r["trial_id"] for r in rows)

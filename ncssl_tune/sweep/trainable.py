@@ -7,10 +7,12 @@ Ray made visible (CUDA_VISIBLE_DEVICES) when the trial asked for one.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
 
+import pyarrow.fs
 import ray
 from ray import tune
 
@@ -35,6 +37,28 @@ def next_streak(streak: tuple[str, int], state: str) -> tuple[str, int]:
     return (state, streak[1] + 1) if state == streak[0] else (state, 1)
 
 
+def surviving_checkpoint(ckpt: tune.Checkpoint) -> tune.Checkpoint | None:
+    """The checkpoint to resume from when Ray hands back `ckpt`: itself if it exists, else the oldest newer one.
+
+    Ray saves the experiment state (which names each trial's latest checkpoint) at most every ~10 s, or after
+    `num_to_keep` new checkpoints of a trial, but it deletes a trial's checkpoint beyond `num_to_keep` as soon as
+    a newer one is registered, and uploads the state asynchronously: a driver killed in between leaves a state
+    naming a deleted checkpoint (ray-project/ray#27790), and the trial would fail on every retry. A checkpoint
+    newer than the deleted one was registered by the driver, so its result had already reached the callbacks
+    (Ray calls on_trial_result before it registers the checkpoint): restoring from the oldest such one replays
+    epochs the tracker has (it ignores them) and skips none. None when no checkpoint of the trial survives."""
+    fs, path = ckpt.filesystem, ckpt.path
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        return ckpt
+    parent, name = os.path.split(path.rstrip("/"))
+    prefix, _, index = name.rpartition("_")
+    newer = sorted(info.path for info in fs.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True))
+                   if info.type == pyarrow.fs.FileType.Directory
+                   and info.base_name.rpartition("_")[0] == prefix
+                   and info.base_name.rpartition("_")[2] > index)  # Ray's names: checkpoint_%06d
+    return tune.Checkpoint(newer[0], filesystem=fs) if newer else None
+
+
 def build_config(base: TrainConfig, sampled: dict, cpus: float, gpus: float) -> TrainConfig:
     """The base config with the sampled dotted keys, threads and device pinned to Ray's assignment."""
     cfg = base.with_overrides(sampled)
@@ -56,6 +80,11 @@ def run_trial(config: dict, *, base: TrainConfig, objective: str, cpus: float, g
     # collapse state (kept with each checkpoint, so a restored trial goes on counting where it was).
     streak = ("none", 0)
     ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        remembered, ckpt = ckpt.path, surviving_checkpoint(ckpt)
+        if ckpt is None or ckpt.path != remembered:
+            logging.getLogger(__name__).warning(
+                "checkpoint %s is gone; the trial resumes from %s", remembered, ckpt.path if ckpt else "scratch")
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume = load_state(os.path.join(d, STATE_FILE))
