@@ -347,6 +347,22 @@ def test_help_loads_nothing_heavy_and_lists_every_subcommand():
         assert sub in usage
 
 
+def test_a_new_store_s_table_setup_is_not_printed(tmp_path):
+    """MLflow announces at INFO, on the console, that it creates the tables of a new SQLite store (a sweep's first
+    write, or `analyze` on an empty file); records.store filters those lines out."""
+    import subprocess
+    import sys
+
+    (tmp_path / "mlflow.db").touch()  # an empty file: MLflow creates its tables there, then finds no experiment
+    code = "import sys\nfrom ncssl_tune.cli import main\nsys.exit(main(sys.argv[1:]))"
+    run = subprocess.run([sys.executable, "-c", code, "analyze", "--experiment", "absent", "--results-dir",
+                          str(tmp_path)], check=False, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "no MLflow experiment 'absent'" in run.stderr  # the store was opened
+    assert (tmp_path / "mlflow.db").stat().st_size > 0  # and its tables created
+    output = run.stdout + run.stderr
+    assert "database tables" not in output and "INFO" not in output, output
+
+
 def test_dry_run_prints_space_and_budget_and_writes_nothing(tmp_path, capsys):
     vicreg = next(p for p in SPACE_FILES if p.name == "vicreg.yaml")
     argv = [str(vicreg), "--dry-run", "--results-dir", str(tmp_path / "results"), "--num-samples", "5",
