@@ -262,8 +262,9 @@ def test_validate_every_shipped_space(path, capsys):
     out, err = capsys.readouterr()
     assert (status, err) == (0, "") and len(out.splitlines()) == 1
     assert out.startswith(f"{path}: ok (")
-    # a space on disk data names what is missing here, as a note: the file itself is valid
-    assert ("; note: data missing on this machine, a sweep needs it: data.root: " in out) is _needs_disk(path)
+    # a space on disk data says what is missing here and what to set, in short: the file itself is valid
+    assert ("; data missing here: set data.root (" in out) is _needs_disk(path)
+    assert len(out) < len(str(path)) + 100, out
 
 
 def test_shipped_spaces_include_both_kinds():
@@ -285,10 +286,12 @@ def test_validate_reports_every_file_and_fails_if_any_failed(tmp_path, capsys):
                                 f"ncssl-sweep: error: {tmp_path / 'absent.yaml'}: no such search-space file"]
 
 
-MISSING_DATA = [
-    pytest.param("data: {dataset: stl10}\n", "data.root: stl10: no data root given", id="root-unset"),
+MISSING_DATA = [  # (file, what --dry-run and a sweep say, what validate's short line says)
+    pytest.param("data: {dataset: stl10}\n", "data.root: stl10: no data root given", "set data.root (stl10)",
+                 id="root-unset"),
     pytest.param("data: {dataset: cifar10, root: $EMPTY}\nmodel: {backbone: resnet18}\n",
-                 "data.root: cifar10: missing", id="root-empty"),
+                 "data.root: cifar10: missing", "$EMPTY lacks cifar-10-batches-py/data_batch_1 and 6 more (cifar10)",
+                 id="root-empty"),
 ]
 
 
@@ -299,15 +302,17 @@ def _missing_data_file(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("text, problem", MISSING_DATA)
-def test_missing_data_is_a_note_in_validate_and_dry_run(tmp_path, capsys, text, problem):
+@pytest.mark.parametrize("text, problem, short", MISSING_DATA)
+def test_missing_data_is_a_note_in_validate_and_dry_run(tmp_path, capsys, text, problem, short):
     path = _missing_data_file(tmp_path, text)
     before = sorted(tmp_path.rglob("*"))
 
     assert main(["validate", str(path)]) == 0
     out, err = capsys.readouterr()
-    assert err == "" and out.startswith(f"{path}: ok (1 swept keys, 3 trials); note: data missing on this machine")
-    assert problem in out and "To obtain it:" in out and len(out.splitlines()) == 1
+    # one short line per file: what is missing and what to set; --dry-run below says how to get the data
+    assert err == "" and out.startswith(f"{path}: ok (1 swept keys, 3 trials); data missing here: ")
+    assert short.replace("$EMPTY", str(tmp_path / "empty")) in out and len(out.splitlines()) == 1
+    assert "To obtain it:" not in out and len(out) < 120 + len(str(path)) + len(str(tmp_path)), out
 
     assert main([str(path), "--dry-run", "--results-dir", str(tmp_path / "results")]) == 0
     out, err = capsys.readouterr()
@@ -315,12 +320,12 @@ def test_missing_data_is_a_note_in_validate_and_dry_run(tmp_path, capsys, text, 
     assert "budget: 3 trials x 2 epochs = at most 6 trial-epochs" in out  # the budget is still shown
     note = out.splitlines()[-1]
     assert note.startswith("note: data missing on this machine; starting this sweep fails (exit status 2)")
-    assert problem in note
+    assert problem in note and "To obtain it:" in note
     assert sorted(tmp_path.rglob("*")) == before
 
 
-@pytest.mark.parametrize("text, problem", MISSING_DATA)
-def test_missing_data_is_an_error_when_the_sweep_starts(tmp_path, capsys, monkeypatch, text, problem):
+@pytest.mark.parametrize("text, problem, short", MISSING_DATA)
+def test_missing_data_is_an_error_when_the_sweep_starts(tmp_path, capsys, monkeypatch, text, problem, short):
     import ncssl_tune.sweep.runner
 
     def no_sweep(*args, **kwargs):
