@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ncssl_tune.analysis.load import fetch_spectra, load_epochs, load_runs, log_report
+from ncssl_tune.analysis.load import fetch_spectra, load_epochs, load_runs, log_parent_summary, log_report
+from ncssl_tune.analysis.parent import parent_summary
 from ncssl_tune.analysis.repeats import analyze_study, is_study
 from ncssl_tune.analysis.report import write_report
 from ncssl_tune.analysis.result import REFERENCES, AnalysisResult, Driver, Scope
@@ -160,4 +161,6 @@ def run_analysis(experiment: str, tracking_uri: str, out_dir: str | Path, log_to
     files = write_report(result, df, epochs, out_dir, spectra)
     if log_to_parent:
         log_report(tracking_uri, df.attrs["parent_run_id"], files)
+        # the answer where MLflow's runs page lands: the parent run's metrics, tags and description
+        log_parent_summary(tracking_uri, df.attrs["parent_run_id"], *parent_summary(result, df))
     return result
