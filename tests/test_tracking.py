@@ -174,7 +174,10 @@ def test_callback_statuses_tags_and_replayed_epochs(server):
         assert run.info.run_name == f"#{i} {'[collapsed] ' if name == 'col' else ''}vicreg lam=10"
         assert run.data.tags["trial_number"] == str(i)
         assert run.data.tags["collapsed"] == ("true" if name == "col" else "false")
-        assert ("mlflow.note.content" in run.data.tags) == (name == "col")
+        # every trial's description: how it ended; a collapsed one's also why it counts as collapsed
+        note = run.data.tags["mlflow.note.content"]
+        assert f"; {status} ({reason})" in note if reason else note.endswith(f"; {status}")
+        assert ("Collapsed:" in note) == (name == "col")
         assert (run.info.status, run.data.tags["status"], run.data.tags["stop_reason"]) == (mlflow_status, status, reason)
         # each result of the trial carries its run's id, for the Optuna trial's user attributes
         assert trials[name].last_result["mlflow_run_id"] == run.info.run_id
