@@ -155,7 +155,14 @@ def _load(args) -> object:
                      name=args.name)
 
 
-def _check_data(spec, checked: dict | None = None) -> tuple[str | None, str | None]:
+class _Missing(str):
+    """What of a spec's dataset is not on this machine: the whole message (how to get it, for --dry-run and a
+    sweep's refusal) with `short`, the problem alone (validate's one line per file)."""
+
+    short: str
+
+
+def _check_data(spec, checked: dict | None = None) -> tuple[_Missing | None, str | None]:
     """(missing, bad): what of the spec's dataset is not on this machine, and what is wrong with what is there
     ("data.root: ..."), or None. A valid file may name data that lives elsewhere (a cluster, a later --set
     data.root=...): `validate` and --dry-run only note missing data, starting a sweep refuses it. Data that is
@@ -170,7 +177,9 @@ def _check_data(spec, checked: dict | None = None) -> tuple[str | None, str | No
     try:
         check_dataset(d.dataset, d.root)
     except DatasetMissing as e:
-        return f"{key}: {e}", None
+        missing = _Missing(f"{key}: {e}")
+        missing.short = e.short
+        return missing, None
     except DatasetError as e:
         return None, f"{key}: {e}"
     checked = {} if checked is None else checked
@@ -202,7 +211,8 @@ def _validate(args) -> int:
             print(f"ncssl-sweep: error: {path}: {bad}", file=sys.stderr, flush=True)
             failed += 1
             continue
-        note = f"; note: data missing on this machine, a sweep needs it: {missing}" if missing else ""
+        # short: the full note (where the files go, how to get them) is --dry-run's, ~400 characters
+        note = f"; data missing here: {missing.short}" if missing else ""
         s = spec.search
         trials = f"{s.num_samples} configurations x {s.repeats} repeats" if s.repeats > 1 else f"{s.num_samples} trials"
         print(f"{path}: ok ({len(spec.space)} swept keys, {trials}){note}", flush=True)

@@ -337,6 +337,8 @@ def _parse_space(raw_space: Any, base: TrainConfig, search: SearchConfig) -> lis
             try:
                 base.with_overrides({**param.when, key: value})
             except ConfigError as e:
+                if e.message.startswith("unknown"):  # the key itself is wrong, whatever the value: say so alone,
+                    raise ConfigError(where, e.message) from None  # as --set and the file's own keys do
                 raise ConfigError(where, f"value {value!r} is not valid for {e.key}: {e.message}") from None
         params.append(param)
     return params

@@ -29,6 +29,12 @@ TAG_METHOD = "method"
 TAG_COLLAPSE = "collapse"
 TAG_COLLAPSE_H = "collapse_h"
 TAG_OBJECTIVE = "objective"  # parent run: "<metric> (<mode>)"
+# The sweep's answer on its parent run, set by the analysis (analysis/parent.py): the metric best_<objective>, the
+# best trial as the console names it (`#12 (249dd059)`) and the headline predictor with its Spearman rho.
+BEST_PREFIX = "best_"
+TAG_BEST_TRIAL = "best_trial"
+TAG_HEADLINE_PREDICTOR = "headline_predictor"
+TAG_HEADLINE_RHO = "headline_rho"
 TAG_CONFIG = "config_id"  # a trial's configuration (naming.config_id): shared by the repeats of a study
 
 TAG_KIND = "run_kind"  # "sweep" (parent) or "trial" (child)

@@ -259,3 +259,29 @@ def test_a_scope_with_the_same_trials_is_not_printed_twice():
     md = markdown(res, {})
     assert md.count("| rank ρ |") == 1 and "the same 6 trials as in `all`: the table is the one above" in md
     assert any("the same trials as all" in s for s in summary_lines(res))
+
+
+# --- the sweep's answer on its parent run (analysis/parent.py)
+
+def test_parent_summary_names_the_best_trial_and_the_headline():
+    from ncssl_tune.analysis.parent import parent_summary
+
+    runs = pd.DataFrame({"trial_id": ["aa", "bb", "cc"], "trial_number": ["1", "2", "3"],
+                         "status": ["finished", "diverged", "stopped"], "run_status": ["FINISHED", "FAILED", "FINISHED"],
+                         "fewshot_acc": [0.5, 0.9, 0.7]})
+    row = {"predictor": "effective_rank_h", "rho": 0.8123, "ci95": [0.41, 0.95], "n": 12, "p": 0.001}
+    result = {"objective": {"metric": "fewshot_acc", "mode": "max"}, "reference": {"random_init": 0.3, "pixels": 0.6},
+              "scopes": {"all": {"table": [{"predictor": "lidar", "rho": None}, row]}}}
+
+    metrics, tags = parent_summary(result, runs)
+
+    assert metrics == {"best_fewshot_acc": 0.7}  # the diverged trial's 0.9 is stale: not the best
+    assert tags["best_trial"] == "#3 (cc)"
+    assert (tags["headline_predictor"], tags["headline_rho"]) == ("effective_rank_h", "0.812")
+    note = tags["mlflow.note.content"]
+    for part in ("fewshot_acc (max)", "#3 (cc), fewshot_acc = 0.7", "random-init 0.3, pixels 0.6",
+                 "effective_rank_h, Spearman ρ = 0.812 [0.41, 0.95] (n = 12)", "analysis/report.html"):
+        assert part in note, (part, note)
+    # a study leads with its per-configuration ranking, where the training loss is a baseline, not a predictor
+    study = {"scopes": {"all": {"table": [{"predictor": "loss", "rho": 0.9, "baseline": True}, row]}}}
+    assert parent_summary({**result, "study": study}, runs)[1]["headline_predictor"] == "effective_rank_h"

@@ -123,8 +123,11 @@ CASES = [
          "loss.vicreg.bogus: unknown parameter; allowed: lam, mu, nu, gamma"),
     case("loss-hyperparameter-type", "loss: {vicreg: {lam: high}}\n",
          "loss.vicreg.lam: expected a number, got 'high'"),
+    # A mistyped key reads the same in a space entry, a file key and --set: unknown, and what is allowed.
     case("space-key-outside-config", _space("train.bogus: {type: float, low: 1, high: 2}"),
-         "space.train.bogus", "train.bogus: unknown key; allowed keys in train"),
+         "space.train.bogus: unknown key; allowed keys in train: epochs"),
+    case("space-unknown-loss-hyperparameter", _space("loss.vicreg.lamda: {type: logfloat, low: 1, high: 100}"),
+         "space.loss.vicreg.lamda: unknown parameter; allowed: lam, mu, nu, gamma"),
     case("space-key-outside-sections", _space("search.seed: {type: int, low: 0, high: 3}"),
          "space.search.seed: swept keys are dotted config keys under data, model, loss, train, eval"),
     case("space-negative-lr", _space("train.lr: {type: float, low: -1.0e-3, high: 1.0e-2}"),
@@ -155,6 +158,9 @@ CASES = [
     case("set-without-key", BASE, "--set '=5': expected KEY=VALUE", args=("--set", "=5"), names_file=False),
     case("set-unknown-key", BASE, "--set train.bogus=1: train.bogus: unknown key; allowed keys in train",
          args=("--set", "train.bogus=1"), names_file=False),
+    case("set-unknown-loss-hyperparameter", BASE,
+         "--set loss.vicreg.lamda=1.0: loss.vicreg.lamda: unknown parameter; allowed: lam, mu, nu, gamma",
+         args=("--set", "loss.vicreg.lamda=1.0"), names_file=False),
     case("set-unknown-section", BASE, "--set trian.lr=1: trian.lr: unknown key; allowed top-level keys: name, data",
          args=("--set", "trian.lr=1"), names_file=False),
     case("set-below-a-value", BASE, "--set train.lr.peak=1: train.lr.peak: 'lr' is a value, not a section",
@@ -256,8 +262,9 @@ def test_validate_every_shipped_space(path, capsys):
     out, err = capsys.readouterr()
     assert (status, err) == (0, "") and len(out.splitlines()) == 1
     assert out.startswith(f"{path}: ok (")
-    # a space on disk data names what is missing here, as a note: the file itself is valid
-    assert ("; note: data missing on this machine, a sweep needs it: data.root: " in out) is _needs_disk(path)
+    # a space on disk data says what is missing here and what to set, in short: the file itself is valid
+    assert ("; data missing here: set data.root (" in out) is _needs_disk(path)
+    assert len(out) < len(str(path)) + 100, out
 
 
 def test_shipped_spaces_include_both_kinds():
@@ -279,10 +286,12 @@ def test_validate_reports_every_file_and_fails_if_any_failed(tmp_path, capsys):
                                 f"ncssl-sweep: error: {tmp_path / 'absent.yaml'}: no such search-space file"]
 
 
-MISSING_DATA = [
-    pytest.param("data: {dataset: stl10}\n", "data.root: stl10: no data root given", id="root-unset"),
+MISSING_DATA = [  # (file, what --dry-run and a sweep say, what validate's short line says)
+    pytest.param("data: {dataset: stl10}\n", "data.root: stl10: no data root given", "set data.root (stl10)",
+                 id="root-unset"),
     pytest.param("data: {dataset: cifar10, root: $EMPTY}\nmodel: {backbone: resnet18}\n",
-                 "data.root: cifar10: missing", id="root-empty"),
+                 "data.root: cifar10: missing", "$EMPTY lacks cifar-10-batches-py/data_batch_1 and 6 more (cifar10)",
+                 id="root-empty"),
 ]
 
 
@@ -293,15 +302,17 @@ def _missing_data_file(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("text, problem", MISSING_DATA)
-def test_missing_data_is_a_note_in_validate_and_dry_run(tmp_path, capsys, text, problem):
+@pytest.mark.parametrize("text, problem, short", MISSING_DATA)
+def test_missing_data_is_a_note_in_validate_and_dry_run(tmp_path, capsys, text, problem, short):
     path = _missing_data_file(tmp_path, text)
     before = sorted(tmp_path.rglob("*"))
 
     assert main(["validate", str(path)]) == 0
     out, err = capsys.readouterr()
-    assert err == "" and out.startswith(f"{path}: ok (1 swept keys, 3 trials); note: data missing on this machine")
-    assert problem in out and "To obtain it:" in out and len(out.splitlines()) == 1
+    # one short line per file: what is missing and what to set; --dry-run below says how to get the data
+    assert err == "" and out.startswith(f"{path}: ok (1 swept keys, 3 trials); data missing here: ")
+    assert short.replace("$EMPTY", str(tmp_path / "empty")) in out and len(out.splitlines()) == 1
+    assert "To obtain it:" not in out and len(out) < 120 + len(str(path)) + len(str(tmp_path)), out
 
     assert main([str(path), "--dry-run", "--results-dir", str(tmp_path / "results")]) == 0
     out, err = capsys.readouterr()
@@ -309,12 +320,12 @@ def test_missing_data_is_a_note_in_validate_and_dry_run(tmp_path, capsys, text, 
     assert "budget: 3 trials x 2 epochs = at most 6 trial-epochs" in out  # the budget is still shown
     note = out.splitlines()[-1]
     assert note.startswith("note: data missing on this machine; starting this sweep fails (exit status 2)")
-    assert problem in note
+    assert problem in note and "To obtain it:" in note
     assert sorted(tmp_path.rglob("*")) == before
 
 
-@pytest.mark.parametrize("text, problem", MISSING_DATA)
-def test_missing_data_is_an_error_when_the_sweep_starts(tmp_path, capsys, monkeypatch, text, problem):
+@pytest.mark.parametrize("text, problem, short", MISSING_DATA)
+def test_missing_data_is_an_error_when_the_sweep_starts(tmp_path, capsys, monkeypatch, text, problem, short):
     import ncssl_tune.sweep.runner
 
     def no_sweep(*args, **kwargs):
@@ -345,6 +356,22 @@ def test_help_loads_nothing_heavy_and_lists_every_subcommand():
     assert usage.startswith("usage: ncssl-sweep SPACE.yaml")
     for sub in ("ncssl-sweep validate SPACE.yaml", "ncssl-sweep analyze --experiment NAME"):
         assert sub in usage
+
+
+def test_a_new_store_s_table_setup_is_not_printed(tmp_path):
+    """MLflow announces at INFO, on the console, that it creates the tables of a new SQLite store (a sweep's first
+    write, or `analyze` on an empty file); records.store filters those lines out."""
+    import subprocess
+    import sys
+
+    (tmp_path / "mlflow.db").touch()  # an empty file: MLflow creates its tables there, then finds no experiment
+    code = "import sys\nfrom ncssl_tune.cli import main\nsys.exit(main(sys.argv[1:]))"
+    run = subprocess.run([sys.executable, "-c", code, "analyze", "--experiment", "absent", "--results-dir",
+                          str(tmp_path)], check=False, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "no MLflow experiment 'absent'" in run.stderr  # the store was opened
+    assert (tmp_path / "mlflow.db").stat().st_size > 0  # and its tables created
+    output = run.stdout + run.stderr
+    assert "database tables" not in output and "INFO" not in output, output
 
 
 def test_dry_run_prints_space_and_budget_and_writes_nothing(tmp_path, capsys):

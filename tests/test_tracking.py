@@ -15,14 +15,21 @@ from helpers import TINY_SWEEP, MlflowServer, free_port, mlflow_client, runs_of,
 from ray.tune import Callback
 
 from ncssl_tune.config import flatten
-from ncssl_tune.naming import fmt_number
+from ncssl_tune.naming import fmt_number, trial_index, trial_label
 from ncssl_tune.records.spectra import read_spectrum_csv
 from ncssl_tune.records.store import TrackingError, check_tracking_uri, default_tracking_uri
 from ncssl_tune.spec import CollapseStopConfig, load_spec
 from ncssl_tune.sweep.monitor import read_trials, trial_outcome
 from ncssl_tune.sweep.tracker import OUTBOX_DIR, OUTBOX_FILE, UNSENT_FILE, MlflowTracker, safe_key
 from ncssl_tune.sweep.trainable import build_config
-from ncssl_tune.vocab import EXPERIMENT_KIND_TAG, PARENT_TAG, SPECTRUM_CSV
+from ncssl_tune.vocab import (
+    EXPERIMENT_KIND_TAG,
+    PARENT_TAG,
+    SPECTRUM_CSV,
+    TAG_BEST_TRIAL,
+    TAG_HEADLINE_PREDICTOR,
+    TAG_NOTE,
+)
 
 # --- check_tracking_uri
 
@@ -167,7 +174,10 @@ def test_callback_statuses_tags_and_replayed_epochs(server):
         assert run.info.run_name == f"#{i} {'[collapsed] ' if name == 'col' else ''}vicreg lam=10"
         assert run.data.tags["trial_number"] == str(i)
         assert run.data.tags["collapsed"] == ("true" if name == "col" else "false")
-        assert ("mlflow.note.content" in run.data.tags) == (name == "col")
+        # every trial's description: how it ended; a collapsed one's also why it counts as collapsed
+        note = run.data.tags["mlflow.note.content"]
+        assert f"; {status} ({reason})" in note if reason else note.endswith(f"; {status}")
+        assert ("Collapsed:" in note) == (name == "col")
         assert (run.info.status, run.data.tags["status"], run.data.tags["stop_reason"]) == (mlflow_status, status, reason)
         # each result of the trial carries its run's id, for the Optuna trial's user attributes
         assert trials[name].last_result["mlflow_run_id"] == run.info.run_id
@@ -324,6 +334,19 @@ def test_run_analysis_reports_into_the_parent_run(sweep, server, tmp_path):
     assert {"analysis.json", "report.md", "spectra.png", "rank_over_epochs.png"} <= names
     logged = mlflow_client(server).list_artifacts(sweep.first.mlflow_parent_run_id, "analysis")
     assert {Path(a.path).name for a in logged} == names
+
+    # the answer on the parent run, where MLflow's runs page lands: the best trial as the console names it
+    parent = mlflow_client(server).get_run(sweep.first.mlflow_parent_run_id).data
+    best = sweep.done.best_metrics
+    label = trial_label(trial_index(best["experiment_tag"]), best["trial_id"])
+    assert parent.tags[TAG_BEST_TRIAL] == label
+    assert parent.metrics["best_fewshot_acc"] == pytest.approx(best["fewshot_acc"])
+    assert parent.tags[TAG_HEADLINE_PREDICTOR] == "none"  # no headline epoch (above)
+    note = parent.tags[TAG_NOTE]
+    assert f"**Best trial**: {label}, fewshot_acc = {fmt_number(best['fewshot_acc'])}" in note
+    assert "analysis/report.html" in note and "**Objective**: fewshot_acc (max)" in note
+    ref = result["reference"]["random_init"]
+    assert ref is not None and f"random-init {fmt_number(ref)}" in note
 
 
 # --- the tracking server goes down mid-sweep

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from ncssl_tune.vocab import (
     TAG_REASON,
     TAG_STATUS,
     TAG_TRIAL,
+    TAG_TRIAL_NUMBER,
 )
 from ncssl_tune.vocab import PARAM_PREFIX as PARAM
 
@@ -105,7 +107,7 @@ def load_runs(experiment: str, tracking_uri: str, parent_run_id: str | None = No
         t = r.data.tags
         rows.append({"run_id": r.info.run_id, "trial_id": t.get(TAG_TRIAL, ""), "method": t.get(TAG_METHOD, ""),
                      "status": t.get(TAG_STATUS, ""), "stop_reason": t.get(TAG_REASON, ""),
-                     "config_id": t.get(TAG_CONFIG, ""),
+                     "config_id": t.get(TAG_CONFIG, ""), "trial_number": t.get(TAG_TRIAL_NUMBER, ""),
                      "collapse": t.get(TAG_COLLAPSE, ""), "collapse_h": t.get(TAG_COLLAPSE_H, ""),
                      "run_status": r.info.status, **r.data.metrics,
                      **{PARAM + k: v for k, v in r.data.params.items()}})
@@ -157,3 +159,13 @@ def log_report(tracking_uri: str, parent_run_id: str, files: Iterable[Path]) -> 
     c = _client(tracking_uri)
     for f in files:
         c.log_artifact(parent_run_id, str(f), REPORT_FOLDER)
+
+
+def log_parent_summary(tracking_uri: str, parent_run_id: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
+    """The sweep's answer (analysis.parent) on its parent run: metrics and tags, the description among them."""
+    from mlflow.entities import Metric, RunTag
+
+    c = _client(tracking_uri)
+    now = int(time.time() * 1000)
+    c.log_batch(parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                tags=[RunTag(k, v) for k, v in tags.items()])

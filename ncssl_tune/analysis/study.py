@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ncssl_tune.analysis.load import fetch_spectra, load_epochs, load_runs, log_report
+from ncssl_tune.analysis.load import fetch_spectra, load_epochs, load_runs, log_parent_summary, log_report
+from ncssl_tune.analysis.parent import parent_summary
 from ncssl_tune.analysis.repeats import analyze_study, is_study
 from ncssl_tune.analysis.report import write_report
 from ncssl_tune.analysis.result import REFERENCES, AnalysisResult, Driver, Scope
 from ncssl_tune.analysis.stats import MIN_TRIALS_PER_EPOCH, driver, equal_budget, failed, swept_params
-from ncssl_tune.records.store import check_tracking_uri
+from ncssl_tune.records.store import check_tracking_uri, quiet_store_setup
 from ncssl_tune.vocab import LABEL_FREE, PARAM_PREFIX
 
 DRIVER_RESPONSE = "effective_rank"  # what "drives collapse" is measured on
@@ -143,6 +144,7 @@ def run_analysis(experiment: str, tracking_uri: str, out_dir: str | Path, log_to
     """load_runs + load_epochs -> analyze -> write_report into out_dir; every file also becomes an artifact
     (folder `analysis/`) of the sweep's parent run. The store is checked first, unless tracking_checked: the
     caller (the CLI) checked it at its own start, and the store is asked once per command."""
+    quiet_store_setup()
     if not tracking_checked:
         check_tracking_uri(tracking_uri)
     df = load_runs(experiment, tracking_uri, parent_run_id)
@@ -159,4 +161,6 @@ def run_analysis(experiment: str, tracking_uri: str, out_dir: str | Path, log_to
     files = write_report(result, df, epochs, out_dir, spectra)
     if log_to_parent:
         log_report(tracking_uri, df.attrs["parent_run_id"], files)
+        # the answer where MLflow's runs page lands: the parent run's metrics, tags and description
+        log_parent_summary(tracking_uri, df.attrs["parent_run_id"], *parent_summary(result, df))
     return result

@@ -26,7 +26,12 @@ class DatasetError(ValueError):
 
 class DatasetMissing(DatasetError):
     """The dataset's files are not on this machine (no root, no folder, files absent): they may be on another one
-    (a cluster's nodes), so `validate` and --dry-run note it, while starting a sweep here is an error."""
+    (a cluster's nodes), so `validate` and --dry-run note it, while starting a sweep here is an error. `short`: the
+    problem alone, for `validate`'s one line per file (the message adds where the files go and how to get them)."""
+
+    def __init__(self, message: str, short: str = ""):
+        super().__init__(message)
+        self.short = short or message
 
 
 @dataclass
@@ -329,10 +334,12 @@ def _source(name: str) -> DataSource:
     return DATASETS[name]
 
 
-def _error(name: str, root: str | None, problem: str) -> DatasetMissing:
+def _error(name: str, root: str | None, problem: str, short: str = "") -> DatasetMissing:
     """Files not where they should be: the message says what was expected and how to get it."""
     s = DATASETS[name]
-    return DatasetMissing(f"{name}: {problem}. Expected {s.expected} (root={root!r}). To obtain it: {s.obtain}.")
+    short = "set data.root" if root is None else short or problem
+    return DatasetMissing(f"{name}: {problem}. Expected {s.expected} (root={root!r}). To obtain it: {s.obtain}.",
+                          f"{short} ({name})")
 
 
 def content_error(name: str, root: str | None, problem: str, fix: str) -> DatasetError:
@@ -375,9 +382,12 @@ def check_dataset(name: str, root: str | None = None) -> None:
                             f"set data.root to the folder laid out as {s.expected}")
     if not os.path.isdir(root):
         raise _error(name, root, f"the root folder {root} does not exist")
-    missing = [os.path.join(root, p) for p in s.required if not os.path.exists(os.path.join(root, p))]
+    absent = [p for p in s.required if not os.path.exists(os.path.join(root, p))]
+    missing = [os.path.join(root, p) for p in absent]
     if missing:
-        raise _error(name, root, f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+        more = f" and {len(absent) - 1} more" if len(absent) > 1 else ""
+        raise _error(name, root, f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""),
+                     f"{root} lacks {absent[0]}{more}")
     if name == "imagefolder" and _imagefolder_dirs(root) is None:
         raise _error(name, root, f"{root} has train/ but neither test/ nor val/")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import tempfile
 from pathlib import Path
@@ -12,6 +13,25 @@ DB_SCHEMES = ("postgresql", "mysql", "mssql")
 
 class TrackingError(ValueError):
     """The tracking store cannot be used; str() names the URI and what to fix."""
+
+
+def _not_schema_setup(record: logging.LogRecord) -> bool:
+    # MLflow announces at INFO that it creates or migrates the tables of a new SQLite store, on the console, in the
+    # middle of the sweep's live output; a new store is the normal case (the default one is created on first use).
+    # Warnings and errors of these loggers still pass.
+    return record.levelno > logging.INFO
+
+
+# mlflow.store.db.utils: "Creating initial MLflow database tables...", "Updating database tables"; alembic prints
+# its migration steps when its logging is configured (it is not, under MLflow 3's defaults).
+_SCHEMA_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration")
+
+
+def quiet_store_setup() -> None:
+    """Drop the INFO lines MLflow and alembic print when they set up a store's tables (filters on the loggers
+    that emit them, so MLflow's handler never sees them). Called by every command that opens a store."""
+    for name in _SCHEMA_LOGGERS:
+        logging.getLogger(name).addFilter(_not_schema_setup)  # the same function is not added twice
 
 
 def default_tracking_uri(results_dir: str | Path) -> str:

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 
 import ray
 
+from ncssl_tune.records.store import quiet_store_setup
+
 MAX_PENDING = "TUNE_MAX_PENDING_TRIALS_PG"  # read by Ray Tune when tuner.fit() builds its controller
 
 # Set only where unset, so a user's own value wins.
@@ -51,9 +53,11 @@ def set_environment() -> None:
 
 
 def quiet_console() -> None:
-    """Drop the two Ray log lines that mislead a sweep's user (_FILTERS)."""
+    """Drop the two Ray log lines that mislead a sweep's user (_FILTERS) and MLflow's notes on a new store's
+    tables (records.store)."""
     for name, drop in _FILTERS.items():
         logging.getLogger(name).addFilter(drop)  # the same function is not added twice: every sweep may call this
+    quiet_store_setup()
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from ncssl_tune.naming import trial_index
+from ncssl_tune.naming import fmt_number, trial_index
 from ncssl_tune.records.outbox import Op, Outbox
 from ncssl_tune.records.runs import Kind, SweepRuns, safe_key, trial_params
 from ncssl_tune.records.spectra import SpectrumHistory, write_trial_spectra
@@ -89,6 +89,18 @@ def collapse_note(status: str, reason: str, result: dict) -> str | None:
     if result.get(TAG_COLLAPSE) == "total":
         return f"Collapsed: its last measured epoch ({result.get('epoch', '?')}) was in total collapse."
     return None
+
+
+def trial_note(metric: str, status: str, reason: str, result: dict) -> str:
+    """A trial run's description, one line read without opening its metrics: its last objective value, collapse
+    class and how it ended (e.g. `fewshot_acc 0.773 at epoch 3; collapse none; stopped (asha)`), then, for a
+    collapsed trial, why it counts as collapsed (collapse_note)."""
+    value = result.get(metric)
+    score = f"{metric} {fmt_number(value)} at epoch {result.get('epoch', '?')}" if value is not None else f"no {metric}"
+    ended = f"{status} ({reason})" if reason else status
+    line = f"{score}; collapse {result.get(TAG_COLLAPSE) or '?'}; {ended}"
+    why = collapse_note(status, reason, result)
+    return f"{line}\n\n{why}" if why else line
 
 
 def _guarded(hook):
@@ -305,12 +317,12 @@ class MlflowTracker(Callback):
         status, reason = trial_outcome(result, self.spec.search.collapse_stop, self.spec.search.scheduler.name, error)
         tags = {**self._pending_tags.pop(tid, {}), TAG_STATUS: status, TAG_REASON: reason}
         tags.update({k: result[k] for k in (TAG_COLLAPSE, TAG_COLLAPSE_H, TAG_METHOD) if isinstance(result.get(k), str)})
-        note = collapse_note(status, reason, result)
-        tags[TAG_COLLAPSED] = "true" if note else "false"
-        if note:  # seen in the runs table without opening the run
+        collapsed = collapse_note(status, reason, result) is not None
+        tags[TAG_COLLAPSED] = "true" if collapsed else "false"
+        tags[TAG_NOTE] = trial_note(self.spec.search.metric, status, reason, result)
+        if collapsed:  # seen in the runs table without opening the run
             index = trial_index(getattr(trial, "experiment_tag", None))
             tags[TAG_RUN_NAME] = self.runs.child_name(tid, dict(trial.config), index, COLLAPSED_MARK)
-            tags[TAG_NOTE] = note
         metrics = self._pending.pop(tid, [])
         if "time_total_s" in result:
             metrics.append(_metric("time_total_s", result["time_total_s"], self._last_step.get(tid, 0)))
