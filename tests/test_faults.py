@@ -55,7 +55,6 @@ class KillWorkerOnce(Callback):
         self.recovered.append(trial.trial_id)
 
 
-@pytest.mark.slow
 def test_a_trial_resumes_from_the_oldest_checkpoint_newer_than_the_deleted_one_ray_remembers(tmp_path):
     """Ray's experiment state can name a checkpoint that `num_to_keep` already deleted (a driver killed before
     its next state upload): the trial resumes from the next one Ray registered, not from scratch, never fails."""
@@ -73,6 +72,7 @@ def test_a_trial_resumes_from_the_oldest_checkpoint_newer_than_the_deleted_one_r
     assert surviving_checkpoint(Checkpoint.from_directory(str(trial / "checkpoint_000008"))) is None
 
 
+@pytest.mark.slow
 def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_session, tmp_path):
     epochs = 4
     spec = load_spec(small_space(tmp_path), TINY_TO_THE_END, num_samples=2, epochs=epochs, name="killtrial")
@@ -158,23 +158,26 @@ def _cli(results: Path, *extra: str, num_samples: int, epochs: int) -> list[str]
     return [*args, *extra]
 
 
-# The CLI with one more callback: when the first trial completes it writes that trial's id to FREEZE_FILE and
-# blocks the driver, so the test kills a driver whose state it knows (one trial finished, the others running)
-# instead of polling for a moment that may pass unseen.
+# The CLI with one more callback: at the first trial completion whose end (status, spectrum) went to the outbox,
+# it writes that trial's id to FREEZE_FILE and blocks the driver, so the test kills a driver whose state it knows
+# (a trial finished but unsent, the others running) instead of polling for a moment that may pass unseen.
 FROZEN_CLI = ["-c", """
-import pathlib, sys, time
+import json, pathlib, sys, time
 from ray.tune import Callback, Checkpoint
 import ncssl_tune.sweep.runner as sweep
 from ncssl_tune.cli import main
 
 class Freeze(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
-        pathlib.Path(sys.argv[1]).write_text(trial.trial_id)
-        time.sleep(3600)
+        outbox = pathlib.Path(sys.argv[2])
+        ops = json.loads(outbox.read_text()) if outbox.exists() else []
+        if {"terminate", "artifacts"} <= {op[0] for op in ops if op[1] is not None}:
+            pathlib.Path(sys.argv[1]).write_text(trial.trial_id)
+            time.sleep(3600)
 
 run_sweep = sweep.run_sweep
 sweep.run_sweep = lambda *a, **k: run_sweep(*a, **{**k, "extra_callbacks": [Freeze()]})
-sys.exit(main(sys.argv[2:]))
+sys.exit(main(sys.argv[3:]))
 """]
 
 
@@ -187,24 +190,45 @@ def _end_all(procs: list) -> None:
     psutil.wait_procs(procs, timeout=20)
 
 
+def _outbox_ops(out_dir: Path) -> list[list]:
+    try:
+        return json.loads((out_dir / OUTBOX_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+
+
 @pytest.mark.slow
-def test_resume_after_the_driver_is_killed_mid_sweep(tmp_path):
+def test_a_driver_killed_mid_sweep_during_an_outage_resumes_and_sends_its_outbox(own_server, tmp_path):
+    """MLflow's server down after the first logged epoch; the driver SIGKILLed once a trial has finished and its
+    end (status, spectrum) waits in the outbox, the other trials running; server back, `--resume`: every trial
+    finishes, none is sampled twice, and every epoch and artifact of every trial is in MLflow once."""
     num_samples, epochs = 3, 4
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     cwd = Path(__file__).resolve().parent.parent
     out_dir = tmp_path / "killdriver"
-    cmd = _cli(tmp_path, num_samples=num_samples, epochs=epochs)
+    cmd = _cli(tmp_path, "--tracking-uri", own_server.uri, num_samples=num_samples, epochs=epochs)
+    client = MlflowClient(own_server.uri)
     frozen = tmp_path / "frozen"
     with open(tmp_path / "first.log", "w") as log:
-        driver = subprocess.Popen([sys.executable, *FROZEN_CLI, str(frozen), *cmd[len(CLI) + 1:]], cwd=cwd, env=env,
-                                  stdout=log, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen([sys.executable, *FROZEN_CLI, str(frozen), str(out_dir / OUTBOX_FILE),
+                                   *cmd[len(CLI) + 1:]], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     tree: list = []
     try:
-        deadline = time.monotonic() + 180
-        while not frozen.exists():  # the driver writes it, then blocks: no moment to miss
-            assert driver.poll() is None, f"the sweep ended early: {(tmp_path / 'first.log').read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no trial finished within 180 s"
-            time.sleep(0.5)
+        def wait_for(what: str, done) -> None:
+            deadline = time.monotonic() + 180
+            while not done():
+                assert driver.poll() is None, f"the sweep ended before {what}: " \
+                                              f"{(tmp_path / 'first.log').read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no {what} within 180 s"
+                time.sleep(0.2)
+
+        def epoch_logged() -> bool:
+            exp = client.get_experiment_by_name("killdriver")
+            return exp is not None and bool(client.search_runs([exp.experiment_id], "metrics.epoch >= 1"))
+
+        wait_for("epoch in MLflow", epoch_logged)
+        own_server.stop()
+        wait_for("a trial ending into the outbox", frozen.exists)  # the driver writes it, then blocks
         tree = psutil.Process(driver.pid).children(recursive=True)  # recorded before the kill
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
@@ -215,41 +239,38 @@ def test_resume_after_the_driver_is_killed_mid_sweep(tmp_path):
         time.sleep(1)  # what dies with the driver (fate sharing) gets a moment; the rest is ended by pid
         _end_all([p for p in tree if p.is_running()])
 
-    killed_at = read_trials(out_dir)
-    assert sum(r["status"] == "finished" for r in killed_at) < num_samples
-
+    assert sum(r["status"] == "finished" for r in read_trials(out_dir)) < num_samples
+    assert any(op[0] == "batch" and op[2]["metrics"] for op in _outbox_ops(out_dir))  # epochs never received
+    own_server.start()
     resumed = subprocess.run([*cmd, "--resume"], cwd=cwd, env=env, capture_output=True, text=True,
                              timeout=300, check=False)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
 
     rows = read_trials(out_dir)
-    assert len(rows) == num_samples, rows
-    for r in rows:
-        assert r["status"] in ("finished", "stopped"), r
-    ids = sorted(r["trial_id"] for r in rows)
-
+    assert len(rows) == num_samples and all(r["status"] == "finished" for r in rows), \
+        (rows, resumed.stdout[-3000:], resumed.stderr[-5000:])
     study = optuna.load_study(study_name="killdriver", storage=optuna_storage(out_dir))
-    trials = study.trials
-    assert [t.state for t in trials if t.state == TrialState.RUNNING] == []
-    assert len(trials) == num_samples, [(t.number, t.state) for t in trials]
-    done = [json.dumps(t.params, sort_keys=True) for t in trials if t.state == TrialState.COMPLETE]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * num_samples
+    done = [json.dumps(t.params, sort_keys=True) for t in study.trials]
     assert len(done) == len(set(done)), "a finished trial's parameters were sampled again"
 
-    client = MlflowClient(default_tracking_uri(tmp_path))
     parents, kids = runs_of(client, "killdriver")
-    assert len(parents) == 1
-    assert sorted(k.data.tags[TAG_TRIAL] for k in kids) == ids  # one child per trial, none twice
-    epoch_of = {r["trial_id"]: int(r["epoch"]) for r in rows}
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(k.data.tags[TAG_TRIAL] for k in kids) == sorted(r["trial_id"] for r in rows)  # none twice
     for k in kids:
-        assert steps(client, k.info.run_id) == list(range(1, epoch_of[k.data.tags[TAG_TRIAL]] + 1))
-        assert k.info.status in ("FINISHED", "KILLED")
+        run_id = k.info.run_id
+        assert k.info.status == "FINISHED" and k.data.tags["status"] == "finished"
+        assert steps(client, run_id) == list(range(1, epochs + 1))  # every epoch, none twice
+        assert sorted(a.path for a in client.list_artifacts(run_id)) == ["spectrum.csv", "spectrum.png",
+                                                                          "spectrum_epochs.png"]
         # the spectra of the epochs the killed driver saw are kept too (in the sweep folder), none twice
-        spectra = read_spectra_csv(client.download_artifacts(k.info.run_id, SPECTRUM_CSV, str(tmp_path / k.info.run_id)))
-        assert sorted(spectra) == list(range(1, epoch_of[k.data.tags[TAG_TRIAL]] + 1))
+        spectra = read_spectra_csv(client.download_artifacts(run_id, SPECTRUM_CSV, str(tmp_path / run_id)))
+        assert sorted(spectra) == list(range(1, epochs + 1))
+    assert not (out_dir / OUTBOX_FILE).exists()
+    assert not any((out_dir / OUTBOX_DIR).iterdir())  # each spectrum folder removed once sent
     # the console is the sweep's own: no experiment box from Ray Tune, no Optuna experimental warnings
     assert "Configuration for experiment" not in resumed.stdout
     assert "Warning" not in resumed.stderr, resumed.stderr[-3000:]
-
 
 
 def test_restored_searcher_takes_its_latest_state_not_rays_snapshot(tmp_path):
@@ -287,76 +308,3 @@ def test_restored_searcher_takes_its_latest_state_not_rays_snapshot(tmp_path):
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
     assert trials[0].value == pytest.approx(0.6) and trials[1].value == pytest.approx(0.7)
     assert trials[1].params == t2 and trials[1].intermediate_values == {1: pytest.approx(0.7)}
-
-
-# --- the driver killed while MLflow is down, then --resume once it is back
-
-def _outbox_ops(out_dir: Path) -> list[list]:
-    try:
-        return json.loads((out_dir / OUTBOX_FILE).read_text())
-    except (OSError, ValueError):
-        return []
-
-
-@pytest.mark.slow
-def test_outbox_of_a_driver_killed_during_an_outage_is_sent_on_resume(own_server, tmp_path):
-    """Server down after the first logged epoch; the driver SIGKILLed once its outbox file holds a trial's end
-    (status and spectrum); server back, `--resume`: every epoch and artifact of every trial is there once."""
-    num_samples, epochs = 2, 4
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    cwd = Path(__file__).resolve().parent.parent
-    out_dir = tmp_path / "killdriver"
-    cmd = _cli(tmp_path, "--tracking-uri", own_server.uri, num_samples=num_samples, epochs=epochs)
-    client = MlflowClient(own_server.uri)
-    with open(tmp_path / "first.log", "w") as log:
-        driver = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    tree: list = []
-    try:
-        def wait_for(what: str, done) -> None:
-            deadline = time.monotonic() + 180
-            while not done():
-                assert driver.poll() is None, f"the sweep ended before {what}: " \
-                                              f"{(tmp_path / 'first.log').read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"no {what} within 180 s"
-                time.sleep(0.2)
-
-        def epoch_logged() -> bool:
-            exp = client.get_experiment_by_name("killdriver")
-            return exp is not None and bool(client.search_runs([exp.experiment_id], "metrics.epoch >= 1"))
-
-        wait_for("epoch in MLflow", epoch_logged)
-        own_server.stop()
-        wait_for("trial end in the outbox", lambda: {"terminate", "artifacts"} <= {op[0] for op in _outbox_ops(out_dir)
-                                                                                    if op[1] is not None})
-        tree = psutil.Process(driver.pid).children(recursive=True)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait(timeout=30)
-        time.sleep(1)  # what dies with the driver (fate sharing) gets a moment; the rest is ended by pid
-        _end_all([p for p in tree if p.is_running()])
-
-    left = _outbox_ops(out_dir)
-    assert any(op[0] == "batch" and op[2]["metrics"] for op in left)  # epochs the store never received
-    own_server.start()
-    resumed = subprocess.run([*cmd, "--resume"], cwd=cwd, env=env, capture_output=True, text=True,
-                             timeout=300, check=False)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
-
-    rows = read_trials(out_dir)
-    assert len(rows) == num_samples and all(r["status"] == "finished" for r in rows), \
-        (rows, resumed.stdout[-3000:], resumed.stderr[-5000:])
-    parents, kids = runs_of(client, "killdriver")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert sorted(k.data.tags[TAG_TRIAL] for k in kids) == sorted(r["trial_id"] for r in rows)
-    for k in kids:
-        run_id = k.info.run_id
-        assert k.info.status == "FINISHED" and k.data.tags["status"] == "finished"
-        history = client.get_metric_history(run_id, "effective_rank")
-        assert sorted(m.step for m in history) == list(range(1, epochs + 1))  # every epoch, none twice
-        assert sorted(a.path for a in client.list_artifacts(run_id)) == ["spectrum.csv", "spectrum.png",
-                                                                          "spectrum_epochs.png"]
-    assert not (out_dir / OUTBOX_FILE).exists()
-    assert not any((out_dir / OUTBOX_DIR).iterdir())  # each spectrum folder removed once sent
