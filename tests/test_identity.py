@@ -61,3 +61,21 @@ def test_repeats_of_one_configuration_keep_their_attributes_apart(tmp_path):
     assert (a["repeat0.ray_trial_id"], a["repeat0.trial_number"], a["repeat0.status"]) == ("ray1", 1, "finished")
     assert (a["repeat1.ray_trial_id"], a["repeat1.mlflow_run_id"], a["repeat1.stop_reason"]) == (
         "ray2", "run2", "collapse_total (epoch 3)")
+
+
+def test_the_study_names_its_metric_and_holds_every_epoch_as_mlflow_does(tmp_path):
+    """Driven as Ray drives it under ASHA: the result on which a trial is stopped (ASHA's at max_t for a trial
+    that ran to its last epoch, the collapse stopper's for a pruned one) reaches on_trial_complete only. The
+    intermediate values sit at the trials' epochs (MLflow's step), not Ray's training_iteration."""
+    s = searcher(tmp_path)
+    s.suggest("ray1")
+    s.suggest("ray2")
+    for epoch in (1, 2):
+        s.on_trial_result("ray1", last(1, epoch, "running", training_iteration=epoch + 10))
+        s.on_trial_result("ray2", last(2, epoch, "running", training_iteration=epoch + 10))
+    s.on_trial_complete("ray1", last(1, 3, "finished", training_iteration=13))
+    s.on_trial_complete("ray2", last(2, 3, "running", "total", training_iteration=13))
+    study = optuna.load_study(study_name="s", storage=optuna_storage(tmp_path))
+    assert study.metric_names == ["probe_acc"]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED]
+    assert [sorted(t.intermediate_values) for t in study.trials] == [[1, 2, 3], [1, 2, 3]]

@@ -27,8 +27,11 @@ def study(out_dir, name):
 def finished_sweep(ray_session, tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
     # BatchNorm kept on: without it some trials would collapse and be stopped, which another test covers.
+    # ASHA with no rung before the last epoch: it stops no trial early, but stops each at max_t (its last result
+    # then reaches the searcher's on_trial_complete only), as in a default sweep.
     space = space_without(tmp_path_factory.mktemp("space"), "model.norm")
-    spec = load_spec(space, [*DIGITS_SWEEP, "search.scheduler.name=fifo"], num_samples=4, epochs=3, name="e2e")
+    spec = load_spec(space, [*DIGITS_SWEEP, "search.scheduler.name=asha", "search.scheduler.grace_period=3"],
+                     num_samples=4, epochs=3, name="e2e")
     result = run_sweep(spec, results, monitor_interval_s=1e9)
     return spec, results, result
 
@@ -53,7 +56,8 @@ def test_sweep_study_records_completed_trials_with_intermediate_values(finished_
     spec, _, result = finished_sweep
     trials = study(result.out_dir, spec.name).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
-    assert all(sorted(t.intermediate_values) == [1, 2, 3] for t in trials)
+    assert all(sorted(t.intermediate_values) == [1, 2, 3] for t in trials)  # the last epoch included
+    assert study(result.out_dir, spec.name).metric_names == [spec.search.metric]
 
 
 def test_one_identity_per_trial_in_trials_csv_the_study_and_the_best_trial(finished_sweep):

@@ -4,8 +4,11 @@ Why not Ray's OptunaSearch: it tells every trial that ended with a value as COMP
 epoch 2 by ASHA or the collapse stopper enters TPE as if its early value were final; its state lags the study
 when the driver is killed (Ray saves it with the experiment, every few seconds); and correcting either meant
 reaching into its private attributes. Here:
-- a trial whose last result is still "running" is told PRUNED (its per-epoch values are reported as
-  intermediate values), a diverged trial or a non-finite objective FAIL, an errored one FAIL;
+- a trial whose last result is still "running" is told PRUNED, a diverged trial or a non-finite objective FAIL,
+  an errored one FAIL; every trial's per-epoch objective is reported as intermediate values at step = epoch,
+  the step of its MLflow metrics, up to its last result (Ray hands the result on which a scheduler or stopper
+  stops a trial, ASHA's at max_t included, to on_trial_complete only);
+- the study's metric name is the sweep's objective (optuna-dashboard's axes read it, not "Objective 0");
 - the searcher's own state (Ray trial id -> Optuna trial, which are told, which are live) is written to
   `state_path` at every change, so a resumed sweep restores the state of the moment the driver died, not Ray's
   last snapshot;
@@ -47,6 +50,7 @@ from ncssl_tune.spec import CollapseStopConfig
 from ncssl_tune.sweep.monitor import trial_outcome
 from ncssl_tune.vocab import (
     RESULT_MLFLOW_RUN,
+    STEP_METRIC,
     TAG_COLLAPSE,
     TAG_REASON,
     TAG_STATUS,
@@ -75,6 +79,9 @@ class OptunaSearcher(Searcher):
         self.study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
                                          direction="maximize" if mode == "max" else "minimize",
                                          load_if_exists=True)
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2, with a warning no user can act on
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.study.set_metric_names([metric])
         self.max_concurrent = max_concurrent
         self.state_path = Path(state_path) if state_path else None
         self.trials: dict[str, optuna.Trial] = {}  # Ray trial id -> its (latest) Optuna trial
@@ -136,12 +143,14 @@ class OptunaSearcher(Searcher):
             self.errored.add(trial_id)
         self._annotate(trial_id, self._ending(result, error))
         try:
+            if not error:
+                # Ray skips on_trial_result for the result on which a stopper or the scheduler stopped the trial
+                # (ASHA stops every trial at max_t, its last epoch): report it here, so the study holds the whole
+                # curve, as MLflow does, for a complete trial as for a pruned one.
+                self._report(trial, result)
             if error or status == "diverged" or value is None or not math.isfinite(value):
                 state = TrialState.FAIL
             elif status == "running":
-                # Ray skips on_trial_result for the result on which a stopper fired: report it here, so the study
-                # holds the whole curve up to the stop.
-                self._report(trial, result)
                 state = TrialState.PRUNED
             else:
                 state = TrialState.COMPLETE
@@ -233,11 +242,12 @@ class OptunaSearcher(Searcher):
             self.study.tell(trial, None, state=TrialState.FAIL if TrialState.FAIL in states else TrialState.PRUNED)
 
     def _report(self, trial: optuna.Trial, result: dict) -> None:
-        value = result.get(self.metric)
-        if value is not None and math.isfinite(value):
-            with warnings.catch_warnings():  # a step reported again after a restore is ignored, with a warning
+        """The result's objective as an intermediate value at its epoch, MLflow's step for the trial's metrics."""
+        value, step = result.get(self.metric), result.get(STEP_METRIC, result.get("training_iteration"))
+        if value is not None and math.isfinite(value) and isinstance(step, int):
+            with warnings.catch_warnings():  # a step reported again (after a restore, at the end) is ignored
                 warnings.simplefilter("ignore")
-                trial.report(value, result["training_iteration"])
+                trial.report(value, step)
 
     def _ask(self, params: dict | None = None) -> optuna.Trial:
         """A new Optuna trial; with `params`, one holding exactly those values (Optuna's enqueue_trial)."""
