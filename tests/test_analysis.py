@@ -165,6 +165,7 @@ def test_known_sweep_end_to_end(store, tmp_path):
     assert healthy["n_trials"] == 6 and healthy["headline_epoch"] == 3
     assert {r["predictor"]: r["n"] for r in healthy["table"]} == {"lidar": 6, "effective_rank": 6, "avg_corr": 6}
     assert result["drivers"][0]["param"] in ("loss.vicreg.mu", "model.norm")
+    assert result["optuna"] == {"complete": 3, "trials": 9}  # t0..t2 finished; stopped ones are PRUNED in Optuna
 
     files = {p.name for p in tmp_path.iterdir()}
     assert files == {"analysis.json", "report.md", "report.html", "predictors.png", "rho_over_epochs.png",
@@ -176,6 +177,7 @@ def test_known_sweep_end_to_end(store, tmp_path):
     assert "Headline epoch **9**" in md and "Headline epoch **3**" in md and "Warning" in md  # n = 6 < 8
     assert "| 1 | lidar | higher | 6 | 1 [" in md and "Reference scores: random_init 0.3, pixels 0.4." in md
     assert "(not enough data for this plot)" not in md
+    assert "importance is computed on the study's 3 COMPLETE trials of 9" in md and "all 8 trials" in md
     page = (tmp_path / "report.html").read_text()
     # every plot report.md links is embedded in report.html, so MLflow's viewer shows it without the folder
     assert page.count('src="data:image/png;base64,') == len(files - {"analysis.json", "report.md", "report.html"})
@@ -285,3 +287,15 @@ def test_parent_summary_names_the_best_trial_and_the_headline():
     # a study leads with its per-configuration ranking, where the training loss is a baseline, not a predictor
     study = {"scopes": {"all": {"table": [{"predictor": "loss", "rho": 0.9, "baseline": True}, row]}}}
     assert parent_summary({**result, "study": study}, runs)[1]["headline_predictor"] == "effective_rank_h"
+
+
+def test_optuna_counts_trials_as_the_searcher_tells_them():
+    """A finished trial is COMPLETE; with repeats an Optuna trial is a configuration, COMPLETE only when every
+    repeat finished (sweep/searcher.py)."""
+    from ncssl_tune.analysis.study import optuna_counts
+
+    single = pd.DataFrame({"status": ["finished", "stopped", "diverged", "finished"]})
+    assert optuna_counts(single) == {"complete": 2, "trials": 4}
+    repeats = pd.DataFrame({"config_id": ["a", "a", "b", "b", "c", "c"],
+                            "status": ["finished", "finished", "finished", "stopped", "stopped", "stopped"]})
+    assert optuna_counts(repeats) == {"complete": 1, "trials": 3}

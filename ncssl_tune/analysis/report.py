@@ -87,6 +87,20 @@ def _scope_section(name: str, s: Scope, objective: str, duplicate_of: str | None
     return lines + [""]
 
 
+def _optuna_note(result: AnalysisResult) -> list[str]:
+    """Why optuna-dashboard's hyperparameter importance can disagree with the table below: it reads only the
+    study's COMPLETE trials (analysis.result.OptunaCounts), the table every trial that did not fail."""
+    counts = result.get("optuna")
+    if not counts or counts["complete"] == counts["trials"]:
+        return []
+    n_ok = result["n_trials"] - result["excluded"]["diverged_or_failed"]
+    return [(f"optuna-dashboard's hyperparameter importance is computed on the study's {counts['complete']} COMPLETE "
+             f"trials of {counts['trials']}: Optuna holds trials stopped early (ASHA, collapse) as PRUNED and "
+             f"diverged ones as FAIL, and leaves them out. This table reads all {n_ok} trials that did not diverge or "
+             "fail, so the two can rank parameters differently (e.g. one whose values only the stopped trials "
+             "tried)."), ""]
+
+
 def markdown(result: AnalysisResult, plot_files: dict[str, str | None]) -> str:
     o, ex = result["objective"], result["excluded"]
     obj = o["metric"]
@@ -126,6 +140,7 @@ def markdown(result: AnalysisResult, plot_files: dict[str, str | None]) -> str:
                 "hyperparameter that let trials run longer also reads as a driver. " if len(mixed) > 1 else
                 "Final values. ") + "Numeric: Spearman ρ with the final value; categorical: correlation ratio η with "
                "effective_rank and per-value means."), "",
+              *_optuna_note(result),
               f"| param | kind | n | strength | effective_rank | {obj} |", "|---|---|---|---|---|---|"]
     for d in result["drivers"]:
         ms = ("effective_rank", obj)

@@ -255,8 +255,21 @@ class _AnalysisResult(TypedDict):
     numbers: report.md, the console and the plots show that table once."""
 
 
+class OptunaCounts(TypedDict):
+    """The sweep's trials as its Optuna study holds them (sweep/searcher.py): a trial that ran to its last epoch is
+    COMPLETE, one stopped early (ASHA, the collapse stopper) PRUNED, a diverged or errored one FAIL; with repeats,
+    an Optuna trial is a configuration, COMPLETE when every repeat finished. optuna-dashboard's hyperparameter
+    importance reads the COMPLETE ones only."""
+
+    complete: int
+    trials: int
+
+
 class AnalysisResult(_AnalysisResult, total=False):
     """The whole analysis: `analyze` returns it, run_analysis adds where it came from, analysis.json is its JSON."""
+
+    optuna: OptunaCounts
+    """What optuna-dashboard's importance is computed on; `analyze` always sets it."""
 
     study: Study
     reference_sd: dict[str, float | int]

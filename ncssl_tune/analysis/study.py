@@ -24,10 +24,10 @@ from ncssl_tune.analysis.load import fetch_spectra, load_epochs, load_runs, log_
 from ncssl_tune.analysis.parent import parent_summary
 from ncssl_tune.analysis.repeats import analyze_study, is_study
 from ncssl_tune.analysis.report import write_report
-from ncssl_tune.analysis.result import REFERENCES, AnalysisResult, Driver, Scope
+from ncssl_tune.analysis.result import REFERENCES, AnalysisResult, Driver, OptunaCounts, Scope
 from ncssl_tune.analysis.stats import MIN_TRIALS_PER_EPOCH, driver, equal_budget, failed, swept_params
 from ncssl_tune.records.store import check_tracking_uri, quiet_store_setup
-from ncssl_tune.vocab import LABEL_FREE, PARAM_PREFIX
+from ncssl_tune.vocab import FINISHED, LABEL_FREE, PARAM_PREFIX
 
 DRIVER_RESPONSE = "effective_rank"  # what "drives collapse" is measured on
 
@@ -93,6 +93,7 @@ def analyze(runs: pd.DataFrame, epochs: pd.DataFrame, objective: str, mode: str,
         "reference": {k: (reference or {}).get(k) for k in REFERENCES},
     }
     result["drivers"] = drivers_of(ok, objective)
+    result["optuna"] = optuna_counts(runs)
     # Each trial's final values: at unequal budgets (ASHA, stoppers) these mix epochs, which the report says.
     result["drivers_epochs"] = sorted({int(e) for e in ok["epoch"].dropna()}) if "epoch" in ok else []
     result["same_as"] = same_as(result["scopes"])
@@ -104,6 +105,16 @@ def analyze(runs: pd.DataFrame, epochs: pd.DataFrame, objective: str, mode: str,
         result["study"] = analyze_study(ok, epochs, objective, mode, predictors, baselines, scopes,
                                 lambda rows: drivers_of(rows, objective), min_trials)
     return _json_safe(result)
+
+
+def optuna_counts(runs: pd.DataFrame) -> OptunaCounts:
+    """How many of the sweep's Optuna trials are COMPLETE (analysis.result.OptunaCounts), read from the runs'
+    status tags as the searcher tells Optuna: finished is COMPLETE, anything else is not."""
+    done = runs["status"] == FINISHED
+    if is_study(runs):
+        per_config = done.groupby(runs["config_id"]).all()
+        return {"complete": int(per_config.sum()), "trials": len(per_config)}
+    return {"complete": int(done.sum()), "trials": len(runs)}
 
 
 def lidar_rank(runs: pd.DataFrame) -> dict[str, Any] | None:
