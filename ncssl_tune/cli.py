@@ -251,6 +251,7 @@ def _interrupted(argv: list[str], trials: list[str]) -> int:
 
 def _sweep(args, argv: list[str]) -> int:
     from ncssl_tune.analysis import run_analysis
+    from ncssl_tune.naming import mlflow_runs_view
     from ncssl_tune.records.store import TrackingError, check_tracking_uri, default_tracking_uri
     from ncssl_tune.sweep.runner import SweepError, check_storage, run_sweep
 
@@ -299,9 +300,8 @@ def _sweep(args, argv: list[str]) -> int:
               f"(how to load it: {ex.folder / 'README.md'})")
     print(f"MLflow: mlflow ui --host 127.0.0.1 --backend-store-uri {uri}  (experiment {spec.name!r})")
     if result.mlflow_experiment_id:
-        # MLflow 3's UI opens in its GenAI view whatever the experiment's tags; the link selects Model training.
-        print(f"  then open http://127.0.0.1:5000/#/experiments/{result.mlflow_experiment_id}/runs"
-              f"?workflowType=machine_learning")
+        view = mlflow_runs_view(result.mlflow_experiment_id, spec.search.metric, spec.mode)
+        print(f"  then open http://127.0.0.1:5000/{view}  (the trials, best {spec.search.metric} first)")
     analysis_dir = result.out_dir / "analysis"
     _print_analysis(run_analysis(spec.name, uri, analysis_dir, parent_run_id=result.mlflow_parent_run_id,
                                  tracking_checked=True), analysis_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import urllib.parse
 from collections.abc import Iterable
 from typing import Any
 
@@ -87,3 +88,14 @@ def config_id(config: dict[str, Any], seed_key: str = "train.seed") -> str:
 
     values = {k: v for k, v in config.items() if k != seed_key}
     return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def mlflow_runs_view(experiment_id: str, objective: str, mode: str) -> str:
+    """The MLflow UI's runs page of a sweep as the link a sweep prints opens it (the part after the server's
+    address): the Model training view (MLflow 3 opens its GenAI view otherwise), sorted by the objective, best
+    first. Sorted by a metric, the UI lists the child runs flat (it nests them under the parent run only when
+    sorted by date with no filter), so the trials are the rows, ranked. A URL sets the sort, filter and time range
+    of that page, not its columns (docs/usage.md)."""
+    key = urllib.parse.quote(f"metrics.`{objective}`")
+    return (f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&orderByKey={key}"
+            f"&orderByAsc={'true' if mode == 'min' else 'false'}")

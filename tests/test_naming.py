@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from ncssl_tune.naming import RUN_NAME_MAX, fmt_number, run_name, short_names, trial_index, trial_label
+from ncssl_tune.naming import (
+    RUN_NAME_MAX,
+    fmt_number,
+    mlflow_runs_view,
+    run_name,
+    short_names,
+    trial_index,
+    trial_label,
+)
 from ncssl_tune.spec import load_spec
 
 SPACES = sorted(Path("search_spaces").glob("*.yaml"))
@@ -49,3 +57,15 @@ def test_run_name_reads_index_method_and_sampled_values():
     assert trial_label(9, "ab12cd34") == "#9 (ab12cd34)" and trial_label(None, "ab12cd34") == "ab12cd34"
     long = run_name(1, "x", "vicreg", {f"k{i}": 0.123456 for i in range(40)})
     assert len(long) == RUN_NAME_MAX and long.endswith("…")
+
+
+@pytest.mark.parametrize("mode, ascending", [("max", "false"), ("min", "true")])
+def test_the_printed_mlflow_link_ranks_the_trials_by_the_objective(mode, ascending):
+    """Sorted by a metric, MLflow's runs page lists the child runs flat instead of folded under the parent run
+    (tools/check_mlflow_ui.py shows it); the Model training view is chosen in the link."""
+    from urllib.parse import parse_qs, urlsplit
+
+    view = urlsplit(mlflow_runs_view("7", "fewshot_acc", mode).removeprefix("#"))
+    assert view.path == "/experiments/7/runs"
+    assert parse_qs(view.query) == {"workflowType": ["machine_learning"], "orderByKey": ["metrics.`fewshot_acc`"],
+                                    "orderByAsc": [ascending]}

@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Look at a sweep in MLflow's own UI, as a person would: start `mlflow server` on a free 127.0.0.1 port over a
-sweep's SQLite store, take headless Chromium screenshots of the experiment page and of its runs, end the server.
+sweep's SQLite store, take headless Chromium screenshots of the experiment page, of the view the link a sweep
+prints opens and of its best and a stopped trial's runs, end the server.
 
     tools/check_mlflow_ui.py --db results/mlflow.db --experiment compare [--out /tmp/ui]
 
-Needs a Chromium binary (Debian: apt-get install chromium); not part of the package or CI. Prints the PNG paths;
-open them and check that the page shows the Runs table (not the GenAI traces view), readable run names, and stopped
-trials without a failure mark. Exit status 2 when the store, the experiment or the browser is missing.
+Needs a Chromium binary (Debian: apt-get install chromium) and the project's environment (MLflow); not part of the
+package or CI. Prints the PNG paths; open them and check that link.png shows the trials as rows (not folded under
+the parent run, not the GenAI traces view), best objective first, with readable names and collapsed ones marked,
+and that stopped trials carry no failure mark. Exit status 2 when the store, the experiment or the browser is
+missing.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's ncssl_tune, installed or not
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -63,16 +67,33 @@ def stop_server(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def experiment_and_stopped_run(port: int, name: str) -> tuple[str, str | None]:
-    """The experiment's id and one trial stopped early (None when no trial was)."""
+def sweep_pages(port: int, name: str) -> dict[str, str]:
+    """Screenshot name -> page (after the server's address): what a first visitor gets (the experiment page, its
+    runs page), the view the link a sweep prints opens, and the runs of the best trial (as the parent run's
+    best_trial tag names it) and of one trial stopped early, where the sweep has them."""
     from mlflow import MlflowClient
+
+    from ncssl_tune.naming import mlflow_runs_view
+    from ncssl_tune.vocab import TAG_TRIAL_NUMBER
 
     client = MlflowClient(f"http://127.0.0.1:{port}")
     exp = client.get_experiment_by_name(name)
     if exp is None:
         raise LookupError(f"no MLflow experiment {name!r} in the store")
-    stopped = client.search_runs([exp.experiment_id], "tags.status = 'stopped'", max_results=1)
-    return exp.experiment_id, stopped[0].info.run_id if stopped else None
+    eid, ml = exp.experiment_id, "workflowType=machine_learning"
+    parent = client.search_runs([eid], "tags.run_kind = 'sweep'", max_results=1)
+    # the parent's objective tag reads "fewshot_acc (max)"
+    objective, _, mode = (parent[0].data.tags.get("objective", "") if parent else "").partition(" (")
+    pages = {"experiment": f"#/experiments/{eid}", "runs": f"#/experiments/{eid}/runs",
+             "link": mlflow_runs_view(eid, objective or "loss", mode.rstrip(")") or "max")}
+    best = parent[0].data.tags.get("best_trial", "").split(" ")[0].lstrip("#") if parent else ""
+    runs = {"best_trial": f"tags.{TAG_TRIAL_NUMBER} = '{best}'" if best.isdigit() else None,
+            "stopped_trial": "tags.status = 'stopped'"}
+    for page, query in runs.items():
+        found = client.search_runs([eid], query, max_results=1) if query else []
+        if found:
+            pages[page] = f"#/experiments/{eid}/runs/{found[0].info.run_id}?{ml}"
+    return pages
 
 
 def screenshot(browser: str, url: str, png: Path, wait_ms: int) -> None:
@@ -105,18 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     proc = start_server(args.db, port, args.out / "server.log")
     try:
         try:
-            eid, stopped = experiment_and_stopped_run(port, args.experiment)
+            pages = sweep_pages(port, args.experiment)
         except LookupError as e:
             print(f"check_mlflow_ui: error: --experiment: {e}", file=sys.stderr)
             return 2
-        base = f"http://127.0.0.1:{port}/#/experiments/{eid}"
-        ml = "workflowType=machine_learning"  # the UI's GenAI / Model training switch, as a link sets it
-        trials = "searchFilter=" + urllib.parse.quote("tags.run_kind = 'trial'")  # the children, unnested
-        pages = {"experiment": base, "runs": f"{base}/runs", "experiment_ml": f"{base}?{ml}",
-                 "trials_ml": f"{base}/runs?{ml}&{trials}"}
-        if stopped:
-            pages["stopped_trial"] = f"{base}/runs/{stopped}?{ml}"
-        for name, url in pages.items():
+        for name, page in pages.items():
+            url = f"http://127.0.0.1:{port}/{page}"
             png = args.out / f"{name}.png"
             screenshot(args.browser, url, png, args.wait_ms)
             print(f"{url} -> {png}")
