@@ -61,7 +61,9 @@ def test_the_best_trial_is_exported_with_its_configuration(exported):
     assert json.loads((ex.folder / "best.json").read_text())["model_uri"] == ex.model_uri
     # the scores the trial reported at that epoch: the ones its last result carries
     assert ex.scores and all(ex.scores[k] == result.best_metrics[k] for k in ex.scores)
-    assert "mlflow.pytorch.load_model" in (ex.folder / "README.md").read_text()
+    readme = (ex.folder / "README.md").read_text()
+    number = result.best_metrics["experiment_tag"].split("_")[0]  # the trial's one name: number and Ray id
+    assert "mlflow.pytorch.load_model" in readme and f"Trial `#{number} ({ex.trial_id})`" in readme
 
 
 def test_the_model_is_logged_on_the_trial_run_which_keeps_its_status(exported):

@@ -35,6 +35,7 @@ from ncssl_tune.core.data import load_dataset
 from ncssl_tune.core.evaluate import Labels, build_evaluators, embed
 from ncssl_tune.core.models import SSLModel, build_backbone, build_predictor, build_projector
 from ncssl_tune.core.train import backbone_options, load_state
+from ncssl_tune.naming import trial_index, trial_label
 from ncssl_tune.sweep.trainable import STATE_FILE
 from ncssl_tune.vocab import DOWNSTREAM, PARENT_TAG, RESOLVED_CONFIG, TAG_TRIAL
 
@@ -171,7 +172,8 @@ def log_to_run(model: SSLModel, tracking_uri: str, run_id: str,
 
 README = """# The best encoder of sweep `{sweep}`
 
-Trial `{trial}`, checkpoint of epoch {epoch}; it reported {scores}.
+Trial `{trial}` (as the console, trials.csv and its MLflow run name it), checkpoint of epoch {epoch}; it
+reported {scores}.
 Configuration: `config.yaml` (every key of the TrainConfig it ran). MLflow: {mlflow}.
 
 The model is the trial's `SSLModel` (backbone + projector{predictor}): `h, z = model(x)` for images
@@ -229,7 +231,7 @@ def export_best(sweep_name: str, base: TrainConfig, out_dir: Path, best, trackin
         (staged / "best.json").write_text(json.dumps({**asdict(out), "folder": str(folder)}, indent=1))
         scores = ", ".join(f"{k} {v:.4g}" for k, v in out.scores.items()) or "no downstream score at that epoch"
         (staged / "README.md").write_text(README.format(
-            sweep=sweep_name, trial=trial, epoch=epoch, scores=scores, folder=folder,
+            sweep=sweep_name, trial=trial_label(trial_index(best.metrics.get("experiment_tag")), trial), epoch=epoch, scores=scores, folder=folder,
             mlflow=f"`{out.model_uri}` on run `{out.run_id}`" if out.model_uri else "not logged",
             predictor=", predictor" if model.predictor is not None else "", channels=data.channels,
             size=data.image_size))
