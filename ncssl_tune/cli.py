@@ -340,3 +340,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":  # python -m ncssl_tune.cli: the console script's command
+    entry()

@@ -52,6 +52,8 @@ COLLAPSED_MARK = "[collapsed]"  # after the number in a collapsed trial's run na
 # The tracker writes the child run's id into each result of the trial (Ray lets callbacks modify the result in
 # place); the searcher reads it from the trial's last result and sets it as an Optuna user attribute.
 RESULT_MLFLOW_RUN = "mlflow_run_id"
+# seconds a trial spent between its previous epoch and this one (checkpoint, the driver taking the result)
+RESULT_BETWEEN = "between_epochs_s"
 TAG_STATUS = "status"  # RUNNING, or how the trial ended (above)
 TAG_REASON = "stop_reason"
 TAG_SAMPLED = "sampled_params"  # JSON list of the keys Optuna sampled for this trial

@@ -4,6 +4,9 @@ queue over a killed driver."""
 from __future__ import annotations
 
 import json
+import pickle
+import threading
+import time
 
 import pytest
 
@@ -124,3 +127,57 @@ def test_an_unreadable_file_is_reported_not_replayed(tmp_path, caplog):
     path.write_text("{not json")
     assert outbox(FakeStore(), Clock(), path).load() == []
     assert "cannot read the outbox" in caplog.text
+
+
+class SlowStore(FakeStore):
+    """A store that answers only when `gate` is set: what a slow server or a long upload looks like."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+
+    def execute(self, op: Op) -> None:
+        assert self.gate.wait(10), "the test never opened the gate"
+        super().execute(op)
+
+
+def test_with_a_writer_thread_put_never_waits_for_the_store_and_order_is_kept(tmp_path):
+    path = tmp_path / "outbox.json"
+    store = SlowStore()
+    box = Outbox(store.execute, path=path, transient=lambda e: isinstance(e, Down))
+    box.start()
+    try:
+        start = time.monotonic()
+        for i in range(5):
+            box.put("batch", "t1", {"i": i})
+            box.drain()  # only wakes the writer
+        assert time.monotonic() - start < 1.0 and store.sent == []
+        assert [op[2]["i"] for op in json.loads(path.read_text())] == list(range(5))  # unsent: on disk
+        store.gate.set()
+        deadline = time.monotonic() + 10
+        while len(box) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [op.payload["i"] for op in store.sent] == list(range(5)) and not path.exists()
+    finally:
+        store.gate.set()
+        box.stop()
+    assert box._writer is None
+    box.put("after", None)
+    assert box.drain() is True and store.sent[-1].kind == "after"  # stopped: the caller sends again
+
+
+def test_stop_leaves_what_an_outage_kept_for_the_caller_and_the_outbox_pickles(tmp_path):
+    store = FakeStore()
+    box = Outbox(store.execute, path=tmp_path / "outbox.json")  # Down is a ConnectionError: transient
+    box.start()
+    store.down = True
+    box.put("a", None)
+    deadline = time.monotonic() + 10
+    while box.down_since is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    box.stop()
+    assert [op.kind for op in box.ops] == ["a"] and box.down_since is not None
+    copy = pickle.loads(pickle.dumps(box))  # Ray pickles the tracker that holds it
+    assert [op.kind for op in copy.ops] == ["a"] and copy._writer is None
+    store.down = False
+    assert box.drain(force=True) is True and [op.kind for op in store.sent] == ["a"]

@@ -7,6 +7,10 @@ that JSON list, and `execute` does the work (the tracker's kinds are `records.ru
 a table of handlers). Sending the same operation twice must be harmless (the tracker's operations are: MLflow
 stores a metric with the same key, step, timestamp and value once; artifacts overwrite; runs are found again by
 their tags), because an operation sent just before a kill is still in the file.
+
+With `start()`, a writer thread sends: `put` and `kick` return at once, so whoever queues (the sweep's driver,
+between the trials' results) never waits for the store; `stop()` ends the thread. Without it, `drain` sends on
+the caller's thread, as tests and the end of a sweep use it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -57,8 +62,11 @@ class Outbox:
     A transient failure (`transient(err)`) keeps the operation at the head and stops; nothing is tried again
     before the retry time (2 s, doubling to 30 s) unless `drain(force=True)`. Any other failure moves the
     operation to `rejected` with its error and the queue goes on; a `fatal` error propagates. With `path`, the queue is
-    written there (atomically) whenever it holds something after a change, and the file removed once empty: while
-    the store answers, no file is written at all.
+    written there (atomically) whenever it holds something after a change, and the file removed once empty: what
+    the store has not acknowledged is on disk (an operation leaves the file once sent), whoever sends it.
+
+    Thread-safe: one lock guards the queue and the file; an operation is sent outside it (only the writer thread,
+    or the caller of `drain` when there is none, takes operations off the head).
     """
 
     def __init__(self, execute: Callable[[Op], None], *, path: str | Path | None = None, where: str = "the store",
@@ -78,58 +86,137 @@ class Outbox:
         self._retry_at = 0.0
         self._retry_wait = RETRY_FIRST_S
         self._dirty = False  # the file (if any) lags the queue
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._writer: threading.Thread | None = None
+        self._stopping = False
+        self.writer_error: BaseException | None = None  # a fatal error that ended the writer thread
 
     def __len__(self) -> int:
         return len(self.ops)
 
-    def replace(self, ops: list[Op]) -> None:
-        """Queue `ops` instead of what is queued (reordered, or with changed payloads)."""
-        self.ops = deque(ops)
-        self._dirty = True
-        self.save()
+    # Ray pickles the sweep's callbacks, the tracker and its outbox with them: the lock and the thread stay here.
+    def __getstate__(self) -> dict:
+        with self._lock:
+            state = dict(self.__dict__)
+        for k in ("_lock", "_wake", "_writer"):
+            state.pop(k)
+        return state
 
-    def put(self, kind: str, trial_id: str | None, payload: Any = None) -> None:
-        self.ops.append(Op(kind, trial_id, payload))
-        self._dirty = True
-        if self.down_since is not None:  # it will not be sent soon: on disk now
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._writer = None
+
+    def replace(self, ops: list[Op]) -> None:
+        """Queue `ops` instead of what is queued (reordered, or with changed payloads). Not while a writer runs."""
+        with self._lock:
+            self.ops = deque(ops)
+            self._dirty = True
             self.save()
 
+    def put(self, kind: str, trial_id: str | None, payload: Any = None) -> None:
+        with self._lock:
+            self.ops.append(Op(kind, trial_id, payload))
+            self._dirty = True
+            self.save()  # on disk until sent: a driver killed before the writer gets to it loses nothing
+            self._wake.notify()
+
     def drain(self, force: bool = False) -> bool:
-        """Send queued operations in order until one fails; True when the queue is empty."""
+        """Send queued operations in order until one fails; True when the queue is empty. With a writer thread
+        running, only wakes it (returns whether the queue is empty now)."""
+        if self._writer is not None:
+            self.kick()
+            return not self.ops
         try:
             return self._drain(force)
         finally:
-            self.save()
+            with self._lock:
+                self.save()
 
     def _drain(self, force: bool) -> bool:
-        if not self.ops:
-            return True
-        if not force and self.clock() < self._retry_at:
-            return False
+        with self._lock:
+            if not self.ops:
+                return True
+            if not force and self.clock() < self._retry_at:
+                return False
         sent = 0
-        while self.ops:
-            op = self.ops[0]
+        while True:
+            with self._lock:
+                if not self.ops or self._stopping and threading.current_thread() is self._writer:
+                    break
+                op = self.ops[0]
             try:
-                self.execute(op)
+                self.execute(op)  # outside the lock: `put` never waits for the store
             except self.fatal:
                 raise
             except Exception as e:  # noqa: BLE001 - classified below / recorded
                 if self.transient(e):
-                    self.note_failure(e)
+                    with self._lock:
+                        self.note_failure(e)
                     return False
                 log.warning("%s refused %s for %s: %s", self.where, op.kind, op.trial_id or "the parent run", e)
                 self.rejected.append((op, f"{type(e).__name__}: {str(e)[:500]}"))
-            self.ops.popleft()
-            self._dirty = True
+            with self._lock:
+                self.ops.popleft()
+                self._dirty = True
+                self.save()
             sent += 1
-        if self.down_since is not None:
-            log.warning("%s is back after %.0f s; %d queued operations sent", self.where,
-                        self.clock() - self.down_since, sent)
-        self.down_since, self._retry_wait, self._retry_at = None, RETRY_FIRST_S, 0.0
-        return True
+        with self._lock:
+            if self.ops:
+                return False
+            if self.down_since is not None:
+                log.warning("%s is back after %.0f s; %d queued operations sent", self.where,
+                            self.clock() - self.down_since, sent)
+            self.down_since, self._retry_wait, self._retry_at = None, RETRY_FIRST_S, 0.0
+            return True
+
+    # --- the writer thread
+    def start(self) -> None:
+        """Send from a daemon thread from now on (as soon as something is queued, retries when due)."""
+        with self._lock:
+            if self._writer is not None:
+                return
+            self._stopping = False
+            self._writer = threading.Thread(target=self._write, name="outbox-writer", daemon=True)
+            self._writer.start()
+
+    def kick(self) -> None:
+        """Wake the writer thread (something was queued)."""
+        with self._lock:
+            self._wake.notify()
+
+    def stop(self) -> None:
+        """End the writer thread once the operation it is sending (if any) is done; the rest stays queued, and
+        later `drain` calls send on the caller's thread (one sender at a time: the queue's order is the store's)."""
+        with self._lock:
+            writer = self._writer
+            if writer is None:
+                return
+            self._stopping = True
+            self._wake.notify()
+        writer.join()
+        with self._lock:
+            self._writer = None
+
+    def _write(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not (self.ops and self.clock() >= self._retry_at):
+                    self._wake.wait(max(0.05, self._retry_at - self.clock()) if self.ops else None)
+                if self._stopping:
+                    return
+            try:
+                self._drain(force=False)
+            except BaseException as e:  # noqa: BLE001 - a fatal error: the caller learns of it from writer_error
+                log.error("%s: sending stopped: %s", self.where, e)
+                self.writer_error = e
+                return
 
     def note_failure(self, err: BaseException) -> None:
-        """Record that the store could not be reached: the next attempt waits (doubling while it stays down)."""
+        """Record that the store could not be reached: the next attempt waits (doubling while it stays down).
+        Called with the lock held (or before any writer runs)."""
         now = self.clock()
         self.last_error = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
         if self.down_since is None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from ncssl_tune.config import flatten
 from ncssl_tune.naming import config_id, run_name
+from ncssl_tune.records.spectra import draw_staged_plots
 from ncssl_tune.records.store import TrackingError, sqlite_path
 from ncssl_tune.spec import SweepSpec, resolved
 from ncssl_tune.vocab import (
@@ -266,6 +267,7 @@ class SweepRuns:
                                           if trial_id is None or step > floor or k == "time_total_s"], tags)
 
     def send_artifacts(self, trial_id: str | None, folder: str) -> None:
+        draw_staged_plots(folder)  # the trial's plots, drawn here, off the path of the trials' results
         self.client.log_artifacts(self.run_id(trial_id), folder)
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -7,8 +7,10 @@ order of the eigenvalue; a cell is empty where one representation is narrower th
 Jing et al., "Understanding Dimensional Collapse in Contrastive Self-Supervised Learning", ICLR 2022 (index
 against the log of the spectrum), where dimensional collapse shows as the tail falling away epoch after epoch.
 
-`write_trial_spectra` is the whole job (per-epoch spectra in, files out). `SpectrumHistory` gathers the spectra
-on the sweep's driver as results arrive; the tracker writes them out with it when a trial ends. Importing this
+`write_trial_spectra` is the whole job (per-epoch spectra in, files out), in two halves for the sweep's driver:
+`stage_trial_spectra` (the CSV and the title, when a trial ends) and `draw_staged_plots` (the plots, later, on
+the tracker's writer thread: drawing takes ~0.3 s a trial, which no trial should wait for). `SpectrumHistory`
+gathers the spectra on the driver as results arrive. Importing this
 module loads neither Ray nor matplotlib (the plots import matplotlib when drawn).
 """
 
@@ -25,6 +27,7 @@ from typing import Any
 
 from ncssl_tune.vocab import SPECTRUM_CSV, SPECTRUM_EPOCHS_PNG, SPECTRUM_PNG
 
+TITLE_FILE = ".plot_title"  # in a staged folder: the plots are still to be drawn, with this title
 HISTORY_DIR = "spectra"  # in the sweep folder: one growing CSV per trial, the source of the artifact
 
 Spectrum = tuple[Sequence[float], Sequence[float]]  # (eigenvalues of z, eigenvalues of h), descending
@@ -197,6 +200,26 @@ def write_trial_spectra(out_dir: str | Path, epochs: Mapping[int, Spectrum], tit
     save_spectrum_png(paths[1], z, h, f"{title}\nspectrum after epoch {last}" if last is not None else title)
     save_spectrum_epochs_png(paths[2], epochs, title)
     return paths
+
+
+def stage_trial_spectra(out_dir: str | Path, epochs: Mapping[int, Spectrum], title: str) -> None:
+    """The cheap half of `write_trial_spectra`: SPECTRUM_CSV and the plots' title (TITLE_FILE) in out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_spectra_csv(out / SPECTRUM_CSV, epochs)
+    (out / TITLE_FILE).write_text(title)
+
+
+def draw_staged_plots(out_dir: str | Path) -> None:
+    """The other half: the two plots of a folder `stage_trial_spectra` wrote, drawn from its CSV; then the title
+    file goes, so that the folder holds the three files of `write_trial_spectra`. A folder without a title file
+    (drawn already) is left as it is."""
+    out = Path(out_dir)
+    if not (out / TITLE_FILE).is_file():
+        return
+    epochs = {e: (v["z"], v["h"]) for e, v in read_spectra_csv(out / SPECTRUM_CSV).items()}
+    write_trial_spectra(out, epochs, (out / TITLE_FILE).read_text())
+    (out / TITLE_FILE).unlink()
 
 
 def spectrum_of(result: Mapping) -> Spectrum | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ncssl_tune.records.outbox import Op
 from ncssl_tune.records.runs import Kind, tag_value
+from ncssl_tune.records.spectra import draw_staged_plots
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def report_unsent(folder: Path, queued: list[Op], rejected: list[tuple[Op, str]]
         elif kind == Kind.ARTIFACTS:
             dest = folder / UNSENT_DIR / (tid or "parent")
             try:
+                draw_staged_plots(payload)  # the files as they would have been sent
                 dest.mkdir(parents=True, exist_ok=True)
                 for f in Path(payload).iterdir():
                     shutil.move(str(f), dest / f.name)

@@ -34,9 +34,27 @@ def reference_scores(spec: SweepSpec, out_dir: Path, bundle: dict[str, float] | 
 
     Data that cannot be read where the scores are computed raises DatasetError, the worker's own (unwrapped from
     Ray's RayTaskError, whose text carries the remote traceback), so the caller can report it as one line."""
+    ref = stored_reference(out_dir)
+    if ref is not None:
+        return ref, False
+    ref = compute_reference(spec, bundle)
+    store_reference(out_dir, ref)
+    return ref, True
+
+
+def stored_reference(out_dir: Path) -> dict[str, dict[str, float]] | None:
+    """The scores an earlier session of the sweep computed, or None."""
     path = out_dir / REFERENCE_FILE
-    if path.exists():
-        return json.loads(path.read_text()), False
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def store_reference(out_dir: Path, ref: dict[str, dict[str, float]]) -> None:
+    (out_dir / REFERENCE_FILE).write_text(json.dumps(ref, indent=2))
+
+
+def compute_reference(spec: SweepSpec, bundle: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
+    """The scores, computed now (see reference_scores for `bundle`); writes nothing. With bundle None it needs
+    no Ray: run_sweep computes it on a thread while Ray starts."""
     if bundle is not None:
         task = _reference_task.options(num_cpus=bundle["CPU"], num_gpus=bundle["GPU"])
         try:
@@ -56,6 +74,4 @@ def reference_scores(spec: SweepSpec, out_dir: Path, bundle: dict[str, float] | 
             scores = compute(spec.base.with_overrides({"train.threads": max(1, math.ceil(spec.resources.cpu))}))
         finally:
             torch.set_num_threads(threads)
-    ref = {kind: {k: float(v) for k, v in s.items() if k in DOWNSTREAM} for kind, s in scores.items()}
-    path.write_text(json.dumps(ref, indent=2))
-    return ref, True
+    return {kind: {k: float(v) for k, v in s.items() if k in DOWNSTREAM} for kind, s in scores.items()}

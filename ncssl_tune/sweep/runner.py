@@ -9,6 +9,7 @@ import os
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -23,12 +24,12 @@ from ray.tune.stopper import Stopper
 
 from ncssl_tune.config import flatten
 from ncssl_tune.core.data import DatasetError
-from ncssl_tune.records.store import check_tracking_uri
+from ncssl_tune.records.store import check_tracking_uri, warm_store
 from ncssl_tune.spec import SweepSpec, resolved
 from ncssl_tune.sweep import live
 from ncssl_tune.sweep.export import BestExport, try_export_best
 from ncssl_tune.sweep.monitor import CollapseStopper, SweepMonitor
-from ncssl_tune.sweep.references import reference_scores
+from ncssl_tune.sweep.references import compute_reference, reference_scores, store_reference, stored_reference
 from ncssl_tune.sweep.searcher import OptunaSearcher
 from ncssl_tune.sweep.session import staged_trials, sweep_session
 from ncssl_tune.sweep.space import DefineByRun, make_sampler
@@ -275,43 +276,68 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
     if tracking_uri and not tracking_checked:
         check_tracking_uri(tracking_uri)  # an unreachable server is reported before any trial starts
     marks = [time.perf_counter()]  # phase boundaries, for SweepResult.seconds
-    with sweep_session(address) as started_ray:
-        marks.append(time.perf_counter())
-        if started_ray:
-            check_resources(spec, wait_s=resource_wait_s if address else 0.0)
-        _write_spec(spec, out_dir)
-        monitor = SweepMonitor(out_dir, spec.search.collapse_stop, spec.search.scheduler.name,
-                               interval_s=monitor_interval_s, metric=spec.search.metric, mode=spec.mode,
-                               method=spec.base.loss.method)
-        # A Ray this sweep started itself runs on this machine alone: the data is here, and only GPU trials need
-        # a worker's device. A joined cluster (address) or a Ray the caller started keeps the worker path.
-        on_driver = started_ray and address is None and spec.resources.gpu == 0
-        # The CLI checked the data before Ray started; a cluster's worker may still lack it or find it damaged.
-        try:
-            reference, fresh = reference_scores(spec, out_dir, None if on_driver else _trial_bundle(spec))
-        except DatasetError as e:
-            raise SweepError(f"{spec.path}: reference scores: {e}") from None
-        marks.append(time.perf_counter())
-        _print_reference(spec.search.metric, reference)
-        # flush_s=0: each result's metrics (one log_batch per epoch) reach MLflow in on_trial_result, which Ray
-        # calls before it registers that result's checkpoint and saves the experiment state. A driver killed
-        # with epochs still buffered would otherwise resume the trial past them and leave a gap in MLflow.
-        tracker = MlflowTracker(spec, tracking_uri, address, flush_s=0.0, out_dir=out_dir,
-                                reference=reference if fresh else None) if tracking_uri else None
-        # The saved callback state is matched by position and class: the tracker keeps its place after the monitor.
-        callbacks = [monitor, *([tracker] if tracker else []), *(extra_callbacks or [])]
-        grid = _fit(spec, out_dir, tune_path, resume, callbacks,
-                    [CollapseStopper(spec.search.collapse_stop), *(stoppers or [])], storage, reuse_actors)
-        marks.append(time.perf_counter())
-        monitor.write_csv()
-        result = _result(spec, out_dir, grid, monitor, tracker,
-                         {p: b - a for p, a, b in zip(PHASES, marks, marks[1:])})
-        best = _best(spec, grid)
-        if export and best is not None and not result.interrupted:
-            result.best_export = try_export_best(
-                spec.name, spec.base, out_dir, best, tracking_uri, result.mlflow_experiment_id,
-                result.mlflow_parent_run_id, register)
-        return result
+    # A Ray this sweep starts itself runs on this machine alone: the data is here, and only GPU trials need a
+    # worker's device. A joined cluster (address) or a Ray the caller started keeps the worker path.
+    on_driver = address is None and not ray.is_initialized() and spec.resources.gpu == 0
+    # The fixed costs of a start, overlapped: while Ray starts (~4 s here), one thread opens the MLflow store
+    # (imports, a new SQLite file's tables: ~5 s) and one computes the reference scores (~2 s); nothing is written
+    # to the sweep folder before the resources are checked.
+    with ThreadPoolExecutor(2, thread_name_prefix="sweep-start") as early:
+        warmed = early.submit(warm_store, tracking_uri) if tracking_uri else None
+        fresh = not resume or stored_reference(out_dir) is None
+        computing = early.submit(compute_reference, spec) if on_driver and fresh else None
+        with sweep_session(address) as started_ray:
+            marks.append(time.perf_counter())
+            if started_ray:
+                check_resources(spec, wait_s=resource_wait_s if address else 0.0)
+            _write_spec(spec, out_dir)
+            monitor = SweepMonitor(out_dir, spec.search.collapse_stop, spec.search.scheduler.name,
+                                   interval_s=monitor_interval_s, metric=spec.search.metric, mode=spec.mode,
+                                   method=spec.base.loss.method)
+            # The CLI checked the data before Ray started; a cluster's worker may still lack it or find it damaged.
+            try:
+                if computing is not None:
+                    reference = computing.result()
+                    store_reference(out_dir, reference)
+                else:
+                    reference, fresh = reference_scores(spec, out_dir, None if on_driver else _trial_bundle(spec))
+            except DatasetError as e:
+                raise SweepError(f"{spec.path}: reference scores: {e}") from None
+            if warmed is not None:
+                warmed.result()
+            marks.append(time.perf_counter())
+            return _sweep(spec, out_dir, tune_path, resume, reference, fresh, address, tracking_uri,
+                          extra_callbacks, monitor, stoppers, storage, reuse_actors, marks, export, register)
+
+
+def _sweep(spec: SweepSpec, out_dir: Path, tune_path: str, resume: bool, reference: dict, fresh: bool,
+           address: str | None, tracking_uri: str | None, extra_callbacks: list | None, monitor: SweepMonitor,
+           stoppers: list | None, storage: str | None, reuse_actors: bool, marks: list[float], export: bool,
+           register: str | None) -> SweepResult:
+    """run_sweep once Ray runs and the references are known: the Tune run, then the export of the best trial."""
+    _print_reference(spec.search.metric, reference)
+    # flush_s=0: each result's metrics (one log_batch per epoch) are queued, and so on disk in the outbox, in
+    # on_trial_result, which Ray calls before it registers that result's checkpoint and saves the experiment
+    # state. A driver killed with epochs still buffered would otherwise resume the trial past them and leave
+    # a gap in MLflow. The tracker's writer thread sends them (tracker.py).
+    tracker = MlflowTracker(spec, tracking_uri, address, flush_s=0.0, out_dir=out_dir,
+                            reference=reference if fresh else None) if tracking_uri else None
+    # The saved callback state is matched by position and class: the tracker keeps its place after the monitor.
+    callbacks = [monitor, *([tracker] if tracker else []), *(extra_callbacks or [])]
+    grid = _fit(spec, out_dir, tune_path, resume, callbacks,
+                [CollapseStopper(spec.search.collapse_stop), *(stoppers or [])], storage, reuse_actors)
+    marks.append(time.perf_counter())
+    monitor.write_csv()
+    result = _result(spec, out_dir, grid, monitor, tracker,
+                     {p: b - a for p, a, b in zip(PHASES, marks, marks[1:])})
+    best = _best(spec, grid)
+    if export and best is not None and not result.interrupted:
+        start = time.perf_counter()
+        result.best_export = try_export_best(
+            spec.name, spec.base, out_dir, best, tracking_uri, result.mlflow_experiment_id,
+            result.mlflow_parent_run_id, register)
+        result.seconds["export"] = time.perf_counter() - start
+    return result
 
 
 def _check_start(spec: SweepSpec, out_dir: Path, resume: bool, storage: str | None) -> str:

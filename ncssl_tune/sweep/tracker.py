@@ -31,7 +31,7 @@ from ray.tune import Callback
 from ncssl_tune.naming import fmt_number, trial_index
 from ncssl_tune.records.outbox import Op, Outbox
 from ncssl_tune.records.runs import Kind, SweepRuns, safe_key, trial_params
-from ncssl_tune.records.spectra import SpectrumHistory, write_trial_spectra
+from ncssl_tune.records.spectra import SpectrumHistory, stage_trial_spectra
 from ncssl_tune.records.store import TrackingError
 from ncssl_tune.records.unsent import UNSENT_FILE, report_unsent
 from ncssl_tune.spec import SweepSpec
@@ -191,6 +191,9 @@ class MlflowTracker(Callback):
                 for k, v in scores.items()]})
             self.reference = {}
         self.outbox.drain()  # a deleted experiment raises TrackingError here: the sweep must not start
+        # From here on the writer thread sends: a hook only queues, and Ray asks the trials for their next result
+        # without waiting for MLflow (run creation, metric batches, spectrum plots and uploads).
+        self.outbox.start()
 
     @_guarded
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -200,7 +203,7 @@ class MlflowTracker(Callback):
     @_guarded
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self._child(trial, running=True)
-        run_id = self.runs.runs.get(trial.trial_id)
+        run_id = self._run_id(trial.trial_id)
         if run_id:  # Ray lets callbacks add to the result: the searcher finds the run in the trial's last result
             result[RESULT_MLFLOW_RUN] = run_id
         if isinstance(result.get(RESOLVED_CONFIG), dict):  # the first result of each start carries it
@@ -228,6 +231,7 @@ class MlflowTracker(Callback):
         before that) resumes them. Then what could not be sent is retried for up to `end_wait_s` seconds, and
         what is left is reported (stderr and mlflow_unsent.json in the sweep folder)."""
         self._flush()
+        self.outbox.stop()  # what is left is sent from here, on this thread, within end_wait_s
         statuses = None  # trial id -> MLflow status of its child run, when the store answers
         if not self.outbox.ops:
             try:
@@ -299,6 +303,15 @@ class MlflowTracker(Callback):
         self._last_step[tid] = max(self._last_step.get(tid, 0), floor)
 
     # --- per trial
+    def _run_id(self, tid: str, wait_s: float = 2.0) -> str | None:
+        """The trial's child run id: its creation is queued at the trial's start, and sent by the writer well
+        before the first epoch ends; waits for it up to `wait_s` (not while the store is down)."""
+        deadline = time.monotonic() + wait_s
+        while (run_id := self.runs.runs.get(tid)) is None and self.outbox.down_since is None \
+                and self.outbox.writer_error is None and time.monotonic() < deadline and len(self.outbox):
+            time.sleep(0.005)
+        return run_id
+
     def _child(self, trial, running: bool) -> None:
         """Queue the creation (or re-attachment) of the trial's child run, once per trial and session."""
         tid = trial.trial_id
@@ -338,7 +351,7 @@ class MlflowTracker(Callback):
         folder, so that it outlives a killed driver."""
         (self.out_dir / OUTBOX_DIR).mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=f"{tid}_", dir=self.out_dir / OUTBOX_DIR))
-        write_trial_spectra(folder, self._spectra.epochs(tid, self.out_dir), title)
+        stage_trial_spectra(folder, self._spectra.epochs(tid, self.out_dir), title)  # plots: by the writer
         return str(folder)
 
     # --- batched logging

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 
 import pyarrow.fs
 import ray
@@ -21,6 +22,7 @@ from ncssl_tune.core.data import DatasetError
 from ncssl_tune.core.train import TrainConfig, load_state, save_state, train
 from ncssl_tune.vocab import (
     RESOLVED_CONFIG,
+    RESULT_BETWEEN,
     RESULT_OBJECTIVE,
     RESULT_STREAK,
     TAG_COLLAPSE,
@@ -95,25 +97,31 @@ def run_trial(config: dict, *, base: TrainConfig, objective: str, cpus: float, g
     # The configuration this trial runs, flattened, in its first result (of each start): the driver records it
     # as it is instead of rebuilding it.
     resolved: dict | None = flatten(cfg.to_dict())
+    between = math.nan  # seconds from the end of the previous epoch to the start of this one (none before the first)
 
     def report(metrics: dict, state: dict | None) -> None:
-        nonlocal streak, resolved
+        nonlocal streak, resolved, between
+        start = time.perf_counter()
         streak = next_streak(streak, metrics.get(TAG_COLLAPSE, "none"))
         # Ray's schedulers and searchers need the objective in every result, diverged ones included.
         out = {**metrics, TAG_METHOD: method, RESULT_OBJECTIVE: metrics.get(objective, math.nan),
-               RESULT_STREAK: streak[1],
+               RESULT_STREAK: streak[1], RESULT_BETWEEN: between,
                TAG_NODE: ray.get_runtime_context().get_node_id()}  # which node ran it (multi-node sweeps)
         if resolved is not None:
             out[RESOLVED_CONFIG], resolved = resolved, None
         out.setdefault(objective, math.nan)
+        # Ray's function trainables report synchronously: tune.report returns when the driver asks for the next
+        # result, so the time spent here (checkpoint, then the driver's handling of the result) is time between
+        # epochs; it is reported with the next epoch.
         if state is None:
             tune.report(out)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            save_state(state, os.path.join(tmp, STATE_FILE))
-            with open(os.path.join(tmp, STREAK_FILE), "w") as f:
-                json.dump(list(streak), f)
-            tune.report(out, checkpoint=tune.Checkpoint.from_directory(tmp))
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_state(state, os.path.join(tmp, STATE_FILE))
+                with open(os.path.join(tmp, STREAK_FILE), "w") as f:
+                    json.dump(list(streak), f)
+                tune.report(out, checkpoint=tune.Checkpoint.from_directory(tmp))
+        between = time.perf_counter() - start
 
     try:
         train(cfg, report, resume=resume)
