@@ -200,9 +200,10 @@ def test_an_errored_trial_run_again_continues_as_a_new_optuna_trial_with_its_par
                       TrialState.COMPLETE]
     assert trials[0].params == trials[2].params == params["t1"] and trials[1].params == params["t2"]
     assert trials[3].params == trials[4].params == params["t3"] and params["t3"] != params["t1"]
-    assert trials[1].value == pytest.approx(0.8) and trials[1].intermediate_values == {}
-    assert trials[2].value == pytest.approx(0.7) and trials[2].intermediate_values == {2: pytest.approx(0.6)}
-    assert trials[4].value == pytest.approx(0.45) and trials[4].intermediate_values == {1: pytest.approx(0.4)}
+    # its completing result is its one intermediate value; the rerun's result is ignored
+    assert trials[1].value == pytest.approx(0.8) and trials[1].intermediate_values == {2: pytest.approx(0.8)}
+    assert trials[2].value == pytest.approx(0.7) and trials[2].intermediate_values == {2: pytest.approx(0.6), 3: pytest.approx(0.7)}
+    assert trials[4].value == pytest.approx(0.45) and trials[4].intermediate_values == {1: pytest.approx(0.4), 2: pytest.approx(0.45)}
 
 
 def test_gpus_the_cluster_lacks_fail_at_once(ray_session):
