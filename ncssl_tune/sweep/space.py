@@ -81,9 +81,11 @@ class StratifiedStartupTPE(optuna.samplers.TPESampler):
 def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
     s = spec.search
     if s.algorithm == "tpe":
-        # multivariate TPE models interactions (e.g. lambda x gamma), which collapse boundaries have.
+        # multivariate TPE models interactions (e.g. lambda x gamma), which collapse boundaries have; the constant
+        # liar counts the running trials (max_concurrent of them) as bad, so two trials proposed while neither has
+        # a result are not proposed side by side (Optuna's advice for parallel runs).
         return StratifiedStartupTPE(seed=s.seed, n_startup_trials=min(10, max(2, s.num_samples // 3)),
-                                    multivariate=True, group=True)
+                                    multivariate=True, group=True, constant_liar=True)
     if s.algorithm == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.algorithm == "qmc":
