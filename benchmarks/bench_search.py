@@ -1,9 +1,11 @@
 """Search efficiency and label-free selection on the VICReg digits space (search_spaces/vicreg.yaml), issue 7.
 
-Two strategies, same space, same training seed, same budget of B trial-epochs (one trial-epoch = one epoch
+Three strategies, same space, same training seed, same budget of B trial-epochs (one trial-epoch = one epoch
 result of one trial), for each seed:
-  tpe    TPE + ASHA + collapse stopper (the file's settings), num_samples = ceil(B / 4)
+  tpe    TPE (make_sampler: multivariate, grouped, constant liar, stratified start-up) + ASHA + collapse
+         stopper (the file's settings), num_samples = ceil(B / 4)
   random random search + FIFO, no collapse stopper, num_samples = B // epochs trials that all run to the end
+  qmc    scrambled Sobol (Optuna's QMCSampler) + FIFO, no collapse stopper, num_samples = B // epochs
 The equal budget: a stopper ends the sweep once B results (trial-epochs) have arrived, and a callback records
 every result in arrival order (max_concurrent 2); the few results of trials already running when the sweep
 stops are discarded from both curves. ASHA spends ~3-6 epochs per trial, so B/4 trials usually reach B; when
@@ -12,12 +14,13 @@ a TPE sweep ends short of B that only handicaps TPE (`spent` says how many it us
 Per seed and objective (the space's objective, fewshot_acc, which both searchers optimise; knn_acc and probe_acc
 read from the same curves):
   best       the highest value of any result (any trial, any epoch) within B, per strategy
-  reference  the higher of the two strategies' bests: the common target
+  reference  the highest of the strategies' bests: the common target
   to_within  cumulative trial-epochs at the first result whose running best is >= reference - 0.01;
              null when never reached within B
-  ratio      random.to_within / tpe.to_within; a strategy that never got there is charged B (then the ratio
-             is a bound, flagged in `censored`). Medians are over seeds.
-Target: median ratio >= 2 on the objective at an equal or better best (median of tpe.best - random.best >= 0).
+  ratio      random.to_within / <strategy>.to_within for tpe and qmc; a strategy that never got there is charged
+             B (then the ratio is a bound, flagged in `censored`). Medians and ranges (min, max) are over seeds.
+Target: median ratio >= 2 for tpe on the objective at an equal or better best (median of tpe.best - random.best
+>= 0).
 
 Label-free selection: over every trial the sweeps ran (not truncated; diverged trials excluded), regret =
 best final objective - final objective of the trial with the highest final effective_rank (RankMe-style
@@ -89,15 +92,18 @@ def _median(xs: list) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def run_strategy(space: str, seed: int, epochs: int, budget: int, tpe: bool, metric: str, tmp: str) -> dict:
+STRATEGIES = ("random", "qmc", "tpe")  # random first: the others' ratios are against it
+
+
+def run_strategy(space: str, seed: int, epochs: int, budget: int, strategy: str, metric: str, tmp: str) -> dict:
     sets = ["train.threads=1", f"search.metric={metric}"]  # one torch thread per trial: 2 trials on 2 cores
-    if tpe:
+    if strategy == "tpe":
         num_samples = max(2, math.ceil(budget / 4))
         sets += ["search.algorithm=tpe", "search.scheduler.name=asha", "search.collapse_stop.total=true"]
     else:
         num_samples = max(1, budget // epochs)
-        sets += ["search.algorithm=random", "search.scheduler.name=fifo", "search.collapse_stop.total=false"]
-    name = f"{'tpe' if tpe else 'random'}-s{seed}"
+        sets += [f"search.algorithm={strategy}", "search.scheduler.name=fifo", "search.collapse_stop.total=false"]
+    name = f"{strategy}-s{seed}"
     spec = load_spec(space, sets, num_samples=num_samples, epochs=epochs, seed=seed, name=name)
     log = ResultLog()
     start = time.perf_counter()
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="1 seed, B = 2, 1 epoch: for the test suite")
     p.add_argument("--space", default=str(Path(__file__).resolve().parent.parent / "search_spaces/vicreg.yaml"))
     p.add_argument("--out", default="results/benchmarks/search.json")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--budget", type=int, default=100, help="trial-epochs per strategy and seed (random search: "
                    "budget // epochs trials)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the space file's)")
@@ -161,20 +167,23 @@ def main(argv: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             for seed in range(seeds):
                 s = {"seed": seed}
-                for name, tpe in (("random", False), ("tpe", True)):
-                    s[name] = run_strategy(args.space, seed, epochs, budget, tpe, args.metric, tmp)
+                for name in STRATEGIES:
+                    s[name] = run_strategy(args.space, seed, epochs, budget, name, args.metric, tmp)
                 s["reference"], s["ratio"], s["censored"] = {}, {}, {}
                 for m in OBJECTIVES:
-                    bests = [s[n]["best"][m] for n in ("random", "tpe") if s[n]["best"][m] is not None]
+                    bests = [s[n]["best"][m] for n in STRATEGIES if s[n]["best"][m] is not None]
                     s["reference"][m] = max(bests) if bests else None
-                    for n in ("random", "tpe"):
+                    for n in STRATEGIES:
                         s[n].setdefault("to_within", {})[m] = (
                             None if not bests else to_within(s[n]["_kept"], m, s["reference"][m] - TOL))
-                    r, t = s["random"]["to_within"][m], s["tpe"]["to_within"][m]
-                    s["censored"][m] = r is None or t is None
-                    s["ratio"][m] = None if not bests else (r or budget) / (t or budget)
-                trials = final_trials(s["random"].pop("_rows")) + final_trials(s["tpe"].pop("_rows"))
-                s["random"].pop("_kept"), s["tpe"].pop("_kept")
+                    r = s["random"]["to_within"][m]
+                    for n in STRATEGIES[1:]:
+                        t = s[n]["to_within"][m]
+                        s["censored"].setdefault(n, {})[m] = r is None or t is None
+                        s["ratio"].setdefault(n, {})[m] = None if not bests else (r or budget) / (t or budget)
+                trials = [t for n in STRATEGIES for t in final_trials(s[n].pop("_rows"))]
+                for n in STRATEGIES:
+                    s[n].pop("_kept")
                 s["label_free"] = label_free(trials)
                 pooled += trials
                 per_seed.append(s)
@@ -182,14 +191,17 @@ def main(argv: list[str] | None = None) -> dict:
         if started:
             ray.shutdown()
 
-    med = {m: {"ratio": _median([s["ratio"][m] for s in per_seed]),
-               "random_best": _median([s["random"]["best"][m] for s in per_seed]),
-               "tpe_best": _median([s["tpe"]["best"][m] for s in per_seed]),
-               "best_gap_tpe_minus_random": _median([s["tpe"]["best"][m] - s["random"]["best"][m] for s in per_seed
-                                                     if None not in (s["tpe"]["best"][m], s["random"]["best"][m])]),
-               "random_to_within": _median([s["random"]["to_within"][m] for s in per_seed]),
-               "tpe_to_within": _median([s["tpe"]["to_within"][m] for s in per_seed])} for m in OBJECTIVES}
-    ratio, gap = med[args.metric]["ratio"], med[args.metric]["best_gap_tpe_minus_random"]
+    def spread(xs: list) -> dict:
+        xs = [x for x in xs if x is not None]
+        return {"median": _median(xs), "min": min(xs, default=None), "max": max(xs, default=None), "n": len(xs)}
+
+    med = {m: {**{f"{n}_ratio": spread([s["ratio"][n][m] for s in per_seed]) for n in STRATEGIES[1:]},
+               **{f"{n}_best": spread([s[n]["best"][m] for s in per_seed]) for n in STRATEGIES},
+               **{f"{n}_to_within": spread([s[n]["to_within"][m] for s in per_seed]) for n in STRATEGIES},
+               **{f"best_gap_{n}_minus_random": spread([s[n]["best"][m] - s["random"]["best"][m] for s in per_seed
+                                                       if None not in (s[n]["best"][m], s["random"]["best"][m])])
+                  for n in STRATEGIES[1:]}} for m in OBJECTIVES}
+    ratio, gap = med[args.metric]["tpe_ratio"]["median"], med[args.metric]["best_gap_tpe_minus_random"]["median"]
     targets = {"ratio_at_least": 2.0, "ratio_met": ratio is not None and ratio >= 2.0,
                "equal_or_better_best_met": gap is not None and gap >= 0.0}
     out = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
@@ -198,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "objective": args.metric, "tolerance": TOL, "max_concurrent": 2, "threads_per_trial": 1,
                         "tpe": "tpe + asha (file's grace/reduction) + collapse stop, num_samples ceil(B/4)",
                         "random": "random + fifo, no collapse stop, num_samples B // epochs",
+                        "qmc": "scrambled sobol + fifo, no collapse stop, num_samples B // epochs",
                         "budget_rule": "sweep stopped once B results arrived; results past the first B (arrival "
                                        "order) discarded from both curves"},
            "per_seed": per_seed, "medians": med, "targets": targets,
@@ -214,15 +227,19 @@ def _print(out: dict) -> None:
     print(f"B = {st['budget_trial_epochs']} trial-epochs, {st['epochs_per_trial']} epochs/trial, "
           f"objective {st['objective']}; to_within = trial-epochs to within {TOL} of the seed's reference")
     for m in OBJECTIVES:
-        print(f"\n{m:9s} seed | random best  to_within spent | tpe best  to_within spent trials | ratio")
+        print(f"\n{m:9s} seed | " + " | ".join(f"{n} best  to_within spent trials" for n in STRATEGIES)
+              + " | ratio " + " ".join(STRATEGIES[1:]))
         for s in out["per_seed"]:
-            r, t = s["random"], s["tpe"]
-            print(f"{'':9s} {s['seed']:4d} | {f(r['best'][m]):>11s} {f(r['to_within'][m]):>10s} {r['spent']:5d} "
-                  f"| {f(t['best'][m]):>8s} {f(t['to_within'][m]):>10s} {t['spent']:5d} "
-                  f"{t['trials_within_budget']:6d} | {f(s['ratio'][m], 2)}{'*' if s['censored'][m] else ''}")
+            cells = [f"{f(s[n]['best'][m]):>8s} {f(s[n]['to_within'][m]):>10s} {s[n]['spent']:5d} "
+                     f"{s[n]['trials_within_budget']:6d}" for n in STRATEGIES]
+            ratios = " ".join(f"{f(s['ratio'][n][m], 2)}{'*' if s['censored'][n][m] else ''}" for n in STRATEGIES[1:])
+            print(f"{'':9s} {s['seed']:4d} | " + " | ".join(cells) + f" | {ratios}")
         md = out["medians"][m]
-        print(f"{'':9s} median ratio {f(md['ratio'], 2)}, best gap tpe - random {f(md['best_gap_tpe_minus_random'])}"
-              f"  (* = censored at B)")
+        for n in STRATEGIES[1:]:
+            r, g = md[f"{n}_ratio"], md[f"best_gap_{n}_minus_random"]
+            print(f"{'':9s} {n}: median ratio {f(r['median'], 2)} (range {f(r['min'], 2)}-{f(r['max'], 2)}), "
+                  f"best gap {n} - random median {f(g['median'])} (range {f(g['min'])} to {f(g['max'])})")
+        print(f"{'':9s} (* = censored at B)")
     tg = out["targets"]
     print(f"\ntarget ({st['objective']}): ratio >= 2: {'met' if tg['ratio_met'] else 'NOT met'}; equal or better "
           f"best: {'met' if tg['equal_or_better_best_met'] else 'NOT met'}")
