@@ -309,6 +309,8 @@ def test_sweep_records_params_metrics_and_artifacts(sweep, server):
     for run in children:
         assert run.data.tags["method"] == "vicreg" and run.data.tags["collapse"] in ("none", "dimensional", "total")
         words = run.info.run_name.split()
+        if run.data.tags["collapsed"] == "true":  # a collapsed trial is marked in the runs table
+            assert words.pop(1) == "[collapsed]"
         assert words[1] == "vicreg" and f"lam={fmt_number(float(run.data.params['loss.vicreg.lam']))}" in words
         sampled = {"loss.vicreg.lam", "loss.vicreg.mu", "loss.vicreg.nu", "loss.vicreg.gamma", "model.projector",
                    "train.lr"}
