@@ -235,6 +235,25 @@ def _dry_run(spec) -> None:
         print(f"study: {n // s.repeats} configurations x {s.repeats} repeats (training seeds train.seed + r*1000)")
     print(f"budget: {n} trials x {cfg.train.epochs} epochs = at most {n * cfg.train.epochs} trial-epochs, "
           f"{s.max_concurrent} at once, {spec.resources.cpu:g} cpu + {spec.resources.gpu:g} gpu per trial")
+    print(_data_line(cfg, spec.resources.gpu))
+
+
+def _data_line(cfg, gpu: float) -> str:
+    """Which path the sweep's data takes and what memory it needs (docs/data.md)."""
+    from ncssl_tune.core.data import format_bytes, plan_storage
+
+    storage, why, shape = plan_storage(cfg.data)
+    size = shape.describe() if shape else "size unknown until loaded"
+    if storage == "stream":
+        workers = cfg.data.workers or "as many as a trial's CPUs"
+        held = f"streamed from disk batch by batch ({workers} decoding threads a trial; memory: a few batches)"
+    elif storage == "shared":
+        held = "in memory, one copy per node in Ray's object store shared by its trials"
+    else:
+        held = "in memory, a private copy per trial"
+    if storage != "stream" and shape and gpu > 0:
+        held += f"; each GPU trial also holds it on its device ({format_bytes(shape.nbytes)})"
+    return f"data: {size}; {held} [{storage}: {why}]"
 
 
 def resume_command(argv: list[str]) -> str:

@@ -142,6 +142,12 @@ class DataConfig:
     test_fraction: float = bounded(0.2, gt=0, lt=1)  # share of the embedded/synthetic data held out for evaluation
     image_size: int | None = bounded(None, gt=0)  # resize every image to this size; None keeps the dataset's size
     synthetic: dict = field(default_factory=dict)  # options of the synthetic generator (n, size, channels, classes)
+    # How trials hold the data (docs/data.md): "auto" streams a streamable dataset (imagefolder) larger than
+    # memory_cap_gb from disk and holds any other in memory, one copy per Ray node; "shared" forces that copy,
+    # "private" a copy per trial, "stream" reading from disk batch by batch
+    storage: Literal["auto", "shared", "private", "stream"] = "auto"
+    memory_cap_gb: float | None = bounded(None, gt=0)  # auto streams above this; None: 80% of a node's object store
+    workers: int | None = bounded(None, gt=0)  # threads decoding a streamed dataset; None: the trial's CPUs
     # overrides of the per-image-size default augmentation; an option group: errors name data.augment
     augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={"group": True})
 
@@ -502,9 +508,13 @@ def build(cls: type, raw: Any, prefix: str, group: str | None = None) -> Any:
 
 def _check_relations(cfg: TrainConfig) -> None:
     """The rules a single field's declaration cannot state: relations between fields, and formats."""
-    from ncssl_tune.core.data import SYNTHETIC_DEFAULTS
+    from ncssl_tune.core.data import SYNTHETIC_DEFAULTS, streamable
 
     d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.eval
+    if d.storage == "stream" and d.dataset not in streamable():
+        raise ConfigError("data.storage", f"stream reads image files batch by batch, which only "
+                          f"{', '.join(streamable())} can; {d.dataset} is held in memory (allowed: auto, shared, "
+                          "private)")
     if d.synthetic and d.dataset != "synthetic":
         raise ConfigError("data.synthetic", f"options of the synthetic generator, but data.dataset is "
                           f"{d.dataset!r}; remove them or set data.dataset: synthetic")

@@ -1,8 +1,11 @@
-"""Datasets held in memory as float tensors: the registry, the loaders, and a cheap check of the files on disk.
+"""Datasets: the registry, the loaders, what a dataset will weigh in memory, and a cheap check of the files on disk.
 
-Every dataset is loaded whole into an `ImageData` of float32 tensors in [0, 1], so the training loop is a
-plain index-and-slice. The price is memory (CIFAR-10 ≈ 0.74 GB, STL-10 labelled ≈ 1.4 GB as float32),
-fine for these datasets; it is also why STL-10's 100k unlabelled images are not loaded.
+A dataset that fits is loaded whole into an `ImageData`, so the training loop is a plain index-and-slice. Images
+stay as the files give them, uint8 (CIFAR-10's 60,000 images: 0.18 GB, a quarter of float32), and become floats
+in [0, 1] one batch at a time on the device (`as_float`); the embedded digits are float32 (their 17 grey levels
+are not bytes). An imagefolder too large for memory is read from disk batch by batch instead (core/stream.py).
+On a Ray node one copy serves all of its trials (sweep/node_data.py). STL-10's 100k unlabelled images are not
+loaded.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import math
 import os
 import pickle
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +42,9 @@ class DatasetMissing(DatasetError):
 class ImageData:
     """A labelled image dataset in memory; labels serve evaluation only, never the SSL loss."""
 
-    train_x: torch.Tensor  # (N, C, H, W) float32 in [0, 1]
+    train_x: torch.Tensor  # (N, C, H, W) uint8 (0..255) or float32 in [0, 1]; or StreamedImages (stream.py)
     train_y: torch.Tensor  # (N,) int64 in [0, num_classes)
-    test_x: torch.Tensor  # (M, C, H, W) float32 in [0, 1]
+    test_x: torch.Tensor  # (M, C, H, W), as train_x
     test_y: torch.Tensor  # (M,) int64
     num_classes: int
     name: str
@@ -63,24 +67,50 @@ class DataSource:
     expected: str = ""  # the layout under root, for messages; empty: the dataset needs no root
     required: tuple[str, ...] = ()  # paths relative to root that check_dataset verifies
     obtain: str = ""  # how to get the files onto a machine
+    shape: Callable[..., DataShape] | None = None  # shape(root=, test_fraction=, image_size=, synthetic=); None: unknown
+    # until loaded (a plugin may not say)
+    stream: Callable[..., ImageData] | None = None  # stream(root=, image_size=, workers=): images read when indexed;
+    # None: the dataset is always loaded whole
+
+
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """A batch of images as float32 in [0, 1]: uint8 divided by 255 (where the batch is, e.g. on the GPU), float
+    as it is. The same arithmetic as converting the whole dataset at load, so results do not depend on where."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+
+def index_batches(n: int, batch: int) -> list[slice]:
+    """Consecutive slices of at most `batch` of range(n)."""
+    return [slice(i, i + batch) for i in range(0, n, batch)]
+
+
+def batches(x, chunks) -> Iterator[torch.Tensor]:
+    """x[c] for each chunk c (a slice or an index tensor), in order; streamed images decode ahead (stream.py)."""
+    if isinstance(x, torch.Tensor):
+        return (x[c] for c in chunks)
+    return x.prefetch(chunks)
 
 
 def _finish(name: str, xtr, ytr, xte, yte, num_classes: int, image_size: int | None,
             classes: tuple[str, ...] = ()) -> ImageData:
-    """uint8 or float (N, C, H, W) arrays -> ImageData of float32 in [0, 1], resized if image_size differs."""
+    """uint8 or float (N, C, H, W) arrays -> ImageData, uint8 kept as uint8, resized if image_size differs."""
     xs = []
     for x in (torch.as_tensor(xtr), torch.as_tensor(xte)):
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        x = x if x.dtype == torch.uint8 else x.float()
         xs.append(_resize(x, image_size) if image_size and image_size != x.shape[-1] else x)
     ys = [torch.as_tensor(np.asarray(y), dtype=torch.int64) for y in (ytr, yte)]
     return ImageData(xs[0], ys[0], xs[1], ys[1], num_classes, name, tuple(classes))
 
 
 def _resize(x: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
-    """(N, C, H, W) -> (N, C, size, size); chunked so a big dataset is not held twice at full size."""
-    parts = [F.interpolate(x[i:i + chunk], size=(size, size), mode="bilinear", antialias=True)
-             for i in range(0, len(x), chunk)]
-    return torch.cat(parts).clamp_(0, 1)
+    """(N, C, H, W) -> (N, C, size, size) of the same dtype (uint8 rounded to the nearest level, as an image
+    library resizing the files would store them); chunked so a big dataset is not held twice at full size."""
+    parts = []
+    for i in range(0, len(x), chunk):
+        part = F.interpolate(as_float(x[i:i + chunk]), size=(size, size), mode="bilinear", antialias=True)
+        part = part.clamp_(0, 1)
+        parts.append(part.mul_(255).round_().to(torch.uint8) if x.dtype == torch.uint8 else part)
+    return torch.cat(parts)
 
 
 def _split(y: np.ndarray, seed: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -168,6 +198,7 @@ def _load_synthetic(*, seed: int, test_fraction: float, image_size: int | None,
     if opts["n"] < 2 * opts["classes"]:
         raise ValueError(f"synthetic: n={opts['n']} must be at least 2 * classes = {2 * opts['classes']}")
     x, y = make_textures(**opts, seed=seed)
+    x = x.mul_(255).round_().to(torch.uint8)  # stored as image files would hold it
     tr, te = _split(y.numpy(), seed, test_fraction)
     return _finish("synthetic", x[tr], y[tr], x[te], y[te], opts["classes"], None)
 
@@ -247,50 +278,82 @@ def _load_stl10(*, root: str, image_size: int | None, **_) -> ImageData:
     return _finish("stl10", *arrays, 10, image_size)
 
 
-def _imagefolder_dirs(root: str) -> tuple[str, str] | None:
-    """(train dir, test or val dir) under root, or None if either is missing."""
-    test = next((d for d in ("test", "val") if os.path.isdir(os.path.join(root, d))), None)
-    if not os.path.isdir(os.path.join(root, "train")) or test is None:
-        return None
-    return os.path.join(root, "train"), os.path.join(root, test)
-
-
 def _load_imagefolder(*, root: str, image_size: int | None, **_) -> ImageData:
-    from torchvision.datasets import ImageFolder
-    from torchvision.datasets.folder import IMG_EXTENSIONS
+    from ncssl_tune.core.imagefolder import decode, list_images
 
-    size, arrays = image_size or 64, []
-    dirs = _imagefolder_dirs(root)
-    # allow_empty: an empty class folder is named below instead of torchvision's error for the whole split
-    folders = [ImageFolder(d, allow_empty=True) for d in dirs]
-    train, test = (set(f.classes) for f in folders)
-    if train != test:
-        only = "; ".join(f"only in {os.path.basename(d)}/: {', '.join(sorted(c))}"
-                         for d, c in zip(dirs, (train - test, test - train)) if c)
-        raise content_error("imagefolder", root, f"the class folders differ ({only})",
-                            "give train/ and the test split the same class folders")
-    for d, f in zip(dirs, folders):
-        counts = np.bincount(f.targets, minlength=len(f.classes))
-        if counts.min() == 0:
-            empty = os.path.join(d, f.classes[int(counts.argmin())])
-            raise content_error("imagefolder", root, f"the class folder {empty} holds no images (files ending "
-                                f"{', '.join(IMG_EXTENSIONS)})", "add images to it or remove the folder from "
-                                "every split")
-        imgs = [_read_image(p, size, root) for p, _ in f.samples]
-        arrays += [torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2), f.targets]  # (N, 3, S, S) uint8
-    return _finish("imagefolder", *arrays, len(folders[0].classes), None, classes=folders[0].classes)
+    size, arrays = image_size or IMAGEFOLDER_SIZE, []
+    splits, classes = list_images(root)
+    # decoded on as many threads as this process computes with (a trial's CPUs)
+    with ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="decode") as pool:
+        for samples in splits:
+            arrays += [decode(pool, [p for p, _ in samples], size, root), [c for _, c in samples]]
+    return _finish("imagefolder", *arrays, len(classes), None, classes=classes)
 
 
-def _read_image(path: str, size: int, root: str) -> np.ndarray:
-    """One image file as (size, size, 3) uint8, whatever its size or mode (grey, palette, RGBA, CMYK)."""
-    from PIL import Image
+def _stream_imagefolder(*, root: str, image_size: int | None, workers: int) -> ImageData:
+    """The imagefolder as StreamedImages: the files are listed now and decoded when a batch is read."""
+    from ncssl_tune.core.imagefolder import StreamedImages, list_images
 
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:  # not an image, truncated, unreadable
-        raise content_error("imagefolder", root, f"cannot read {path} as an image ({e})",
-                            "remove the file or replace it with an intact image") from e
+    size = image_size or IMAGEFOLDER_SIZE
+    splits, classes = list_images(root)
+    xs = [StreamedImages([p for p, _ in samples], size, root, workers) for samples in splits]
+    ys = [torch.tensor([c for _, c in samples], dtype=torch.int64) for samples in splits]
+    return ImageData(xs[0], ys[0], xs[1], ys[1], len(classes), "imagefolder", classes)
+
+
+IMAGEFOLDER_SIZE = 64  # pixels an imagefolder's images are resized to when data.image_size is not set
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What a dataset will weigh in memory, known without reading its images."""
+
+    train: int  # images
+    test: int
+    channels: int
+    size: int  # pixels a side, after data.image_size
+    itemsize: int  # bytes a value: 1 (uint8) or 4 (float32)
+
+    @property
+    def nbytes(self) -> int:
+        return (self.train + self.test) * self.channels * self.size ** 2 * self.itemsize
+
+    def describe(self) -> str:
+        kind = "uint8" if self.itemsize == 1 else "float32"
+        return (f"{self.train:,} + {self.test:,} images of {self.channels}x{self.size}x{self.size} {kind} = "
+                f"{format_bytes(self.nbytes)}")
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    raise AssertionError  # the loop always returns
+
+
+def _split_sizes(n: int, test_fraction: float) -> tuple[int, int]:
+    test = math.ceil(test_fraction * n)  # as _split
+    return n - test, test
+
+
+def _digits_shape(*, test_fraction: float, image_size: int | None, **_) -> DataShape:
+    return DataShape(*_split_sizes(1797, test_fraction), 1, image_size or 8, 4)
+
+
+def _synthetic_shape(*, test_fraction: float, image_size: int | None, synthetic: dict | None, **_) -> DataShape:
+    o = SYNTHETIC_DEFAULTS | (synthetic or {})
+    return DataShape(*_split_sizes(o["n"], test_fraction), o["channels"], image_size or o["size"], 1)
+
+
+def _imagefolder_shape(*, root: str, image_size: int | None, **_) -> DataShape:
+    from ncssl_tune.core.imagefolder import count_images
+
+    return DataShape(*count_images(root), 3, image_size or IMAGEFOLDER_SIZE, 1)
+
+
+def _fixed_shape(train: int, test: int, size: int) -> Callable[..., DataShape]:
+    return lambda *, image_size, **_: DataShape(train, test, 3, image_size or size, 1)
 
 
 def _network_hint(archive: str, url: str, cls: str) -> str:
@@ -301,30 +364,32 @@ def _network_hint(archive: str, url: str, cls: str) -> str:
 _CIFAR = "https://www.cs.toronto.edu/~kriz/cifar.html"
 _CIFAR_ARCHIVES = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}
 DATASETS: dict[str, DataSource] = {
-    "digits": DataSource(_load_digits),
-    "synthetic": DataSource(_load_synthetic),
+    "digits": DataSource(_load_digits, shape=_digits_shape),
+    "synthetic": DataSource(_load_synthetic, shape=_synthetic_shape),
     "cifar10": DataSource(
         lambda root, image_size, **_: _load_cifar("cifar10", root, image_size),
         expected="<root>/cifar-10-batches-py (the python version of CIFAR-10: data_batch_1..5, test_batch, "
                  "batches.meta)",
         required=tuple(f"cifar-10-batches-py/{f}" for f in
                        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
-        obtain=_network_hint(_CIFAR_ARCHIVES["cifar10"], _CIFAR, "CIFAR10")),
+        obtain=_network_hint(_CIFAR_ARCHIVES["cifar10"], _CIFAR, "CIFAR10"), shape=_fixed_shape(50000, 10000, 32)),
     "cifar100": DataSource(
         lambda root, image_size, **_: _load_cifar("cifar100", root, image_size),
         expected="<root>/cifar-100-python (the python version of CIFAR-100: train, test, meta)",
         required=("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"),
-        obtain=_network_hint(_CIFAR_ARCHIVES["cifar100"], _CIFAR, "CIFAR100")),
+        obtain=_network_hint(_CIFAR_ARCHIVES["cifar100"], _CIFAR, "CIFAR100"), shape=_fixed_shape(50000, 10000, 32)),
     "stl10": DataSource(
         _load_stl10,
         expected="<root>/stl10_binary with train_X.bin, train_y.bin, test_X.bin, test_y.bin",
         required=tuple(f"stl10_binary/{s}_{xy}.bin" for s in ("train", "test") for xy in ("X", "y")),
-        obtain=_network_hint("stl10_binary.tar.gz", "https://cs.stanford.edu/~acoates/stl10/", "STL10")),
+        obtain=_network_hint("stl10_binary.tar.gz", "https://cs.stanford.edu/~acoates/stl10/", "STL10"),
+        shape=_fixed_shape(5000, 8000, 96)),
     "imagefolder": DataSource(
         _load_imagefolder,
         expected="<root>/train/<class>/<image> and <root>/test/<class>/<image> (or val/ instead of test/)",
         required=("train",),
-        obtain="arrange the images one folder per class, the same class folders under train/ and test/"),
+        obtain="arrange the images one folder per class, the same class folders under train/ and test/",
+        shape=_imagefolder_shape, stream=_stream_imagefolder),
 }
 
 
@@ -388,13 +453,17 @@ def check_dataset(name: str, root: str | None = None) -> None:
         more = f" and {len(absent) - 1} more" if len(absent) > 1 else ""
         raise _error(name, root, f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""),
                      f"{root} lacks {absent[0]}{more}")
-    if name == "imagefolder" and _imagefolder_dirs(root) is None:
+    from ncssl_tune.core.imagefolder import imagefolder_dirs
+
+    if name == "imagefolder" and imagefolder_dirs(root) is None:
         raise _error(name, root, f"{root} has train/ but neither test/ nor val/")
 
 
 def load_dataset(name: str, *, root: str | None = None, seed: int = 0, test_fraction: float = 0.2,
-                 image_size: int | None = None, synthetic: dict | None = None) -> ImageData:
-    """Load DATASETS[name] whole into memory.
+                 image_size: int | None = None, synthetic: dict | None = None, stream: bool = False,
+                 workers: int = 1) -> ImageData:
+    """Load DATASETS[name] whole into memory, or with stream its images as StreamedImages read from disk when
+    indexed (decoded on `workers` threads; only datasets whose DataSource has `stream`).
 
     seed and test_fraction fix the stratified split of digits and synthetic (disk datasets keep their
     official split); image_size resizes (imagefolder defaults to 64 px); synthetic holds generator options
@@ -403,9 +472,73 @@ def load_dataset(name: str, *, root: str | None = None, seed: int = 0, test_frac
     s = _source(name)
     if synthetic and name != "synthetic":
         raise ValueError(f"synthetic options were given but the dataset is {name!r}; remove them")
+    if stream and s.stream is None:
+        raise ValueError(f"{name} cannot be streamed from disk (only {', '.join(streamable())}); load it whole")
     check_dataset(name, root)
     # Every dataset on disk is read through one conversion, wherever it is loaded (the CLI's check, the reference
     # scores, a trial): damaged files are one DatasetError. Generators' own errors (bad options) stay as they are.
     with _reading(name, root) if s.expected else contextlib.nullcontext():
+        if stream:
+            return s.stream(root=root, image_size=image_size, workers=workers)
         return s.load(root=root, seed=seed, test_fraction=test_fraction, image_size=image_size,
                       synthetic=synthetic)
+
+
+def streamable() -> list[str]:
+    """The datasets that can be read from disk batch by batch."""
+    return [name for name, s in DATASETS.items() if s.stream is not None]
+
+
+def data_shape(d) -> DataShape | None:
+    """What the dataset of d (a DataConfig) will weigh in memory, or None where its source does not say. Reads no
+    image; an imagefolder's files are counted."""
+    s = _source(d.dataset)
+    if s.shape is None:
+        return None
+    try:
+        return s.shape(root=d.root, test_fraction=d.test_fraction, image_size=d.image_size,
+                       synthetic=d.synthetic or None)
+    except (OSError, TypeError):  # files that must be counted are not on this machine (no root, no folder)
+        return None
+
+
+RAY_STORE_SHARE = 0.3  # Ray's default object store: 30% of a node's memory (ray.init's object_store_memory)
+CAP_SHARE = 0.8  # auto streams a dataset larger than this share of the store that would hold it
+
+
+def default_cap_bytes() -> float:
+    """Without data.memory_cap_gb: CAP_SHARE of the object store Ray makes by default on this machine."""
+    return CAP_SHARE * RAY_STORE_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def choose_storage(d, shape: DataShape | None, cap_bytes: float, shared: bool) -> tuple[str, str]:
+    """(how the dataset of d (a DataConfig) is held, why): "stream" (read from disk batch by batch), "shared" (one
+    copy per node in Ray's object store) or "private" (each trial its own copy). d.storage "auto" streams a
+    streamable dataset larger than d.memory_cap_gb (else cap_bytes), and otherwise holds it in memory, shared
+    where a Ray node can share it."""
+    if d.storage != "auto":
+        return d.storage, "data.storage"
+    cap = d.memory_cap_gb * 1e9 if d.memory_cap_gb is not None else cap_bytes
+    cap_text = (f"data.memory_cap_gb {d.memory_cap_gb:g}" if d.memory_cap_gb is not None
+                else f"{format_bytes(cap)}, {CAP_SHARE:.0%} of a node's object store")
+    if shape is None:
+        why = "auto; the dataset's size is unknown until it is loaded"
+    elif _source(d.dataset).stream is not None and shape.nbytes > cap:
+        return "stream", f"auto: {format_bytes(shape.nbytes)} is more than the cap ({cap_text})"
+    else:
+        why = f"auto: {format_bytes(shape.nbytes)} is within the cap ({cap_text})"
+    return ("shared" if shared else "private"), why
+
+
+def plan_storage(d) -> tuple[str, str, DataShape | None]:
+    """(how a sweep's trials will hold the dataset of d (a DataConfig), why, its shape), as decided on this machine
+    before Ray starts: auto's cap is d.memory_cap_gb or CAP_SHARE of the object store Ray makes here by default."""
+    shape = data_shape(d)
+    return (*choose_storage(d, shape, default_cap_bytes(), shared=True), shape)
+
+
+def load_data(d, storage: str, workers: int = 1) -> ImageData:
+    """The dataset of d (a DataConfig) held as `storage` ("stream", or in memory for "private"/"shared")."""
+    return load_dataset(d.dataset, root=d.root, seed=d.seed, test_fraction=d.test_fraction,
+                        image_size=d.image_size, synthetic=d.synthetic or None, stream=storage == "stream",
+                        workers=workers)

@@ -11,15 +11,15 @@ from __future__ import annotations
 import torch
 
 from ncssl_tune.config import TrainConfig
-from ncssl_tune.core.data import ImageData, content_error, load_dataset
+from ncssl_tune.core.data import ImageData, content_error, load_data, plan_storage
 
 
 def load_checked(cfg: TrainConfig) -> ImageData:
-    """cfg's dataset, loaded as a trial of cfg loads it and checked by `check_content`; raises DatasetError."""
-    d = cfg.data
-    data = load_dataset(d.dataset, root=d.root, seed=d.seed, test_fraction=d.test_fraction,
-                        image_size=d.image_size, synthetic=d.synthetic or None)
-    check_content(data, cfg, root=d.root)
+    """cfg's dataset, loaded as a trial of cfg loads it and checked by `check_content`; raises DatasetError. A
+    dataset that its trials will stream is listed, not decoded: a damaged image in it fails the trial that reads it."""
+    storage, _, _ = plan_storage(cfg.data)
+    data = load_data(cfg.data, storage)
+    check_content(data, cfg, root=cfg.data.root)
     return data
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ncssl_tune.config import EvalConfig, TrainConfig, mechanisms
 from ncssl_tune.core.augment import TwoViewAugment
+from ncssl_tune.core.data import as_float, batches, index_batches
 from ncssl_tune.core.metrics import (
     CollapseThresholds,
     LinearHead,
@@ -59,18 +60,20 @@ def last_linear(model: SSLModel) -> torch.nn.Linear | None:
 
 @torch.no_grad()
 def embed(model: SSLModel, x: torch.Tensor, batch: int, autocast: Autocast, head_input: bool = False) -> Embedding:
-    """h: (N, F), z: (N, D) of x: (N, C, H, W) in eval mode, float32; with head_input also a: (N, P), the input of
-    the projector's last nn.Linear (z = a Wᵀ + b, for metrics.LinearHead; head_input needs last_linear(model))."""
+    """h: (N, F), z: (N, D) of x: (N, C, H, W) images (uint8, float or streamed) in eval mode, float32; with
+    head_input also a: (N, P), the input of the projector's last nn.Linear (z = a Wᵀ + b, for metrics.LinearHead;
+    head_input needs last_linear(model))."""
     last = last_linear(model) if head_input else None
     if head_input and last is None:
         raise ValueError("embed: head_input needs a projector that ends with an nn.Linear")
     hs, zs, as_ = [], [], []
-    for i in range(0, x.shape[0], batch):
+    for xb in batches(x, index_batches(x.shape[0], batch)):
+        xb = as_float(xb)
         with autocast():
             if last is None:
-                h, z = model(x[i:i + batch])
+                h, z = model(xb)
             else:  # SSLModel.forward split before the last layer, in one pass
-                h = model.backbone(x[i:i + batch])
+                h = model.backbone(xb)
                 a = model.projector[:-1](h)
                 z = last(a)
                 as_.append(a.float())
@@ -116,7 +119,7 @@ class SharedEmbeddings:
 
     @cached_property
     def x_eval(self) -> Tensor:
-        return self.train_x[self.eval_idx]  # (M, C, H, W)
+        return as_float(self.train_x[self.eval_idx])  # (M, C, H, W)
 
     @cached_property
     def eval(self) -> Embedding:

@@ -17,7 +17,7 @@ import torch
 
 from ncssl_tune.config import TrainConfig, mechanisms
 from ncssl_tune.core.augment import TwoViewAugment, default_augment
-from ncssl_tune.core.data import load_dataset
+from ncssl_tune.core.data import ImageData, as_float, batches, choose_storage, data_shape, default_cap_bytes, load_data
 from ncssl_tune.core.evaluate import Labels, SharedEmbeddings, build_evaluators, collapse_thresholds, embed
 from ncssl_tune.core.losses import LOSSES, WhiteningError
 from ncssl_tune.core.mechanisms import EMATarget, two_way_loss
@@ -64,7 +64,7 @@ def backbone_options(cfg: TrainConfig) -> dict:
 class _Run:
     """Everything one training run holds; built once, then stepped epoch by epoch."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, data: ImageData | None = None):
         self.cfg = cfg
         t = cfg.train
         if t.threads:
@@ -72,9 +72,10 @@ class _Run:
         self.device = resolve_device(t.device)
         torch.manual_seed(t.seed)
         d = cfg.data
-        self.data = load_dataset(d.dataset, root=d.root, seed=d.seed, test_fraction=d.test_fraction,
-                                 image_size=d.image_size, synthetic=d.synthetic or None)
+        self.data = data if data is not None else load_own(cfg)
         dev = self.device
+        # In memory: uint8 images go to the device as they are, a quarter of float32, and become floats a batch
+        # at a time (as_float); streamed images are decoded onto the device a batch at a time.
         self.train_x, self.train_y = self.data.train_x.to(dev), self.data.train_y.to(dev)
         self.test_x, self.test_y = self.data.test_x.to(dev), self.data.test_y.to(dev)
         c, s = self.train_x.shape[1], self.train_x.shape[-1]
@@ -117,6 +118,9 @@ class _Run:
         in the same process: without this, two trials' models would share the device for a while.
         """
         cuda = self.device.type == "cuda"
+        for x in (getattr(self, "train_x", None), getattr(self, "test_x", None)):
+            if hasattr(x, "close"):  # streamed images: their decoding threads
+                x.close()
         self.__dict__.clear()
         if cuda:
             torch.cuda.empty_cache()
@@ -151,15 +155,17 @@ class _Run:
         self.model.train()
         # Batch order from its own generator keyed by (seed, epoch): a resumed run sees the same batches.
         g = torch.Generator().manual_seed(t.seed * 100003 + self.epoch)
-        perm = torch.randperm(self.train_x.shape[0], generator=g).to(self.device)
+        perm = torch.randperm(self.train_x.shape[0], generator=g)
+        if isinstance(self.train_x, torch.Tensor):
+            perm = perm.to(self.device)  # indexes the images where they are
+        chunks = [perm[b * self.batch:(b + 1) * self.batch] for b in range(self.steps_per_epoch)]
         sums: dict[str, float] = {}
-        for b in range(self.steps_per_epoch):
+        for b, x in enumerate(batches(self.train_x, chunks)):
             step = self.epoch * self.steps_per_epoch + b
             lr = lr_at(step, self.total_steps, self.warmup_steps, t.lr, t.final_lr_frac)
             for group in self.opt.param_groups:
                 group["lr"] = lr
-            x = self.train_x[perm[b * self.batch:(b + 1) * self.batch]]  # (B, C, H, W)
-            v1, v2 = self.augment(x)
+            v1, v2 = self.augment(as_float(x))  # x: (B, C, H, W)
             if self.device.type == "cuda" and self.cfg.model.channels_last:
                 v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
             terms = self.step_loss(v1, v2)
@@ -216,15 +222,24 @@ class _Run:
         return out
 
 
-def train(cfg: TrainConfig, report: Report | None = None, resume: dict | None = None) -> dict:
+def load_own(cfg: TrainConfig) -> ImageData:
+    """cfg's dataset for one process alone: streamed or loaded whole, as cfg.data.storage says ("auto": streamed
+    above the cap, "shared" has nothing to share with here and loads whole)."""
+    d = cfg.data
+    storage, _ = choose_storage(d, data_shape(d) if d.storage == "auto" else None, default_cap_bytes(), shared=False)
+    return load_data(d, storage, workers=d.workers or torch.get_num_threads())
+
+
+def train(cfg: TrainConfig, report: Report | None = None, resume: dict | None = None,
+          data: ImageData | None = None) -> dict:
     """Train encoder + projector with `cfg.loss.method`; returns the last report.
 
     report(metrics, state): called after every epoch; metrics hold epoch, loss terms, collapse metrics of z and
     h (suffix _h), knn_acc, probe_acc, epoch_seconds, images_per_s and status ("running", "finished" or
     "diverged"). A non-finite loss (or an unrecoverable W-MSE whitening) ends the run with status "diverged";
-    no exception escapes for it.
+    no exception escapes for it. data: cfg's dataset, already held (a node's shared copy); None loads it here.
     """
-    run = _Run(cfg)
+    run = _Run(cfg, data)
     try:
         return _train(run, cfg, report, resume)
     finally:
@@ -265,26 +280,30 @@ def _train(run: _Run, cfg: TrainConfig, report: Report | None, resume: dict | No
 REFERENCE_INITS = 3  # random initialisations averaged: one draw of fewshot_acc on digits moved by 0.066 with the seed
 
 
-def reference_scores(cfg: TrainConfig, inits: int = REFERENCE_INITS) -> dict[str, dict[str, float]]:
+def reference_scores(cfg: TrainConfig, inits: int = REFERENCE_INITS, data: ImageData | None = None
+                     ) -> dict[str, dict[str, float]]:
     """Downstream scores of the randomly initialised encoder and of raw pixels: the floor any SSL run must beat.
 
     Same data split, backbone and probes as `train(cfg)`, so one call per sweep serves every trial of its base
     configuration. The random-init encoder is drawn `inits` times (seeds train.seed + i·1000, as repeats): returns
     {"random_init": mean over the draws, "random_init_sd": their SD (ddof 1), "random_init_<i>": draw i,
-    "pixels": {...}}, each {knn_acc, probe_acc, fewshot_acc, ...}.
+    "pixels": {...}}, each {knn_acc, probe_acc, fewshot_acc, ...}. Raw pixels are left out of a streamed dataset
+    (an (N, C·H·W) float matrix is what streaming avoids). data: as for `train`.
     """
-    draws = [_reference_once(cfg.with_overrides({"train.seed": cfg.train.seed + i * 1000}), pixels=i == 0)
+    data = data if data is not None else load_own(cfg)
+    draws = [_reference_once(cfg.with_overrides({"train.seed": cfg.train.seed + i * 1000}), data, pixels=i == 0)
              for i in range(inits)]
     encoders = [d["random_init"] for d in draws]
     mean = {k: sum(e[k] for e in encoders) / inits for k in encoders[0]}
     sd = {k: (sum((e[k] - mean[k]) ** 2 for e in encoders) / (inits - 1)) ** 0.5 if inits > 1 else 0.0
           for k in mean}
+    pixels = {"pixels": draws[0]["pixels"]} if "pixels" in draws[0] else {}
     return {"random_init": mean, "random_init_sd": sd, **{f"random_init_{i}": e for i, e in enumerate(encoders)},
-            "pixels": draws[0]["pixels"]}
+            **pixels}
 
 
-def _reference_once(cfg: TrainConfig, pixels: bool) -> dict[str, dict[str, float]]:
-    run = _Run(cfg)
+def _reference_once(cfg: TrainConfig, data: ImageData, pixels: bool) -> dict[str, dict[str, float]]:
+    run = _Run(cfg, data)
     run.model.eval()
     # what a final epoch's downstream evaluators measure, on frozen features
     final = [ev for ev in run.evaluators if ev.downstream and ev.due(cfg.train.epochs, final=True)]
@@ -295,6 +314,7 @@ def _reference_once(cfg: TrainConfig, pixels: bool) -> dict[str, dict[str, float
     h_train = embed(run.model, run.train_x, 1024, run.autocast).h
     h_test = embed(run.model, run.test_x, 1024, run.autocast).h
     out = {"random_init": scores(h_train, h_test)}
-    if pixels:
-        out["pixels"] = scores(run.train_x.flatten(1), run.test_x.flatten(1))
+    if pixels and isinstance(run.train_x, torch.Tensor):
+        out["pixels"] = scores(as_float(run.train_x).flatten(1), as_float(run.test_x).flatten(1))
+    run.close()
     return out

@@ -18,13 +18,15 @@ REFERENCE_FILE = "reference.json"
 
 
 @ray.remote
-def _reference_task(cfg):
+def _reference_task(cfg, registry):
     from ncssl_tune.core.train import reference_scores
+    from ncssl_tune.sweep.node_data import trial_data
 
-    return reference_scores(cfg)
+    storage, data = trial_data(registry, cfg.data)  # the node's copy that its trials read
+    return reference_scores(cfg.with_overrides({"data.storage": storage}), data=data)
 
 
-def reference_scores(spec: SweepSpec, out_dir: Path, bundle: dict[str, float] | None = None
+def reference_scores(spec: SweepSpec, out_dir: Path, bundle: dict[str, float] | None = None, registry=None
                      ) -> tuple[dict[str, dict[str, float]], bool]:
     """({"random_init": {metric: v}, "pixels": {...}}, computed now?) for the sweep's base configuration.
 
@@ -37,7 +39,7 @@ def reference_scores(spec: SweepSpec, out_dir: Path, bundle: dict[str, float] | 
     ref = stored_reference(out_dir)
     if ref is not None:
         return ref, False
-    ref = compute_reference(spec, bundle)
+    ref = compute_reference(spec, bundle, registry)
     store_reference(out_dir, ref)
     return ref, True
 
@@ -52,13 +54,15 @@ def store_reference(out_dir: Path, ref: dict[str, dict[str, float]]) -> None:
     (out_dir / REFERENCE_FILE).write_text(json.dumps(ref, indent=2))
 
 
-def compute_reference(spec: SweepSpec, bundle: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
-    """The scores, computed now (see reference_scores for `bundle`); writes nothing. With bundle None it needs
-    no Ray: run_sweep computes it on a thread while Ray starts."""
+def compute_reference(spec: SweepSpec, bundle: dict[str, float] | None = None, registry=None
+                      ) -> dict[str, dict[str, float]]:
+    """The scores, computed now (see reference_scores for `bundle`; registry: the sweep's DataRegistry, whose
+    node copy the worker reads); writes nothing. With bundle None it needs no Ray: run_sweep computes it on a
+    thread while Ray starts, on this process's own copy of the data (freed when it is done)."""
     if bundle is not None:
         task = _reference_task.options(num_cpus=bundle["CPU"], num_gpus=bundle["GPU"])
         try:
-            scores = ray.get(task.remote(spec.base))
+            scores = ray.get(task.remote(spec.base, registry))
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, DatasetError):
                 raise e.cause from None

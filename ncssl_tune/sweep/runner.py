@@ -29,6 +29,7 @@ from ncssl_tune.spec import SweepSpec, resolved
 from ncssl_tune.sweep import live
 from ncssl_tune.sweep.export import BestExport, try_export_best
 from ncssl_tune.sweep.monitor import CollapseStopper, SweepMonitor
+from ncssl_tune.sweep.node_data import start_registry
 from ncssl_tune.sweep.references import compute_reference, reference_scores, store_reference, stored_reference
 from ncssl_tune.sweep.searcher import OptunaSearcher
 from ncssl_tune.sweep.session import staged_trials, sweep_session
@@ -138,14 +139,15 @@ def optuna_storage(out_dir: Path) -> optuna.storages.BaseStorage:
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out_dir / "optuna.log")))
 
 
-def _trainable(spec: SweepSpec):
+def _trainable(spec: SweepSpec, registry=None):
     fn = tune.with_parameters(run_trial, base=spec.base, objective=spec.search.metric,
-                              cpus=spec.resources.cpu, gpus=spec.resources.gpu)
+                              cpus=spec.resources.cpu, gpus=spec.resources.gpu, registry=registry)
     return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
 def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: Stopper,
-                storage: str | None = None, reuse_actors: bool = True) -> tune.Tuner:
+                storage: str | None = None, reuse_actors: bool = True, registry=None) -> tune.Tuner:
+    """registry: the DataRegistry whose node copies the trials share (node_data.py); None: each its own copy."""
     s = spec.search
     with warnings.catch_warnings():
         # Multivariate, grouped TPE (space.make_sampler) is what we mean to use; Optuna flags both options
@@ -167,7 +169,7 @@ def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: Stoppe
     else:
         scheduler = FIFOScheduler()
     return tune.Tuner(
-        _trainable(spec),
+        _trainable(spec, registry),
         tune_config=tune.TuneConfig(search_alg=searcher,
                                     scheduler=scheduler, num_samples=s.num_samples * s.repeats,
                                     reuse_actors=reuse_actors),
@@ -180,13 +182,14 @@ def build_tuner(spec: SweepSpec, out_dir: Path, callbacks: list, stopper: Stoppe
     )
 
 
-def restore_tuner(spec: SweepSpec, tune_path: str) -> tune.Tuner:
+def restore_tuner(spec: SweepSpec, tune_path: str, registry=None) -> tune.Tuner:
     """The stored sweep at `tune_path`, as it was saved (budget, scheduler, searcher, callbacks), to continue.
 
     Errored trials start again from scratch as new trials (restart_errored): Ray keeps a trial's pending STOP with
     the experiment when it failed while saving a checkpoint, so a trial resumed under its id (resume_errored) is
     stopped again at its first checkpoint."""
-    return tune.Tuner.restore(tune_path, trainable=_trainable(spec), resume_unfinished=True, restart_errored=True)
+    return tune.Tuner.restore(tune_path, trainable=_trainable(spec, registry), resume_unfinished=True,
+                              restart_errored=True)
 
 
 RESOURCE_WAIT_S = 600.0  # how long a sweep on a joined cluster waits for its autoscaler to fit one trial
@@ -275,7 +278,8 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
     tune_path = _check_start(spec, out_dir, resume, storage)
     if tracking_uri and not tracking_checked:
         check_tracking_uri(tracking_uri)  # an unreachable server is reported before any trial starts
-    marks = [time.perf_counter()]  # phase boundaries, for SweepResult.seconds
+    run = _Run(spec, out_dir, tune_path, resume, address, tracking_uri, extra_callbacks, stoppers, storage,
+               reuse_actors, export, register, marks=[time.perf_counter()])
     # A Ray this sweep starts itself runs on this machine alone: the data is here, and only GPU trials need a
     # worker's device. A joined cluster (address) or a Ray the caller started keeps the worker path.
     on_driver = address is None and not ray.is_initialized() and spec.resources.gpu == 0
@@ -287,55 +291,78 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
         fresh = not resume or stored_reference(out_dir) is None
         computing = early.submit(compute_reference, spec) if on_driver and fresh else None
         with sweep_session(address) as started_ray:
-            marks.append(time.perf_counter())
+            run.marks.append(time.perf_counter())
             if started_ray:
                 check_resources(spec, wait_s=resource_wait_s if address else 0.0)
             _write_spec(spec, out_dir)
             monitor = SweepMonitor(out_dir, spec.search.collapse_stop, spec.search.scheduler.name,
                                    interval_s=monitor_interval_s, metric=spec.search.metric, mode=spec.mode,
                                    method=spec.base.loss.method)
-            # The CLI checked the data before Ray started; a cluster's worker may still lack it or find it damaged.
+            run.registry = start_registry()  # the trials' shared copies of the data, one per node (node_data.py)
             try:
-                if computing is not None:
-                    reference = computing.result()
-                    store_reference(out_dir, reference)
-                else:
-                    reference, fresh = reference_scores(spec, out_dir, None if on_driver else _trial_bundle(spec))
-            except DatasetError as e:
-                raise SweepError(f"{spec.path}: reference scores: {e}") from None
-            if warmed is not None:
-                warmed.result()
-            marks.append(time.perf_counter())
-            return _sweep(spec, out_dir, tune_path, resume, reference, fresh, address, tracking_uri,
-                          extra_callbacks, monitor, stoppers, storage, reuse_actors, marks, export, register)
+                # The CLI checked the data before Ray started; a cluster's worker may still lack it or find it
+                # damaged.
+                try:
+                    if computing is not None:
+                        reference = computing.result()
+                        store_reference(out_dir, reference)
+                    else:
+                        reference, fresh = reference_scores(spec, out_dir, None if on_driver else _trial_bundle(spec),
+                                                            run.registry)
+                except DatasetError as e:
+                    raise SweepError(f"{spec.path}: reference scores: {e}") from None
+                if warmed is not None:
+                    warmed.result()
+                run.marks.append(time.perf_counter())
+                return _sweep(run, monitor, reference, fresh)
+            finally:
+                if ray.is_initialized():
+                    ray.kill(run.registry)  # and with it (their owner) the node copies: their memory is freed now
 
 
-def _sweep(spec: SweepSpec, out_dir: Path, tune_path: str, resume: bool, reference: dict, fresh: bool,
-           address: str | None, tracking_uri: str | None, extra_callbacks: list | None, monitor: SweepMonitor,
-           stoppers: list | None, storage: str | None, reuse_actors: bool, marks: list[float], export: bool,
-           register: str | None) -> SweepResult:
+@dataclass
+class _Run:
+    """One call of run_sweep: what it was asked, and what it has started."""
+
+    spec: SweepSpec
+    out_dir: Path
+    tune_path: str
+    resume: bool
+    address: str | None
+    tracking_uri: str | None
+    extra_callbacks: list | None
+    stoppers: list | None
+    storage: str | None
+    reuse_actors: bool
+    export: bool
+    register: str | None
+    marks: list[float]  # phase boundaries, for SweepResult.seconds
+    registry: object = None  # the DataRegistry actor
+
+
+def _sweep(run: _Run, monitor: SweepMonitor, reference: dict, fresh: bool) -> SweepResult:
     """run_sweep once Ray runs and the references are known: the Tune run, then the export of the best trial."""
+    spec, out_dir = run.spec, run.out_dir
     _print_reference(spec.search.metric, reference)
     # flush_s=0: each result's metrics (one log_batch per epoch) are queued, and so on disk in the outbox, in
     # on_trial_result, which Ray calls before it registers that result's checkpoint and saves the experiment
     # state. A driver killed with epochs still buffered would otherwise resume the trial past them and leave
     # a gap in MLflow. The tracker's writer thread sends them (tracker.py).
-    tracker = MlflowTracker(spec, tracking_uri, address, flush_s=0.0, out_dir=out_dir,
-                            reference=reference if fresh else None) if tracking_uri else None
+    tracker = MlflowTracker(spec, run.tracking_uri, run.address, flush_s=0.0, out_dir=out_dir,
+                            reference=reference if fresh else None) if run.tracking_uri else None
     # The saved callback state is matched by position and class: the tracker keeps its place after the monitor.
-    callbacks = [monitor, *([tracker] if tracker else []), *(extra_callbacks or [])]
-    grid = _fit(spec, out_dir, tune_path, resume, callbacks,
-                [CollapseStopper(spec.search.collapse_stop), *(stoppers or [])], storage, reuse_actors)
-    marks.append(time.perf_counter())
+    callbacks = [monitor, *([tracker] if tracker else []), *(run.extra_callbacks or [])]
+    grid = _fit(run, callbacks, [CollapseStopper(spec.search.collapse_stop), *(run.stoppers or [])])
+    run.marks.append(time.perf_counter())
     monitor.write_csv()
     result = _result(spec, out_dir, grid, monitor, tracker,
-                     {p: b - a for p, a, b in zip(PHASES, marks, marks[1:])})
+                     {p: b - a for p, a, b in zip(PHASES, run.marks, run.marks[1:])})
     best = _best(spec, grid)
-    if export and best is not None and not result.interrupted:
+    if run.export and best is not None and not result.interrupted:
         start = time.perf_counter()
         result.best_export = try_export_best(
-            spec.name, spec.base, out_dir, best, tracking_uri, result.mlflow_experiment_id,
-            result.mlflow_parent_run_id, register)
+            spec.name, spec.base, out_dir, best, run.tracking_uri, result.mlflow_experiment_id,
+            result.mlflow_parent_run_id, run.register)
         result.seconds["export"] = time.perf_counter() - start
     return result
 
@@ -368,23 +395,25 @@ def _print_reference(metric: str, reference: dict) -> None:
     if metric in DOWNSTREAM:
         sd = (reference.get("random_init_sd") or {}).get(metric)
         spread = f" ± {sd:.3f} (SD of {sum(k[-1].isdigit() for k in reference)} inits)" if sd is not None else ""
+        pixels = reference.get("pixels")  # none for a streamed dataset
+        pixels = f"{pixels[metric]:.3f}" if pixels else "not scored (streamed data)"
         print(f"reference {metric}: random-init encoder {reference['random_init'][metric]:.3f}{spread}, raw pixels "
-              f"{reference['pixels'][metric]:.3f}", flush=True)
+              f"{pixels}", flush=True)
 
 
-def _fit(spec: SweepSpec, out_dir: Path, tune_path: str, resume: bool, callbacks: list, stoppers: list,
-         storage: str | None, reuse_actors: bool) -> ResultGrid:
+def _fit(run: _Run, callbacks: list, stoppers: list) -> ResultGrid:
     """Build or restore the Tuner and run it with this process's callbacks and stoppers.
 
     Ray keeps (pickled) what the Tuner was given and a resumed Tuner uses that: it is given stand-ins that forward
     to this process's callbacks and stoppers, registered under the sweep's Tune path (live.py)."""
+    spec, tune_path = run.spec, run.tune_path
     live.register(tune_path, callbacks, stoppers)
     try:
-        if resume:
-            tuner = restore_tuner(spec, tune_path)
+        if run.resume:
+            tuner = restore_tuner(spec, tune_path, run.registry)
         else:
-            tuner = build_tuner(spec, out_dir, [live.LiveCallbacks(tune_path, callbacks), JsonLoggerCallback()],
-                                live.LiveStopper(tune_path, stoppers), storage, reuse_actors)
+            tuner = build_tuner(spec, run.out_dir, [live.LiveCallbacks(tune_path, callbacks), JsonLoggerCallback()],
+                                live.LiveStopper(tune_path, stoppers), run.storage, run.reuse_actors, run.registry)
         with staged_trials(spec.search.max_concurrent or spec.search.num_samples):
             return tuner.fit()
     finally:

@@ -20,6 +20,7 @@ from ray import tune
 from ncssl_tune.config import flatten
 from ncssl_tune.core.data import DatasetError
 from ncssl_tune.core.train import TrainConfig, load_state, save_state, train
+from ncssl_tune.sweep.node_data import trial_data
 from ncssl_tune.vocab import (
     RESOLVED_CONFIG,
     RESULT_BETWEEN,
@@ -74,9 +75,17 @@ def build_config(base: TrainConfig, sampled: dict, cpus: float, gpus: float) -> 
     return cfg.with_overrides(pinned) if pinned else cfg
 
 
-def run_trial(config: dict, *, base: TrainConfig, objective: str, cpus: float, gpus: float) -> None:
-    """The Tune function trainable (bound with `tune.with_parameters`)."""
+def run_trial(config: dict, *, base: TrainConfig, objective: str, cpus: float, gpus: float,
+              registry: ray.actor.ActorHandle | None = None) -> None:
+    """The Tune function trainable (bound with `tune.with_parameters`). registry: the sweep's DataRegistry
+    (node_data.py), whose node copy the trial reads when its data is held in memory."""
     cfg = build_config(base, config, cpus, gpus)
+    try:
+        storage, data = trial_data(registry, cfg.data)
+    except DatasetError as e:  # this node's copy of the data: say which node, without the loader's chain
+        raise DatasetError(f"on node {ray.util.get_node_ip_address()}: {e}") from None
+    # the way this trial holds its data is part of the configuration it records ("auto" decided)
+    cfg = cfg.with_overrides({"data.storage": storage})
     resume = None
     # The collapse stopper on the driver decides from one result: the trial counts its epochs in the same
     # collapse state (kept with each checkpoint, so a restored trial goes on counting where it was).
@@ -124,6 +133,6 @@ def run_trial(config: dict, *, base: TrainConfig, objective: str, cpus: float, g
         between = time.perf_counter() - start
 
     try:
-        train(cfg, report, resume=resume)
+        train(cfg, report, resume=resume, data=data)
     except DatasetError as e:  # this node's copy of the data: say which node, without the loader's chain
         raise DatasetError(f"on node {ray.util.get_node_ip_address()}: {e}") from None
