@@ -243,6 +243,10 @@ def _data_line(cfg, gpu: float) -> str:
     from ncssl_tune.core.data import format_bytes, plan_storage
 
     storage, why, shape = plan_storage(cfg.data)
+    if shape is None and cfg.data.storage == "auto":
+        return ("data: size unknown here (its files are not on this machine, or its source does not say); each node "
+                "decides when a trial starts: an image folder is streamed from disk if larger than data.memory_cap_gb (default 80% of "
+                "the node's object store), else one copy per node in Ray's object store")
     size = shape.describe() if shape else "size unknown until loaded"
     if storage == "stream":
         workers = cfg.data.workers or "as many as a trial's CPUs"

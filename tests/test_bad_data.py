@@ -222,7 +222,7 @@ def test_reference_scores_from_a_worker_unwrap_its_data_error(tmp_path, monkeypa
         def options(self, **_):
             return self
 
-        def remote(self, cfg):
+        def remote(self, cfg, registry):
             return "ref"
 
     def get(ref):

@@ -11,6 +11,7 @@ from ncssl_tune.core.data import (
     DATASETS,
     DatasetError,
     _digits_arrays,
+    as_float,
     _split,
     check_dataset,
     load_dataset,
@@ -80,7 +81,7 @@ def test_synthetic_shapes_balance_determinism():
     a = load_dataset("synthetic", synthetic=SMALL_SYNTH, seed=3, test_fraction=0.25)
     assert a.train_x.shape == (90, 3, 12, 12) and a.test_x.shape == (30, 3, 12, 12)
     assert a.num_classes == 4 and a.name == "synthetic"
-    assert 0 <= a.train_x.min() and a.train_x.max() <= 1
+    assert a.train_x.dtype == torch.uint8 and int(a.train_x.max()) > 200  # images as files hold them, 0..255
     assert torch.cat([a.train_y, a.test_y]).bincount().tolist() == [30] * 4
     b = load_dataset("synthetic", synthetic=SMALL_SYNTH, seed=3, test_fraction=0.25)
     c = load_dataset("synthetic", synthetic=SMALL_SYNTH, seed=4, test_fraction=0.25)
@@ -112,7 +113,7 @@ def test_synthetic_classes_are_separable_by_translation_invariant_features():
     d = load_dataset("synthetic", synthetic={"n": 400, "size": 16, "classes": 4})
     # Fourier magnitudes ignore the per-sample shift: if classes are real textures, they separate them.
     def feats(x):
-        return torch.fft.rfft2(x.mean(1)).abs().flatten(1).log1p().numpy()
+        return torch.fft.rfft2(as_float(x).mean(1)).abs().flatten(1).log1p().numpy()
 
     clf = LogisticRegression(max_iter=2000).fit(feats(d.train_x), d.train_y.numpy())
     assert clf.score(feats(d.test_x), d.test_y.numpy()) > 0.9
@@ -135,7 +136,7 @@ def test_imagefolder(tmp_path, test_dir):
     d = load_dataset("imagefolder", root=str(tmp_path), image_size=8)
     assert d.train_x.shape == (6, 3, 8, 8) and d.test_x.shape == (4, 3, 8, 8)
     assert d.train_y.tolist() == [0, 0, 0, 1, 1, 1] and d.num_classes == 2
-    assert 0 <= d.train_x.min() and d.train_x.max() <= 1
+    assert d.train_x.dtype == torch.uint8
     assert load_dataset("imagefolder", root=str(tmp_path)).image_size == 64
 
 
@@ -156,7 +157,7 @@ def test_stl10_reads_column_major_binaries(tmp_path):
         imgs.transpose(2, 3).numpy().tofile(base / f"{split}_X.bin")  # STL-10 stores images column-major
         np.array([1, 10], dtype=np.uint8).tofile(base / f"{split}_y.bin")
     d = load_dataset("stl10", root=str(tmp_path))
-    assert torch.equal(d.train_x, imgs.float() / 255) and d.train_y.tolist() == [0, 9]
+    assert torch.equal(d.train_x, imgs) and d.train_y.tolist() == [0, 9]
     assert load_dataset("stl10", root=str(tmp_path), image_size=32).test_x.shape == (2, 3, 32, 32)
 
 
@@ -212,7 +213,7 @@ def test_cifar_arrays_become_nchw_floats(name, tmp_path, monkeypatch):
     d = load_dataset(name, root=str(tmp_path))
     raw = FakeCifar(None, True, False).data
     assert d.train_x.shape == (3, 3, 32, 32) and d.test_x.shape == (2, 3, 32, 32) and d.num_classes == 3
-    assert torch.equal(d.train_x[1, 2], torch.from_numpy(raw[1, :, :, 2]).float() / 255)
+    assert torch.equal(d.train_x[1, 2], torch.from_numpy(raw[1, :, :, 2]))  # uint8 as in the files
     assert d.train_y.tolist() == [0, 1, 2]
 
 

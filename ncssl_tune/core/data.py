@@ -23,19 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-class DatasetError(ValueError):
-    """A dataset on disk could not be found or read; the message says what was expected and how to get it."""
-
-
-class DatasetMissing(DatasetError):
-    """The dataset's files are not on this machine (no root, no folder, files absent): they may be on another one
-    (a cluster's nodes), so `validate` and --dry-run note it, while starting a sweep here is an error. `short`: the
-    problem alone, for `validate`'s one line per file (the message adds where the files go and how to get them)."""
-
-    def __init__(self, message: str, short: str = ""):
-        super().__init__(message)
-        self.short = short or message
+from ncssl_tune.core.data_errors import DatasetError, DatasetMissing, content_error  # noqa: F401 (also imported from here)
 
 
 @dataclass
@@ -405,12 +393,6 @@ def _error(name: str, root: str | None, problem: str, short: str = "") -> Datase
     short = "set data.root" if root is None else short or problem
     return DatasetMissing(f"{name}: {problem}. Expected {s.expected} (root={root!r}). To obtain it: {s.obtain}.",
                           f"{short} ({name})")
-
-
-def content_error(name: str, root: str | None, problem: str, fix: str) -> DatasetError:
-    """Files present but unusable: names the dataset, its root, the problem and what to fix (on this machine)."""
-    where = f"{name} (root {root})" if root else name
-    return DatasetError(f"{where}: {problem}; {fix}".replace("\n", " "))
 
 
 # What reading damaged files raises, from open() to unpickling; PIL's errors are OSErrors and ValueErrors.

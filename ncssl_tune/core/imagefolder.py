@@ -18,6 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ncssl_tune.core.data_errors import content_error
+
 PREFETCH = 2  # batches decoding ahead of the one that trains
 
 
@@ -34,8 +36,6 @@ def list_images(root: str) -> tuple[list[list[tuple[str, int]]], tuple[str, ...]
     Raises DatasetError for class folders that differ between the splits or hold no images."""
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    from ncssl_tune.core.data import content_error
 
     dirs = imagefolder_dirs(root)
     # allow_empty: an empty class folder is named below instead of torchvision's error for the whole split
@@ -70,8 +70,6 @@ def count_images(root: str) -> tuple[int, int]:
 def read_image(path: str, size: int, root: str) -> np.ndarray:
     """One image file as (size, size, 3) uint8, whatever its size or mode (grey, palette, RGBA, CMYK)."""
     from PIL import Image
-
-    from ncssl_tune.core.data import content_error
 
     try:
         with Image.open(path) as im:

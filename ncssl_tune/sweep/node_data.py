@@ -19,7 +19,7 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ncssl_tune.config import DataConfig
+from ncssl_tune.config import DataConfig, install_plugins
 from ncssl_tune.core.data import CAP_SHARE, ImageData, choose_storage, data_shape, load_data
 
 _FIELDS = ("train_x", "train_y", "test_x", "test_y")
@@ -47,6 +47,7 @@ class _NodeCopy:
 
     def __init__(self, data_cfg: DataConfig):
         self.ref, self.error = None, None
+        install_plugins()  # a plugin's dataset: this process unpickled a DataConfig alone, not a whole TrainConfig
         try:
             # the store's copy; this process's own goes with the arrays when __init__ returns
             self.ref = ray.put(to_arrays(load_data(data_cfg, "shared")))
