@@ -186,19 +186,19 @@ def _load_synthetic(*, seed: int, test_fraction: float, image_size: int | None,
     if opts["n"] < 2 * opts["classes"]:
         raise ValueError(f"synthetic: n={opts['n']} must be at least 2 * classes = {2 * opts['classes']}")
     x, y = make_textures(**opts, seed=seed)
-    x = x.mul_(255).round_().to(torch.uint8)  # stored as image files would hold it
     tr, te = _split(y.numpy(), seed, test_fraction)
     return _finish("synthetic", x[tr], y[tr], x[te], y[te], opts["classes"], None)
 
 
-def make_textures(n: int, size: int, channels: int, classes: int, noise: float, seed: int
+def make_textures(n: int, size: int, channels: int, classes: int, noise: float, seed: int, chunk: int = 2048
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Procedural texture classes: x (n, channels, size, size) in [0, 1], y (n,) balanced labels.
+    """Procedural texture classes: x (n, channels, size, size) uint8 (0..255), y (n,) balanced labels.
 
     A class is a sum of two coloured sine gratings with class-specific orientations and frequency ratio.
     Orientation and frequency ratio survive random crops and colour jitter, so SSL can learn the classes;
     each sample has its own phase (a shift), zoom, small rotation, colour gain and pixel noise, so a linear
-    classifier on raw pixels does clearly worse than one on shift-invariant features.
+    classifier on raw pixels does clearly worse than one on shift-invariant features. The images are drawn
+    `chunk` at a time, so a CIFAR-sized set never holds more than a chunk in float32.
     """
     g = torch.Generator().manual_seed(seed)
 
@@ -213,15 +213,21 @@ def make_textures(n: int, size: int, channels: int, classes: int, noise: float, 
 
     th = theta[y] + (u(n, 2) - 0.5) * (math.pi / (4 * classes))  # (n, 2); jitter below the class spacing
     f = freq[y] * (0.8 + 0.4 * u(n, 1))  # (n, 2); a zoom moves both frequencies, keeping their ratio
+    phase = u(n, 2, 1, 1)
+    col = colour[y] * (0.8 + 0.4 * u(n, 2, channels))  # (n, 2, C)
+    gain, offset = 0.7 + 0.6 * u(n, 1, 1, 1), 0.1 * (u(n, 1, 1, 1) - 0.5)
     coord = torch.linspace(0, 1, size)
     yy, xx = torch.meshgrid(coord, coord, indexing="ij")  # (S, S)
-    proj = th.cos()[..., None, None] * xx + th.sin()[..., None, None] * yy  # (n, 2, S, S)
-    wave = 0.5 + 0.5 * torch.sin(2 * math.pi * (f[..., None, None] * proj + u(n, 2, 1, 1)))  # (n, 2, S, S)
-    col = colour[y] * (0.8 + 0.4 * u(n, 2, channels))  # (n, 2, C)
-    x = torch.einsum("nkhw,nkc->nchw", wave, col) / 2  # (n, C, S, S)
-    x = x * (0.7 + 0.6 * u(n, 1, 1, 1)) + 0.1 * (u(n, 1, 1, 1) - 0.5)
-    x = x + noise * torch.randn(x.shape, generator=g)
-    return x.clamp_(0, 1), y
+    out = torch.empty((n, channels, size, size), dtype=torch.uint8)
+    for i in range(0, n, chunk):
+        c = slice(i, i + chunk)
+        proj = th[c].cos()[..., None, None] * xx + th[c].sin()[..., None, None] * yy  # (c, 2, S, S)
+        wave = 0.5 + 0.5 * torch.sin(2 * math.pi * (f[c][..., None, None] * proj + phase[c]))  # (c, 2, S, S)
+        x = torch.einsum("nkhw,nkc->nchw", wave, col[c]) / 2  # (c, C, S, S)
+        x = x * gain[c] + offset[c]
+        x = x + noise * torch.randn(x.shape, generator=g)
+        out[c] = x.clamp_(0, 1).mul_(255).round_()  # stored as image files would hold it
+    return out, y
 
 
 def _load_cifar(name: str, root: str, image_size: int | None) -> ImageData:
