@@ -15,6 +15,8 @@ from PIL import Image
 
 from ncssl_tune.config import ConfigError, TrainConfig
 from ncssl_tune.core.data import (
+    SHARE_MIN_BYTES,
+    DataShape,
     ImageData,
     as_float,
     choose_storage,
@@ -101,20 +103,26 @@ def test_a_streamed_imagefolder_trains_the_same_trial_as_one_loaded_whole(tmp_pa
                                                       "random_init_1"}
 
 
-def test_auto_streams_a_streamable_dataset_above_the_cap(tmp_path):
+def test_auto_streams_above_the_cap_shares_what_is_worth_a_copy_and_gives_each_trial_the_rest(tmp_path):
     root = make_imagefolder(tmp_path / "folder", train=4, test=2)
     cfg = _cfg(dataset="imagefolder", root=str(root), image_size=16).data
-    shape = data_shape(cfg)
-    assert (shape.train, shape.test, shape.nbytes) == (12, 6, 18 * 3 * 16 * 16)
-    assert choose_storage(cfg, shape, cap_bytes=shape.nbytes, shared=True)[0] == "shared"
-    assert choose_storage(cfg, shape, cap_bytes=shape.nbytes - 1, shared=True)[0] == "stream"
-    assert choose_storage(cfg, shape, cap_bytes=shape.nbytes, shared=False)[0] == "private"
+    small = data_shape(cfg)
+    assert (small.train, small.test, small.nbytes) == (12, 6, 18 * 3 * 16 * 16)
+    big = DataShape(train=200_000, test=0, channels=3, size=32, itemsize=1)  # 614 MB, more than SHARE_MIN_BYTES
+    assert big.nbytes > SHARE_MIN_BYTES
+    assert choose_storage(cfg, big, cap_bytes=big.nbytes, shared=True)[0] == "shared"
+    assert choose_storage(cfg, big, cap_bytes=big.nbytes - 1, shared=True)[0] == "stream"
+    assert choose_storage(cfg, big, cap_bytes=big.nbytes, shared=False)[0] == "private"  # no Ray node to share on
+    assert choose_storage(cfg, small, cap_bytes=1e12, shared=True)[0] == "private"  # not worth a copy process
+    assert choose_storage(cfg, None, cap_bytes=1e12, shared=True)[0] == "private"  # size unknown
     capped = _cfg(dataset="imagefolder", root=str(root), image_size=16, memory_cap_gb=1e-6).data
-    storage, why = choose_storage(capped, shape, cap_bytes=1e12, shared=True)
+    storage, why = choose_storage(capped, small, cap_bytes=1e12, shared=True)
     assert storage == "stream" and "memory_cap_gb" in why
     # a dataset that cannot stream is held in memory whatever its size
     digits = _cfg(memory_cap_gb=1e-9).data
-    assert choose_storage(digits, data_shape(digits), cap_bytes=0, shared=True)[0] == "shared"
+    assert choose_storage(digits, big, cap_bytes=0, shared=True)[0] == "shared"
+    assert choose_storage(_cfg(storage="private").data, big, cap_bytes=1e12, shared=True) == ("private",
+                                                                                              "data.storage")
 
 
 def test_stream_is_refused_for_a_dataset_that_is_not_an_image_folder():
@@ -190,3 +198,25 @@ space:
         resolved = next(r["resolved_config"] for r in rows if "resolved_config" in r)
         assert resolved["data.storage"] == "stream"
         assert np.isfinite(rows[-1]["knn_acc"])
+
+
+def test_trials_of_a_sweep_on_the_node_s_shared_copy_train_as_train_does_alone(ray_session, tmp_path):
+    """Through Ray Tune: two concurrent trials read the node's shared copy (data.storage shared, recorded as such)
+    and each trains exactly the trial that train() trains on its own copy of the same configuration."""
+    from helpers import DIGITS_SWEEP, space_without
+
+    from ncssl_tune.spec import load_spec
+    from ncssl_tune.sweep.runner import run_sweep
+
+    spec = load_spec(space_without(tmp_path, "model.norm"), [*DIGITS_SWEEP, "data.storage=shared",
+                     "search.algorithm=random"], num_samples=2, epochs=2, name="shared")
+    run_sweep(spec, tmp_path / "results", monitor_interval_s=1e9, export=False)
+    results = sorted((tmp_path / "results").rglob("result.json"))
+    assert len(results) == 2
+    for path in results:
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        resolved = next(r["resolved_config"] for r in rows if "resolved_config" in r)
+        assert resolved["data.storage"] == "shared"
+        alone = spec.base.with_overrides({**resolved, "data.storage": "private"})
+        keys = ("loss", "knn_acc", "effective_rank", "fewshot_acc")
+        assert [{k: r[k] for k in keys} for r in rows] == [{k: m[k] for k in keys} for m in _history(alone)]

@@ -502,20 +502,26 @@ def default_cap_bytes() -> float:
 def choose_storage(d, shape: DataShape | None, cap_bytes: float, shared: bool) -> tuple[str, str]:
     """(how the dataset of d (a DataConfig) is held, why): "stream" (read from disk batch by batch), "shared" (one
     copy per node in Ray's object store) or "private" (each trial its own copy). d.storage "auto" streams a
-    streamable dataset larger than d.memory_cap_gb (else cap_bytes), and otherwise holds it in memory, shared
-    where a Ray node can share it."""
+    streamable dataset larger than d.memory_cap_gb (else cap_bytes); holds one of at least SHARE_MIN_BYTES in
+    memory, shared where a Ray node can share it; and gives a smaller one, or one of unknown size, to each trial."""
     if d.storage != "auto":
         return d.storage, "data.storage"
+    if shape is None:
+        return "private", "auto: the dataset's size is unknown until it is loaded"
     cap = d.memory_cap_gb * 1e9 if d.memory_cap_gb is not None else cap_bytes
     cap_text = (f"data.memory_cap_gb {d.memory_cap_gb:g}" if d.memory_cap_gb is not None
                 else f"{format_bytes(cap)}, {CAP_SHARE:.0%} of a node's object store")
-    if shape is None:
-        why = "auto; the dataset's size is unknown until it is loaded"
-    elif _source(d.dataset).stream is not None and shape.nbytes > cap:
-        return "stream", f"auto: {format_bytes(shape.nbytes)} is more than the cap ({cap_text})"
-    else:
-        why = f"auto: {format_bytes(shape.nbytes)} is within the cap ({cap_text})"
-    return ("shared" if shared else "private"), why
+    size = format_bytes(shape.nbytes)
+    if _source(d.dataset).stream is not None and shape.nbytes > cap:
+        return "stream", f"auto: {size} is more than the cap ({cap_text})"
+    if shape.nbytes < SHARE_MIN_BYTES:
+        return "private", f"auto: {size} is less than a node's copy process costs ({format_bytes(SHARE_MIN_BYTES)})"
+    return ("shared" if shared else "private"), f"auto: {size} is within the cap ({cap_text})"
+
+
+# Below this, auto gives each trial its own copy: a node's shared copy lives in a process of its own (~0.3 GB with
+# torch imported, a few seconds to start on 2 cores), more than copies of a small dataset cost.
+SHARE_MIN_BYTES = 64e6
 
 
 def plan_storage(d) -> tuple[str, str, DataShape | None]:
