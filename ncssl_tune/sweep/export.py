@@ -31,10 +31,9 @@ import yaml
 
 import ncssl_tune
 from ncssl_tune.config import TrainConfig, mechanisms
-from ncssl_tune.core.data import load_dataset
 from ncssl_tune.core.evaluate import Labels, build_evaluators, embed
 from ncssl_tune.core.models import SSLModel, build_backbone, build_predictor, build_projector
-from ncssl_tune.core.train import backbone_options, load_state
+from ncssl_tune.core.train import backbone_options, load_own, load_state
 from ncssl_tune.naming import trial_index, trial_label
 from ncssl_tune.sweep.trainable import STATE_FILE
 from ncssl_tune.vocab import DOWNSTREAM, PARENT_TAG, RESOLVED_CONFIG, TAG_TRIAL
@@ -67,18 +66,12 @@ def build_model(cfg: TrainConfig, in_channels: int, image_size: int) -> SSLModel
     return SSLModel(backbone, projector, predictor=predictor)
 
 
-def _data(cfg: TrainConfig):
-    d = cfg.data
-    return load_dataset(d.dataset, root=d.root, seed=d.seed, test_fraction=d.test_fraction, image_size=d.image_size,
-                        synthetic=d.synthetic or None)
-
-
 @torch.no_grad()
 def score_encoder(model: SSLModel, cfg: TrainConfig, epoch: int | None = None) -> dict[str, float]:
     """Downstream scores (knn_acc, fewshot_acc, probe_acc, ...) of `model`'s frozen h on cfg's data, as train()
     measures them at its final epoch (`epoch`: the epoch whose schedule to follow, default the last). On CPU,
     like a CPU trial (no autocast)."""
-    data = _data(cfg)
+    data = load_own(cfg)  # as the trial held it: a streamed dataset streams here too
     model = model.to("cpu").eval()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)  # the trial's thread count: sums in the probes round alike
@@ -205,7 +198,7 @@ def export_best(sweep_name: str, base: TrainConfig, out_dir: Path, best, trackin
     cfg = _resolved_config(best, base)
     with best.checkpoint.as_directory() as d:
         state = load_state(Path(d) / STATE_FILE)
-    data = _data(cfg)
+    data = load_own(cfg)
     model = build_model(cfg, data.channels, data.image_size)
     model.load_state_dict(state["model"])
     model.eval()
