@@ -1,7 +1,7 @@
 """GPU smoke test: a 4-trial CIFAR-10-shaped sweep (32x32 RGB synthetic data, ResNet-18) packed on one GPU.
 
-Four trials share the GPU (resources.gpu = 0.25, all four at once), in bf16 autocast with channels-last tensors
-(train.amp, model.channels_last: both on by default on CUDA). Prints and records images/s per trial (of its last
+Four trials share the GPU (resources.gpu = 0.25, all four at once) and the node's one copy of the data, in bf16
+autocast with channels-last tensors (train.amp, model.channels_last: both on by default on CUDA). Prints and records images/s per trial (of its last
 epoch) and in total (their sum: the four run together), with the GPU's name and the sweep's wall time, in
 results/benchmarks/gpu_smoke.json. Where no GPU is visible it says so and exits 0 (the CPU path is covered by
 the test suite).
@@ -26,7 +26,8 @@ SETS = ["data.dataset=synthetic", "data.synthetic={n: 20000, size: 32, channels:
         "model.backbone=resnet18", "model.projector=2048-2048-2048", "train.batch_size=512",
         "train.optimizer=lars", "train.lr=0.3", "train.warmup_epochs=1", "eval.knn_every=1",
         "eval.probe_every=0", "resources.gpu=0.25", "resources.cpu=1", "search.max_concurrent=4",
-        "search.scheduler.name=fifo", "train.amp=true", "model.channels_last=true"]
+        "search.scheduler.name=fifo", "train.amp=true", "model.channels_last=true",
+        "data.storage=shared"]  # the four trials read one copy of the data (docs/data.md)
 TRIALS = 4
 
 
