@@ -93,8 +93,11 @@ def memory(cfg: TrainConfig, mode: str, trials: int, settle_s: float) -> dict:
         ray.kill(a)
     if registry is not None:
         ray.kill(registry)
-    return {"mode": mode, "trials": trials, "peak_bytes": max(samples + [holding]), "holding_bytes": holding,
-            "seconds_to_ready": ready_s}
+    out = {"mode": mode, "trials": trials, "peak_bytes": max(samples + [holding]), "holding_bytes": holding,
+           "seconds_to_ready": ready_s}
+    print(f"  {mode} x{trials}: holding {format_bytes(holding)}, peak {format_bytes(out['peak_bytes'])}, ready in "
+          f"{ready_s:.1f} s", flush=True)  # as it goes: a full run takes ~10 minutes
+    return out
 
 
 def make_folder(root: Path, train: int, test: int, size: int = 32, classes: int = 10) -> Path:
@@ -112,11 +115,11 @@ def make_folder(root: Path, train: int, test: int, size: int = 32, classes: int 
 
 
 def throughput(root: Path, storage: str, threads: int, workers: int) -> dict:
-    """One 2-epoch training run on the folder held as `storage`: seconds before the first step, images/s."""
+    """One 1-epoch training run on the folder held as `storage`: seconds before the first step, images/s."""
     cfg = TrainConfig.from_dict({
         "data": {"dataset": "imagefolder", "root": str(root), "image_size": 32, "storage": storage,
                  "workers": workers},
-        "train": {"epochs": 2, "threads": threads, "batch_size": 256},
+        "train": {"epochs": 1, "threads": threads, "batch_size": 256},
         "eval": {"eval_samples": 512, "knn_every": 0, "probe_every": 0, "fewshot_k": 0, "cond_views": 0}})
     reports: list[dict] = []
     start = time.perf_counter()
@@ -125,8 +128,10 @@ def throughput(root: Path, storage: str, threads: int, workers: int) -> dict:
     train(cfg, lambda m, s: reports.append(m) or first.append(time.perf_counter()))
     wall = time.perf_counter() - start
     setup = wall - sum(r["epoch_seconds"] for r in reports) - (time.perf_counter() - first[-1])
-    return {"storage": storage, "images_per_s": statistics.median(r["images_per_s"] for r in reports),
-            "seconds_before_training": setup, "wall_seconds": wall}
+    out = {"storage": storage, "images_per_s": statistics.median(r["images_per_s"] for r in reports),
+           "seconds_before_training": setup, "wall_seconds": wall}
+    print(f"  {storage}: {out['images_per_s']:.0f} images/s, {setup:.1f} s before training", flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="results/benchmarks/data.json")
     args = p.parse_args(argv)
-    n, images, settle, repeats = (1200, 600, 0.5, 1) if args.quick else (60000, 22000, 3.0, 3)
+    n, images, settle, repeats = (1200, 600, 0.5, 1) if args.quick else (60000, 20000, 3.0, 2)
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
