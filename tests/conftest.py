@@ -8,8 +8,10 @@ import os
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+import types
+
 import pytest
-from helpers import MlflowServer, start_local_ray
+from helpers import OUTCOMES_SPACE, MlflowServer, start_local_ray
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +45,20 @@ def own_server(tmp_path_factory):
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def outcomes_sweep(ray_session, tmp_path_factory):
+    """helpers.OUTCOMES_SPACE swept once (trials that finish, are stopped for collapse, diverge), recorded in a
+    SQLite MLflow store; tests only read it (a sweep's start-up costs ~15 s)."""
+    from ncssl_tune.records.store import default_tracking_uri
+    from ncssl_tune.spec import load_spec
+    from ncssl_tune.sweep.runner import run_sweep
+
+    tmp = tmp_path_factory.mktemp("outcomes")
+    path = tmp / "outcomes.yaml"
+    path.write_text(OUTCOMES_SPACE)
+    spec = load_spec(str(path))
+    uri = default_tracking_uri(tmp / "results")
+    result = run_sweep(spec, tmp / "results", tracking_uri=uri, monitor_interval_s=1e9)
+    return types.SimpleNamespace(spec=spec, uri=uri, result=result, tmp=tmp)

@@ -38,6 +38,22 @@ DIGITS_SWEEP = ["eval.cond_views=0", "eval.eval_samples=256", "eval.probe_every=
                 "model.projector=128-128", "search.max_concurrent=2"]
 
 
+# A grid sweep whose three trials end the three ways a trial can end on its own: lr 3e-3 finishes, 1e4 collapses
+# totally and is stopped by the collapse stopper (at epoch 2), 1e8 diverges in its first epoch. Run once per session
+# (conftest.outcomes_sweep) and read by the tests of what a sweep records for each ending.
+OUTCOMES_SPACE = """\
+name: outcomes
+data: {dataset: synthetic, synthetic: {n: 400, size: 8, channels: 1, classes: 4}}
+model: {projector: 64-64, width: 16}
+loss: {method: vicreg}
+train: {epochs: 3, batch_size: 64}
+eval: {cond_views: 0, eval_samples: 64, probe_weight_decays: [0.0], probe_every: 0}
+search: {algorithm: grid, num_samples: 3, max_concurrent: 2, metric: knn_acc, scheduler: {name: fifo}}
+space:
+  train.lr: {type: categorical, values: [3.0e-3, 1.0e+4, 1.0e+8]}
+"""
+
+
 def space_without(folder: Path, *keys: str) -> Path:
     """search_spaces/vicreg.yaml with some swept keys removed (so `--set` can fix them, or to drop a costly
     dimension), written to <folder>/vicreg.yaml."""

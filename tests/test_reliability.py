@@ -8,7 +8,6 @@ import torch
 from ncssl_tune.config import TrainConfig
 from ncssl_tune.core.losses import WhiteningError, whiten
 from ncssl_tune.core.train import train
-from ncssl_tune.spec import load_spec
 from ncssl_tune.sweep.monitor import read_trials
 
 SMALL = {"data": {"dataset": "synthetic", "synthetic": {"n": 400, "size": 8, "channels": 1, "classes": 4}},
@@ -16,60 +15,39 @@ SMALL = {"data": {"dataset": "synthetic", "synthetic": {"n": 400, "size": 8, "ch
          "eval": {"cond_views": 0, "probe_every": 0, "eval_samples": 64, "probe_weight_decays": [0.0]},
          "train": {"epochs": 2, "batch_size": 128, "threads": 1}}
 
-DIVERGING_SWEEP = """\
-name: rel_diverge
-data: {dataset: synthetic, synthetic: {n: 400, size: 8, channels: 1, classes: 4}}
-model: {projector: 64-64, width: 16}
-loss: {method: vicreg}
-train: {epochs: 2, batch_size: 64}
-eval: {cond_views: 0, probe_every: 0, eval_samples: 64, probe_weight_decays: [0.0]}
-search: {algorithm: grid, num_samples: 3, max_concurrent: 2, scheduler: {name: fifo}}
-resources: {cpu: 1, gpu: 0}
-space:
-  train.lr: {type: categorical, values: [2.0e-3, 3.0e-3, 1.0e+12, 1.0e+13]}
-"""
-
-
 def small(method: str, **train_over) -> TrainConfig:
     return TrainConfig.from_dict({**SMALL, "loss": {"method": method}, "train": {**SMALL["train"], **train_over}})
 
 
-def test_diverging_trial_does_not_stop_the_sweep_and_is_excluded_from_the_analysis(tmp_path, ray_session):
+def test_diverging_trial_does_not_stop_the_sweep_and_is_excluded_from_the_analysis(outcomes_sweep):
+    """The session's outcomes sweep (helpers.OUTCOMES_SPACE): lr 1e8 diverges in its first epoch, the others go on
+    (3e-3 finishes, 1e4 is stopped for collapse); the analysis leaves the diverged trial out."""
     from ncssl_tune.analysis import analyze, load_epochs, load_runs
-    from ncssl_tune.records.store import default_tracking_uri
-    from ncssl_tune.sweep.runner import run_sweep
 
-    path = tmp_path / "diverge.yaml"
-    path.write_text(DIVERGING_SWEEP)
-    spec = load_spec(str(path))
-    results = tmp_path / "results"
-    uri = default_tracking_uri(results)
+    spec, uri, result = outcomes_sweep.spec, outcomes_sweep.uri, outcomes_sweep.result
 
-    result = run_sweep(spec, results, tracking_uri=uri, monitor_interval_s=1e9)
-
-    # Any 3 of the 4 grid points hold at least one learning rate that diverges and one that does not. (Not all
-    # 4: Optuna's GridSampler calls study.stop() when its grid is used up, which fails outside study.optimize.)
     assert result.num_trials == 3 and result.errors == 0
     rows = read_trials(result.out_dir)
-    diverged = {r["trial_id"] for r in rows if float(r["param.train.lr"]) >= 1e12}
-    assert 1 <= len(diverged) <= 2 and len(rows) == 3
+    diverged = {r["trial_id"] for r in rows if float(r["param.train.lr"]) >= 1e8}
+    assert len(diverged) == 1 and len(rows) == 3
+    status = {r["trial_id"]: r["status"] for r in rows}
+    others = {float(r["param.train.lr"]): r["status"] for r in rows if r["trial_id"] not in diverged}
     for r in rows:
         if r["trial_id"] in diverged:
             assert r["status"] == "diverged" and "non-finite" in r["stop_reason"], r
-        else:
-            assert r["status"] == "finished", r
-    assert float(result.best_config["train.lr"]) < 1e12
+    assert others == {3e-3: "finished", 1e4: "stopped"}  # the sweep went on past the divergence
+    assert float(result.best_config["train.lr"]) < 1e8
 
     df = load_runs(spec.name, uri, parent_run_id=result.mlflow_parent_run_id)
     assert len(df) == 3
     for _, r in df.iterrows():
-        expected = ("FAILED", "diverged") if r["trial_id"] in diverged else ("FINISHED", "finished")
+        expected = ("FAILED", "diverged") if r["trial_id"] in diverged else ("FINISHED", status[r["trial_id"]])
         assert (r["run_status"], r["status"]) == expected
     epochs = load_epochs(uri, list(df["run_id"]), ["probe_acc", "effective_rank"])
     analysis = analyze(df, epochs, df.attrs["objective"], df.attrs["mode"])
     assert analysis["n_trials"] == 3 and analysis["status_counts"]["diverged"] == len(diverged)
     assert analysis["excluded"]["diverged_or_failed"] == len(diverged)
-    assert analysis["scopes"]["all"]["n_trials"] == 3 - len(diverged)  # finished ones only
+    assert analysis["scopes"]["all"]["n_trials"] == 3 - len(diverged)  # the diverged one left out
 
 
 def test_wmse_with_exploding_learning_rate_ends_as_diverged():

@@ -102,31 +102,13 @@ def test_trial_files_when_nothing_was_measured(tmp_path):
 
 
 # --- a real sweep: one trial finishes, one collapses totally and is stopped, one diverges in its first epoch
-
-SPACE = """\
-data: {dataset: synthetic, synthetic: {n: 400, size: 8, channels: 1, classes: 4}}
-model: {projector: 64-64, width: 16}
-loss: {method: vicreg}
-train: {epochs: 3, batch_size: 64}
-eval: {cond_views: 0, eval_samples: 64, probe_weight_decays: [0.0], probe_every: 0}
-search: {algorithm: grid, num_samples: 3, max_concurrent: 2, metric: knn_acc, scheduler: {name: fifo}}
-space:
-  train.lr: {type: categorical, values: [3.0e-3, 1.0e+4, 1.0e+8]}
-"""
+# (helpers.OUTCOMES_SPACE, run once per session: conftest.outcomes_sweep)
 
 
-def test_every_child_run_of_a_sweep_has_its_spectra(ray_session, tmp_path):
+def test_every_child_run_of_a_sweep_has_its_spectra(outcomes_sweep, tmp_path):
     from mlflow import MlflowClient
 
-    from ncssl_tune.records.store import default_tracking_uri
-    from ncssl_tune.spec import load_spec
-    from ncssl_tune.sweep.runner import run_sweep
-
-    path = tmp_path / "spectra_sweep.yaml"
-    path.write_text(SPACE)
-    spec = load_spec(str(path))
-    uri = default_tracking_uri(tmp_path / "results")
-    result = run_sweep(spec, tmp_path / "results", tracking_uri=uri, monitor_interval_s=1e9)
+    spec, uri, result = outcomes_sweep.spec, outcomes_sweep.uri, outcomes_sweep.result
     c = MlflowClient(uri)
     exp = c.get_experiment_by_name(spec.name)
     children = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("run_kind") == "trial"]

@@ -31,6 +31,34 @@ from ncssl_tune.vocab import (
     TAG_NOTE,
 )
 
+# One `mlflow server` for the whole module (a start costs ~10 s): the tests that stop it mid-sweep (at the end of
+# the module) use it too, each from a running server (`server` and `running_server` start it again if a test before
+# left it stopped). Each test records under its own experiment name, so sharing the store mixes nothing.
+
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory):
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def running_server(module_server) -> MlflowServer:
+    """The module's server, running, by its handle (a test may stop and restart it)."""
+    if module_server.proc is None:
+        module_server.start()
+    return module_server
+
+
+@pytest.fixture
+def server(running_server) -> str:
+    """The module's server, running, by its URI (conftest's `server` would start a server of its own)."""
+    return running_server.uri
+
+
 # --- check_tracking_uri
 
 def test_unreachable_server_fails_fast_with_a_clear_message():
@@ -252,8 +280,10 @@ class Interrupt(Callback):
 
 
 @pytest.fixture(scope="module")
-def sweep(server, ray_session, tmp_path_factory):
+def sweep(module_server, ray_session, tmp_path_factory):
     from ncssl_tune.sweep.runner import run_sweep
+
+    server = module_server.uri  # built before the outage tests, which come last: running
 
     spec = load_spec("search_spaces/vicreg.yaml", name="trk_sweep", num_samples=3, epochs=2,
                      sets=[*TINY_SWEEP, "search.scheduler.name=fifo"])
@@ -402,40 +432,40 @@ def outage_sweep(tmp_path, server: MlflowServer, name: str, restart_after: int |
     return spec, outage, result, trial_ids
 
 
-def test_server_restart_mid_sweep_loses_nothing(own_server, ray_session, tmp_path, caplog):
+def test_server_restart_mid_sweep_loses_nothing(running_server, ray_session, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="ncssl_tune.sweep.tracker")
     start = time.monotonic()
-    spec, outage, result, trial_ids = outage_sweep(tmp_path, own_server, "trk_restart", restart_after=1)
+    spec, outage, result, trial_ids = outage_sweep(tmp_path, running_server, "trk_restart", restart_after=1)
 
     assert outage.stopped_at_epoch == 1 and outage.restarted and result.num_trials == 3 and result.errors == 0
     assert time.monotonic() - start < 240
     text = caplog.text
     assert "unreachable" in text and "is back after" in text  # the outage was met, and recovered from
     assert not (result.out_dir / UNSENT_FILE).exists()
-    parents, children = runs_of(own_server.uri, spec.name)
+    parents, children = runs_of(running_server.uri, spec.name)
     assert [p.info.run_id for p in parents] == [result.mlflow_parent_run_id]
     assert parents[0].info.status == "FINISHED" and parents[0].data.tags["status"] == "finished"
     assert sorted(c.data.tags["ray_trial_id"] for c in children) == sorted(trial_ids) and len(trial_ids) == 3
-    c = mlflow_client(own_server.uri)
+    c = mlflow_client(running_server.uri)
     for run in children:
         assert (run.info.status, run.data.tags["status"]) == ("FINISHED", "finished")
-        assert steps(own_server.uri, run.info.run_id) == [1, 2, 3]  # every epoch, none twice
-        assert steps(own_server.uri, run.info.run_id, "epoch") == [1, 2, 3]
+        assert steps(running_server.uri, run.info.run_id) == [1, 2, 3]  # every epoch, none twice
+        assert steps(running_server.uri, run.info.run_id, "epoch") == [1, 2, 3]
         assert len(c.get_metric_history(run.info.run_id, "time_total_s")) == 1
         assert {a.path for a in c.list_artifacts(run.info.run_id)} == {SPECTRUM_CSV, "spectrum.png", "spectrum_epochs.png"}
 
 
-def test_server_down_until_the_end_reports_what_was_not_sent(own_server, ray_session, tmp_path, monkeypatch,
+def test_server_down_until_the_end_reports_what_was_not_sent(running_server, ray_session, tmp_path, monkeypatch,
                                                              capsys):
     monkeypatch.setattr(MlflowTracker, "end_wait_s", 2.0)
     start = time.monotonic()
-    _, outage, result, trial_ids = outage_sweep(tmp_path, own_server, "trk_down", restart_after=None)
+    _, outage, result, trial_ids = outage_sweep(tmp_path, running_server, "trk_down", restart_after=None)
 
     assert outage.stopped_at_epoch == 1 and result.num_trials == 3 and result.errors == 0
     assert time.monotonic() - start < 240
     report_path = result.out_dir / UNSENT_FILE
     report = json.loads(report_path.read_text())
-    assert report["tracking_uri"] == own_server.uri and report["last_error"]
+    assert report["tracking_uri"] == running_server.uri and report["last_error"]
     runs = {r["trial_id"]: r for r in report["runs"]}
     assert runs[None]["final_status"] == "FINISHED" and runs[None]["run_id"] == result.mlflow_parent_run_id
     assert set(runs) - {None} == set(trial_ids)
@@ -448,6 +478,6 @@ def test_server_down_until_the_end_reports_what_was_not_sent(own_server, ray_ses
         assert all(Path(a).is_file() and str(result.out_dir) in a for a in r["artifacts"])
     assert sum(r["run_created"] for r in runs.values() if r["trial_id"]) >= 1  # started before the outage
     err = capsys.readouterr().err
-    assert f"could not be recorded at {own_server.uri}" in err and str(report_path) in err
+    assert f"could not be recorded at {running_server.uri}" in err and str(report_path) in err
     for tid in trial_ids:
         assert f"trial {tid}: run " in err
