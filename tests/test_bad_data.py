@@ -246,3 +246,6 @@ def test_a_trial_on_bad_data_fails_with_one_line(tmp_path):
         run_trial({}, base=spec.base, objective="fewshot_acc", cpus=1, gpus=0)
     assert str(err.value).startswith("on node ") and f"cannot read {bad} as an image" in str(err.value)
     assert "\n" not in str(err.value) and err.value.__cause__ is None and err.value.__suppress_context__
+    import ray
+
+    assert not ray.is_initialized()  # deciding how to hold the data outside a Ray worker must not start Ray
