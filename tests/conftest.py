@@ -14,6 +14,30 @@ import pytest
 from helpers import OUTCOMES_SPACE, MlflowServer, start_local_ray
 
 
+# Test files that must share one xdist worker: both read the session's outcomes sweep (run once per worker).
+SAME_WORKER = {"test_reliability": "outcomes", "test_spectra": "outcomes"}
+# Files whose tests share no module fixture and are long one by one (whole sweeps): each test is a unit of its own.
+EACH_TEST = {"test_benchmarks", "test_faults"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The suite runs on two xdist workers (pyproject's addopts; -n 0 runs it in one process). Each test file is
+    one unit of work (EACH_TEST: each test), so its module fixtures (an mlflow server, a sweep) start once; units
+    with the most slow tests are handed out first, so that no worker is left running a long file while the other
+    has finished."""
+    def group(item) -> str:
+        name = item.module.__name__
+        return item.nodeid if name in EACH_TEST else SAME_WORKER.get(name, name)
+
+    slow: dict[str, int] = {}  # slow tests per unit of work
+    for item in items:
+        slow[group(item)] = slow.get(group(item), 0) + bool(item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[group(item)])  # stable: each file keeps its own order
+    if config.getoption("dist", "no") == "loadgroup":
+        for item in items:
+            item.add_marker(pytest.mark.xdist_group(group(item)))
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session (Ray's start costs ~5 s here); shut down by its handle.

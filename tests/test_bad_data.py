@@ -236,16 +236,25 @@ def test_reference_scores_from_a_worker_unwrap_its_data_error(tmp_path, monkeypa
     assert err.value is inner
 
 
-def test_a_trial_on_bad_data_fails_with_one_line(tmp_path):
+def test_a_trial_on_bad_data_fails_with_one_line(tmp_path, monkeypatch):
     """A trial whose node cannot read the data fails with the DatasetError, the node named, no chained cause."""
+    import ray
+
     from ncssl_tune.core.data import DatasetError
     from ncssl_tune.sweep.trainable import run_trial
 
+    # Deciding how to hold the data outside a Ray worker must neither start Ray nor ask it which node this is
+    # (asking started a Ray in the test process once). Failing both calls checks it whether or not an earlier
+    # test in this process started Ray.
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a trial without a data registry asked Ray")
+
+    before = ray.is_initialized()
+    monkeypatch.setattr(ray, "init", forbidden)
+    monkeypatch.setattr(ray, "nodes", forbidden)
     spec, bad = _bad_imagefolder_spec(tmp_path)
     with pytest.warns(UserWarning, match="get_checkpoint"), pytest.raises(DatasetError) as err:
         run_trial({}, base=spec.base, objective="fewshot_acc", cpus=1, gpus=0)
     assert str(err.value).startswith("on node ") and f"cannot read {bad} as an image" in str(err.value)
     assert "\n" not in str(err.value) and err.value.__cause__ is None and err.value.__suppress_context__
-    import ray
-
-    assert not ray.is_initialized()  # deciding how to hold the data outside a Ray worker must not start Ray
+    assert ray.is_initialized() == before

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 BENCH = sorted(Path(__file__).resolve().parent.parent.glob("benchmarks/bench_*.py"))
+SLOW = {"bench_sweep", "bench_search", "bench_data"}  # whole sweeps (one through the CLI), or six trial processes
 
 
-@pytest.mark.parametrize("path", BENCH, ids=[p.stem for p in BENCH])
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if p.stem in SLOW else [])
+                                  for p in BENCH])
 def test_benchmark_quick_mode_writes_its_json(path, tmp_path, ray_session):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
