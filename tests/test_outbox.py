@@ -181,3 +181,25 @@ def test_stop_leaves_what_an_outage_kept_for_the_caller_and_the_outbox_pickles(t
     assert [op.kind for op in copy.ops] == ["a"] and copy._writer is None
     store.down = False
     assert box.drain(force=True) is True and [op.kind for op in store.sent] == ["a"]
+
+
+def test_wait_for_wakes_when_the_writer_sends_and_gives_up_when_the_store_is_down():
+    store = SlowStore()
+    box = Outbox(store.execute, transient=lambda e: isinstance(e, Down))
+    assert box.wait_for(lambda: False, 10) is False  # no writer: nobody would send, so no wait
+    box.start()
+    try:
+        box.put("child", "t1")
+        threading.Timer(0.3, store.gate.set).start()
+        start = time.monotonic()
+        assert box.wait_for(lambda: any(op.trial_id == "t1" for op in store.sent), 10) is True
+        assert 0.25 < time.monotonic() - start < 5  # woken by the send, not by the timeout
+        assert box.wait_for(lambda: False, 10) is False  # nothing queued: returns at once
+        store.down = True
+        box.put("child", "t2")
+        start = time.monotonic()
+        assert box.wait_for(lambda: False, 10) is False and box.down_since is not None
+        assert time.monotonic() - start < 5  # the outage ends the wait, not the timeout
+    finally:
+        store.gate.set()
+        box.stop()

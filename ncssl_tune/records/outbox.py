@@ -87,7 +87,8 @@ class Outbox:
         self._retry_wait = RETRY_FIRST_S
         self._dirty = False  # the file (if any) lags the queue
         self._lock = threading.RLock()
-        self._wake = threading.Condition(self._lock)
+        self._wake = threading.Condition(self._lock)  # the writer waits on it for work
+        self._progress = threading.Condition(self._lock)  # wait_for's callers wait on it for the writer
         self._writer: threading.Thread | None = None
         self._stopping = False
         self.writer_error: BaseException | None = None  # a fatal error that ended the writer thread
@@ -99,7 +100,7 @@ class Outbox:
     def __getstate__(self) -> dict:
         with self._lock:
             state = dict(self.__dict__)
-        for k in ("_lock", "_wake", "_writer"):
+        for k in ("_lock", "_wake", "_progress", "_writer"):
             state.pop(k)
         return state
 
@@ -107,6 +108,7 @@ class Outbox:
         self.__dict__.update(state)
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
+        self._progress = threading.Condition(self._lock)
         self._writer = None
 
     def replace(self, ops: list[Op]) -> None:
@@ -162,6 +164,7 @@ class Outbox:
                 self.ops.popleft()
                 self._dirty = True
                 self.save()
+                self._progress.notify_all()
             sent += 1
         with self._lock:
             if self.ops:
@@ -199,6 +202,7 @@ class Outbox:
         writer.join()
         with self._lock:
             self._writer = None
+            self._progress.notify_all()
 
     def _write(self) -> None:
         while True:
@@ -211,21 +215,37 @@ class Outbox:
                 self._drain(force=False)
             except BaseException as e:  # noqa: BLE001 - a fatal error: the caller learns of it from writer_error
                 log.error("%s: sending stopped: %s", self.where, e)
-                self.writer_error = e
+                with self._lock:
+                    self.writer_error = e
+                    self._progress.notify_all()
                 return
+
+    def wait_for(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Wait up to `timeout` s for the writer thread to make `done()` true (woken as each operation is sent,
+        not by polling); gives up early when nothing is queued, the store is down or the writer has ended (or
+        was never started: then nobody sends until the caller drains). Returns done()."""
+        def settled() -> bool:
+            return (done() or not self.ops or self.down_since is not None or self.writer_error is not None
+                    or self._writer is None)
+
+        with self._lock:
+            self._progress.wait_for(settled, timeout)
+            return done()
 
     def note_failure(self, err: BaseException) -> None:
         """Record that the store could not be reached: the next attempt waits (doubling while it stays down).
-        Called with the lock held (or before any writer runs)."""
-        now = self.clock()
-        self.last_error = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-        if self.down_since is None:
-            self.down_since = now
-            log.warning("%s unreachable (%s); keeping %d operations and retrying", self.where, self.last_error,
-                        len(self.ops))
-        else:
-            self._retry_wait = min(RETRY_MAX_S, self._retry_wait * 2)
-        self._retry_at = now + self._retry_wait
+        Wakes wait_for's callers: they give up while the store is down."""
+        with self._lock:  # reentrant: the writer calls it holding the lock
+            now = self.clock()
+            self.last_error = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            self._progress.notify_all()
+            if self.down_since is None:
+                self.down_since = now
+                log.warning("%s unreachable (%s); keeping %d operations and retrying", self.where, self.last_error,
+                            len(self.ops))
+            else:
+                self._retry_wait = min(RETRY_MAX_S, self._retry_wait * 2)
+            self._retry_at = now + self._retry_wait
 
     # --- the file
     def save(self) -> None:

@@ -306,11 +306,8 @@ class MlflowTracker(Callback):
     def _run_id(self, tid: str, wait_s: float = 2.0) -> str | None:
         """The trial's child run id: its creation is queued at the trial's start, and sent by the writer well
         before the first epoch ends; waits for it up to `wait_s` (not while the store is down)."""
-        deadline = time.monotonic() + wait_s
-        while (run_id := self.runs.runs.get(tid)) is None and self.outbox.down_since is None \
-                and self.outbox.writer_error is None and time.monotonic() < deadline and len(self.outbox):
-            time.sleep(0.005)
-        return run_id
+        self.outbox.wait_for(lambda: tid in self.runs.runs, wait_s)
+        return self.runs.runs.get(tid)
 
     def _child(self, trial, running: bool) -> None:
         """Queue the creation (or re-attachment) of the trial's child run, once per trial and session."""
