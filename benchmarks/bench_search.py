@@ -27,7 +27,7 @@ best final objective - final objective of the trial with the highest final effec
 selection, no labels); also for knn_acc, for effective_rank_h, and the regret of a uniformly random pick for
 scale. Per seed (both strategies' trials pooled) and over all seeds pooled.
 
-Writes results/benchmarks/search.json. `--quick`: 1 seed, B = 2, 1 epoch per trial: 2 trials per strategy (what
+Writes results/benchmarks/search.json after every seed (a long run keeps what it measured). `--quick`: 1 seed, B = 2, 1 epoch per trial: 2 trials per strategy (what
 the test suite runs; it checks the plumbing, its numbers mean nothing).
 """
 
@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--space", default=str(Path(__file__).resolve().parent.parent / "search_spaces/vicreg.yaml"))
     p.add_argument("--out", default="results/benchmarks/search.json")
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     p.add_argument("--budget", type=int, default=100, help="trial-epochs per strategy and seed (random search: "
                    "budget // epochs trials)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the space file's)")
@@ -163,9 +164,16 @@ def main(argv: list[str] | None = None) -> dict:
     if started:  # one Ray for all sweeps (run_sweep would start and stop one per sweep, ~5 s each)
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     per_seed, pooled = [], []
+    settings = {"seeds": seeds, "budget_trial_epochs": budget, "epochs_per_trial": epochs,
+                "objective": args.metric, "tolerance": TOL, "max_concurrent": 2, "threads_per_trial": 1,
+                "tpe": "tpe + asha (file's grace/reduction) + collapse stop, num_samples ceil(B/4)",
+                "random": "random + fifo, no collapse stop, num_samples B // epochs",
+                "qmc": "scrambled sobol + fifo, no collapse stop, num_samples B // epochs",
+                "budget_rule": "sweep stopped once B results arrived; results past the first B (arrival "
+                               "order) discarded from both curves"}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for seed in range(seeds):
+            for seed in range(args.first_seed, args.first_seed + seeds):
                 s = {"seed": seed}
                 for name in STRATEGIES:
                     s[name] = run_strategy(args.space, seed, epochs, budget, name, args.metric, tmp)
@@ -187,38 +195,38 @@ def main(argv: list[str] | None = None) -> dict:
                 s["label_free"] = label_free(trials)
                 pooled += trials
                 per_seed.append(s)
+                # Written after every seed: a long run (B = 300: ~15 min a seed) keeps what it measured.
+                out = summarise(per_seed, pooled, settings, args.space, args.metric)
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(out, indent=2, allow_nan=False))  # raises on a stray NaN
+                print(f"seed {seed} done ({len(per_seed)} of {seeds}), written to {args.out}", flush=True)
     finally:
         if started:
             ray.shutdown()
+    _print(out)
+    return out
 
-    def spread(xs: list) -> dict:
-        xs = [x for x in xs if x is not None]
-        return {"median": _median(xs), "min": min(xs, default=None), "max": max(xs, default=None), "n": len(xs)}
 
-    med = {m: {**{f"{n}_ratio": spread([s["ratio"][n][m] for s in per_seed]) for n in STRATEGIES[1:]},
-               **{f"{n}_best": spread([s[n]["best"][m] for s in per_seed]) for n in STRATEGIES},
-               **{f"{n}_to_within": spread([s[n]["to_within"][m] for s in per_seed]) for n in STRATEGIES},
-               **{f"best_gap_{n}_minus_random": spread([s[n]["best"][m] - s["random"]["best"][m] for s in per_seed
-                                                       if None not in (s[n]["best"][m], s["random"]["best"][m])])
+def _spread(xs: list) -> dict:
+    xs = [x for x in xs if x is not None]
+    return {"median": _median(xs), "min": min(xs, default=None), "max": max(xs, default=None), "n": len(xs)}
+
+
+def summarise(per_seed: list[dict], pooled: list[dict], settings: dict, space: str, metric: str) -> dict:
+    """The JSON for the seeds run so far: per seed, medians and ranges over seeds, targets, label-free regret."""
+    med = {m: {**{f"{n}_ratio": _spread([s["ratio"][n][m] for s in per_seed]) for n in STRATEGIES[1:]},
+               **{f"{n}_best": _spread([s[n]["best"][m] for s in per_seed]) for n in STRATEGIES},
+               **{f"{n}_to_within": _spread([s[n]["to_within"][m] for s in per_seed]) for n in STRATEGIES},
+               **{f"best_gap_{n}_minus_random": _spread([s[n]["best"][m] - s["random"]["best"][m] for s in per_seed
+                                                        if None not in (s[n]["best"][m], s["random"]["best"][m])])
                   for n in STRATEGIES[1:]}} for m in OBJECTIVES}
-    ratio, gap = med[args.metric]["tpe_ratio"]["median"], med[args.metric]["best_gap_tpe_minus_random"]["median"]
+    ratio, gap = med[metric]["tpe_ratio"]["median"], med[metric]["best_gap_tpe_minus_random"]["median"]
     targets = {"ratio_at_least": 2.0, "ratio_met": ratio is not None and ratio >= 2.0,
                "equal_or_better_best_met": gap is not None and gap >= 0.0}
-    out = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
-           "space": Path(args.space).name,
-           "settings": {"seeds": seeds, "budget_trial_epochs": budget, "epochs_per_trial": epochs,
-                        "objective": args.metric, "tolerance": TOL, "max_concurrent": 2, "threads_per_trial": 1,
-                        "tpe": "tpe + asha (file's grace/reduction) + collapse stop, num_samples ceil(B/4)",
-                        "random": "random + fifo, no collapse stop, num_samples B // epochs",
-                        "qmc": "scrambled sobol + fifo, no collapse stop, num_samples B // epochs",
-                        "budget_rule": "sweep stopped once B results arrived; results past the first B (arrival "
-                                       "order) discarded from both curves"},
-           "per_seed": per_seed, "medians": med, "targets": targets,
-           "label_free": {"per_seed": [s["label_free"] for s in per_seed], "pooled": label_free(pooled)}}
-    _print(out)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2, allow_nan=False))  # raises on a stray NaN
-    return out
+    return {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+            "space": Path(space).name, "settings": {**settings, "seeds_done": len(per_seed)},
+            "per_seed": per_seed, "medians": med, "targets": targets,
+            "label_free": {"per_seed": [s["label_free"] for s in per_seed], "pooled": label_free(pooled)}}
 
 
 def _print(out: dict) -> None:
