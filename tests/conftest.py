@@ -13,7 +13,6 @@ import types
 import pytest
 from helpers import OUTCOMES_SPACE, MlflowServer, start_local_ray
 
-
 # Test files that must share one xdist worker: both read the session's outcomes sweep (run once per worker).
 SAME_WORKER = {"test_reliability": "outcomes", "test_spectra": "outcomes"}
 # Files whose tests share no module fixture and are long one by one (whole sweeps): each test is a unit of its own.

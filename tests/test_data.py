@@ -11,8 +11,8 @@ from ncssl_tune.core.data import (
     DATASETS,
     DatasetError,
     _digits_arrays,
-    as_float,
     _split,
+    as_float,
     check_dataset,
     load_dataset,
 )

@@ -183,11 +183,11 @@ space:
   train.lr: {{type: logfloat, low: 1.0e-3, high: 1.0e-2}}
 """)
     cli = [sys.executable, "-m", "ncssl_tune.cli", str(space), "--results-dir", str(tmp_path / "results")]
-    dry = subprocess.run([*cli, "--dry-run"], capture_output=True, text=True, timeout=120)
+    dry = subprocess.run([*cli, "--dry-run"], capture_output=True, text=True, timeout=120, check=False)
     assert dry.returncode == 0, dry.stderr
     line = next(x for x in dry.stdout.splitlines() if x.startswith("data:"))
     assert "36 + 12 images of 3x16x16 uint8" in line and "[stream: auto:" in line and "memory_cap_gb 1e-05" in line
-    run = subprocess.run(cli, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(cli, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "raw pixels not scored (streamed data)" in run.stdout
     results = list((tmp_path / "results").rglob("result.json"))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ncssl_tune.core.data_errors import DatasetError, DatasetMissing, content_error  # noqa: F401 (also imported from here)
+from ncssl_tune.core.data_errors import DatasetError, DatasetMissing, content_error
 
 
 @dataclass

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from itertools import islice
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 
 import numpy as np
 import torch

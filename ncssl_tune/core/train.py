@@ -17,7 +17,15 @@ import torch
 
 from ncssl_tune.config import TrainConfig, mechanisms
 from ncssl_tune.core.augment import TwoViewAugment, default_augment
-from ncssl_tune.core.data import ImageData, as_float, batches, choose_storage, data_shape, default_cap_bytes, load_data
+from ncssl_tune.core.data import (
+    ImageData,
+    as_float,
+    batches,
+    choose_storage,
+    data_shape,
+    default_cap_bytes,
+    load_data,
+)
 from ncssl_tune.core.evaluate import Labels, SharedEmbeddings, build_evaluators, collapse_thresholds, embed
 from ncssl_tune.core.losses import LOSSES, WhiteningError
 from ncssl_tune.core.mechanisms import EMATarget, two_way_loss

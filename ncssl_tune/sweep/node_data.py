@@ -20,7 +20,14 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ncssl_tune.config import DataConfig, install_plugins
-from ncssl_tune.core.data import CAP_SHARE, ImageData, choose_storage, data_shape, default_cap_bytes, load_data
+from ncssl_tune.core.data import (
+    CAP_SHARE,
+    ImageData,
+    choose_storage,
+    data_shape,
+    default_cap_bytes,
+    load_data,
+)
 
 _FIELDS = ("train_x", "train_y", "test_x", "test_y")
 LOAD_KEYS = ("dataset", "root", "seed", "test_fraction", "image_size", "synthetic")
@@ -51,7 +58,7 @@ class _NodeCopy:
         try:
             # the store's copy; this process's own goes with the arrays when __init__ returns
             self.ref = ray.put(to_arrays(load_data(data_cfg, "shared")))
-        except Exception as e:  # raised to every trial that asks, as the loader raised it (a DatasetError)
+        except Exception as e:  # noqa: BLE001 - raised to every trial that asks, as the loader raised it
             self.error = e
 
     def ref_(self) -> list:
