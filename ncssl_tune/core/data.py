@@ -531,6 +531,13 @@ def plan_storage(d) -> tuple[str, str, DataShape | None]:
     return (*choose_storage(d, shape, default_cap_bytes(), shared=True), shape)
 
 
+def own_storage(d) -> str:
+    """How one process alone holds the dataset of d (a DataConfig): "stream" or "private" ("auto" decided against
+    this machine's cap; "shared" has no node copy to share outside a sweep and loads whole). Asks no Ray."""
+    storage, _ = choose_storage(d, data_shape(d) if d.storage == "auto" else None, default_cap_bytes(), shared=False)
+    return "private" if storage == "shared" else storage
+
+
 def load_data(d, storage: str, workers: int = 1) -> ImageData:
     """The dataset of d (a DataConfig) held as `storage` ("stream", or in memory for "private"/"shared")."""
     return load_dataset(d.dataset, root=d.root, seed=d.seed, test_fraction=d.test_fraction,

@@ -17,15 +17,7 @@ import torch
 
 from ncssl_tune.config import TrainConfig, mechanisms
 from ncssl_tune.core.augment import TwoViewAugment, default_augment
-from ncssl_tune.core.data import (
-    ImageData,
-    as_float,
-    batches,
-    choose_storage,
-    data_shape,
-    default_cap_bytes,
-    load_data,
-)
+from ncssl_tune.core.data import ImageData, as_float, batches, load_data, own_storage
 from ncssl_tune.core.evaluate import Labels, SharedEmbeddings, build_evaluators, collapse_thresholds, embed
 from ncssl_tune.core.losses import LOSSES, WhiteningError
 from ncssl_tune.core.mechanisms import EMATarget, two_way_loss
@@ -233,9 +225,7 @@ class _Run:
 def load_own(cfg: TrainConfig) -> ImageData:
     """cfg's dataset for one process alone: streamed or loaded whole, as cfg.data.storage says ("auto": streamed
     above the cap, "shared" has nothing to share with here and loads whole)."""
-    d = cfg.data
-    storage, _ = choose_storage(d, data_shape(d) if d.storage == "auto" else None, default_cap_bytes(), shared=False)
-    return load_data(d, storage, workers=d.workers or torch.get_num_threads())
+    return load_data(cfg.data, own_storage(cfg.data), workers=cfg.data.workers or torch.get_num_threads())
 
 
 def train(cfg: TrainConfig, report: Report | None = None, resume: dict | None = None,

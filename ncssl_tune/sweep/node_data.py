@@ -20,14 +20,7 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ncssl_tune.config import DataConfig, install_plugins
-from ncssl_tune.core.data import (
-    CAP_SHARE,
-    ImageData,
-    choose_storage,
-    data_shape,
-    default_cap_bytes,
-    load_data,
-)
+from ncssl_tune.core.data import CAP_SHARE, ImageData, choose_storage, data_shape, load_data, own_storage
 
 _FIELDS = ("train_x", "train_y", "test_x", "test_y")
 LOAD_KEYS = ("dataset", "root", "seed", "test_fraction", "image_size", "synthetic")
@@ -117,8 +110,6 @@ def trial_data(registry: ray.actor.ActorHandle | None, data_cfg: DataConfig) -> 
     """(how a trial on this node holds its data, the data when it is this node's shared copy, else None: the trial
     loads or streams its own). Without a registry (a Tuner built outside run_sweep) there is no copy to share."""
     if registry is None:  # decided without asking Ray: outside a Ray worker, asking would start a Ray instance
-        shape = data_shape(data_cfg) if data_cfg.storage == "auto" else None
-        storage, _ = choose_storage(data_cfg, shape, default_cap_bytes(), shared=False)
-        return ("private" if storage == "shared" else storage), None
+        return own_storage(data_cfg), None
     storage, _ = node_storage(data_cfg)
     return storage, node_data(registry, data_cfg) if storage == "shared" else None
