@@ -11,7 +11,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 import types
 
 import pytest
-from helpers import OUTCOMES_SPACE, MlflowServer, start_local_ray
+from helpers import OUTCOMES_SPACE, mlflow_server, start_local_ray
 
 # Test files that must share one xdist worker: both read the session's outcomes sweep (run once per worker).
 SAME_WORKER = {"test_reliability": "outcomes", "test_spectra": "outcomes"}
@@ -51,23 +51,15 @@ def ray_session():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One `mlflow server` (own SQLite store and artifact root) for this module; stopped by its handle."""
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
-    try:
-        srv.start()
+    with mlflow_server(tmp_path_factory.mktemp("mlflow_server")) as srv:
         yield srv.uri
-    finally:
-        srv.stop()
 
 
 @pytest.fixture
 def own_server(tmp_path_factory):
     """A server of the test's own, which the test may stop and restart."""
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_own"))
-    try:
-        srv.start()
+    with mlflow_server(tmp_path_factory.mktemp("mlflow_own")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="session")

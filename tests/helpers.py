@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -130,7 +131,19 @@ class MlflowServer:
         proc.wait()
 
 
+@contextmanager
+def mlflow_server(root: Path):
+    """A started MlflowServer in `root`, stopped (by its handle) when the block ends."""
+    srv = MlflowServer(root)
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
 # --- reading back what a sweep recorded in MLflow (trials.csv: ncssl_tune.sweep.monitor.read_trials)
+
 
 def mlflow_client(client_or_uri):
     from mlflow import MlflowClient

@@ -11,7 +11,7 @@ import types
 from pathlib import Path
 
 import pytest
-from helpers import TINY_SWEEP, MlflowServer, free_port, mlflow_client, runs_of, steps
+from helpers import TINY_SWEEP, MlflowServer, free_port, mlflow_client, mlflow_server, runs_of, steps
 from ray.tune import Callback
 
 from ncssl_tune.config import flatten
@@ -37,12 +37,8 @@ from ncssl_tune.vocab import (
 
 @pytest.fixture(scope="module")
 def module_server(tmp_path_factory):
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
-    try:
-        srv.start()
+    with mlflow_server(tmp_path_factory.mktemp("mlflow_server")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture
