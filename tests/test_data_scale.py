@@ -220,3 +220,36 @@ def test_trials_of_a_sweep_on_the_node_s_shared_copy_train_as_train_does_alone(r
         alone = spec.base.with_overrides({**resolved, "data.storage": "private"})
         keys = ("loss", "knn_acc", "effective_rank", "fewshot_acc")
         assert [{k: r[k] for k in keys} for r in rows] == [{k: m[k] for k in keys} for m in _history(alone)]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_reference_scores_on_a_worker_reading_the_node_copy_equal_those_computed_here(tmp_path):
+    """The two places a sweep computes its reference scores: this process, on its own copy (a Ray on this machine
+    alone), and a Ray worker reading the node's shared copy (a cluster). Same base configuration, same scores."""
+    from ncssl_tune.spec import load_spec
+    from ncssl_tune.sweep.node_data import start_registry
+    from ncssl_tune.sweep.references import compute_reference
+
+    space = tmp_path / "space.yaml"
+    space.write_text("""\
+data: {dataset: synthetic, synthetic: {n: 600, size: 16}, storage: shared}
+model: {projector: 32-32, width: 16}
+loss: {method: vicreg}
+train: {epochs: 1, batch_size: 16, threads: 1}
+eval: {eval_samples: 24, cond_samples: 8, fewshot_k: 2}
+search: {num_samples: 1, algorithm: random}
+resources: {cpu: 1, gpu: 0}
+space:
+  train.lr: {type: logfloat, low: 1.0e-3, high: 1.0e-2}
+""")
+    spec = load_spec(str(space))
+    here = compute_reference(spec)
+    registry = start_registry()
+    try:
+        there = compute_reference(spec, {"CPU": 1.0, "GPU": 0.0}, registry)
+    finally:
+        import ray
+
+        ray.kill(registry)
+    assert {"random_init", "pixels"} <= set(here) and here["random_init"]["fewshot_acc"] > 0
+    assert here == there

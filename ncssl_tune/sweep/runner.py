@@ -280,9 +280,11 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
         check_tracking_uri(tracking_uri)  # an unreachable server is reported before any trial starts
     run = _Run(spec, out_dir, tune_path, resume, address, tracking_uri, extra_callbacks, stoppers, storage,
                reuse_actors, export, register, marks=[time.perf_counter()])
-    # A Ray this sweep starts itself runs on this machine alone: the data is here, and only GPU trials need a
-    # worker's device. A joined cluster (address) or a Ray the caller started keeps the worker path.
-    on_driver = address is None and not ray.is_initialized() and spec.resources.gpu == 0
+    # The reference scores are computed here when the data is here: a Ray this sweep starts itself runs on this
+    # machine alone, as does one the caller started on it (tests, benchmarks: a worker would import torch again,
+    # ~5 s, for ~2 s of work); only GPU trials need a worker's device. A joined cluster (address), or a Ray with
+    # a node on another machine, keeps the worker path: that node may hold the data this machine lacks.
+    on_driver = address is None and spec.resources.gpu == 0 and (not ray.is_initialized() or _all_nodes_here())
     # The fixed costs of a start, overlapped: while Ray starts (~4 s here), one thread opens the MLflow store
     # (imports, a new SQLite file's tables: ~5 s) and one computes the reference scores (~2 s); nothing is written
     # to the sweep folder before the resources are checked.
@@ -318,6 +320,12 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
             finally:
                 if ray.is_initialized():
                     ray.kill(run.registry)  # and with it (their owner) the node copies: their memory is freed now
+
+
+def _all_nodes_here() -> bool:
+    """Whether every live node of the Ray this process is connected to runs on this machine."""
+    here = ray.util.get_node_ip_address()
+    return all(n["NodeManagerAddress"] == here for n in ray.nodes() if n["Alive"])
 
 
 @dataclass
