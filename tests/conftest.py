@@ -19,22 +19,34 @@ SAME_WORKER = {"test_reliability": "outcomes", "test_spectra": "outcomes"}
 EACH_TEST = {"test_benchmarks", "test_faults"}
 
 
-def pytest_collection_modifyitems(config, items):
-    """The suite runs on two xdist workers (pyproject's addopts; -n 0 runs it in one process). Each test file is
-    one unit of work (EACH_TEST: each test), so its module fixtures (an mlflow server, a sweep) start once; units
-    with the most slow tests are handed out first, so that no worker is left running a long file while the other
-    has finished."""
-    def group(item) -> str:
-        name = item.module.__name__
-        return item.nodeid if name in EACH_TEST else SAME_WORKER.get(name, name)
+def _unit(nodeid: str) -> str:
+    """The unit of work an xdist worker takes a test in: its file (SAME_WORKER: a shared name), or itself."""
+    path = nodeid.split("::", 1)[0]
+    name = path.rsplit("/", 1)[-1].removesuffix(".py")
+    return nodeid if name in EACH_TEST else SAME_WORKER.get(name, path)
 
-    slow: dict[str, int] = {}  # slow tests per unit of work
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """The suite runs on two xdist workers (pyproject's addopts; -n 0 runs it in one process). Each test file is
+    one unit of work (EACH_TEST: each test), so its module fixtures (an mlflow server, a sweep) start once.
+    (xdist's own loadgroup marks do not group under pytest 9.2, whose node ids xdist cannot rename.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    return ByFile(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Units with the most slow tests are handed out first (pyproject: --no-loadscope-reorder keeps this order), so
+    that no worker is left running a long file while the other has finished."""
+    slow: dict[str, int] = {}
     for item in items:
-        slow[group(item)] = slow.get(group(item), 0) + bool(item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[group(item)])  # stable: each file keeps its own order
-    if config.getoption("dist", "no") == "loadgroup":
-        for item in items:
-            item.add_marker(pytest.mark.xdist_group(group(item)))
+        slow[_unit(item.nodeid)] = slow.get(_unit(item.nodeid), 0) + bool(item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[_unit(item.nodeid)])  # stable: each file keeps its own order
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +89,5 @@ def outcomes_sweep(ray_session, tmp_path_factory):
     uri = default_tracking_uri(tmp / "results")
     result = run_sweep(spec, tmp / "results", tracking_uri=uri, monitor_interval_s=1e9)
     return types.SimpleNamespace(spec=spec, uri=uri, result=result, tmp=tmp)
+
+
