@@ -10,7 +10,9 @@ side by side in one process:
 Efficiency = Σ over trials of their training + evaluation seconds (each epoch's `epoch_seconds`, as the trial
 measured it) ÷ (wall seconds × concurrent trial slots). Slots = min(search.max_concurrent, CPUs ÷ resources.cpu).
 In-process runs give it for the sweep (Ray start, references, Tune run) and for the whole (plus analysis and
-export), with each phase's seconds. Between epochs: each trial reports `between_epochs_s`, the seconds from the
+export), with each phase's seconds; the CLI's phases are its own record (<sweep>/timings.json) plus the
+interpreter's start and exit. Each run's slot-seconds are split into trial epochs, trial set-up, between epochs
+and outside trials (slot_seconds()). Between epochs: each trial reports `between_epochs_s`, the seconds from the
 end of its previous epoch to the start of this one (its checkpoint, then waiting while the driver handles the
 result: Ray's function trainables report synchronously); p50 and p95 over every epoch after the first, read from
 the results Ray stored. Targets: cli efficiency >= 0.70, sweep >= 0.85, between-epochs p50 with MLflow on <=
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -56,6 +59,34 @@ def quantile(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
+def _finite(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def slot_seconds(results: list[dict], wall_s: float, slots: int) -> dict:
+    """Where the slot-seconds (wall x slots) went, from the results Ray stored. Per trial, time_total_s of its
+    last result is the time from the trial function's start to that report, and its first result's
+    time_this_iter_s less that epoch's seconds is the trial's set-up (config, data, model, first-call costs).
+    `outside trials` is every slot-second in which no trial function ran: the interpreter's start and imports
+    (CLI), Ray's start, the references, Tune starting worker processes (their imports come before the function
+    starts), the tail when one trial runs alone, export and analysis."""
+    by_trial: dict[str, list[dict]] = {}
+    for r in results:
+        by_trial.setdefault(r.get("trial_id"), []).append(r)
+    epochs = sum(_finite(r.get("epoch_seconds")) or 0.0 for r in results)
+    alive = setup = 0.0
+    for rows in by_trial.values():
+        rows.sort(key=lambda r: r.get("training_iteration", 0))
+        alive += _finite(rows[-1].get("time_total_s")) or 0.0
+        first = rows[0]
+        setup += max(0.0, (_finite(first.get("time_this_iter_s")) or 0.0) - (_finite(first.get("epoch_seconds")) or 0.0))
+    total = wall_s * slots
+    # between epochs: each report's checkpoint and its wait for the driver (what between_epochs_s measures)
+    parts = {"trial epochs": epochs, "trial set-up": setup, "between epochs": alive - epochs - setup,
+             "outside trials": total - alive}
+    return {"slot_seconds": total, "parts": parts, "fractions": {k: v / total for k, v in parts.items()}}
+
+
 def summary(out_dir: Path, wall_s: float, slots: int, metric: str) -> dict:
     results = stored_results(out_dir)
     trial_s = sum(float(r.get("epoch_seconds") or 0.0) for r in results)
@@ -67,7 +98,7 @@ def summary(out_dir: Path, wall_s: float, slots: int, metric: str) -> dict:
             "epochs": len(results), "slots": slots, "trial_seconds": trial_s, "wall_seconds": wall_s,
             "efficiency": trial_s / (wall_s * slots),
             "between_epochs_s": {"n": len(between), "p50": quantile(between, 0.5), "p95": quantile(between, 0.95)},
-            f"best_{metric}": best}
+            f"best_{metric}": best, "slot_time": slot_seconds(results, wall_s, slots)}
 
 
 def in_process(space: str, quick: dict, tracking: bool, slots: int) -> dict:
@@ -98,7 +129,11 @@ def cli(space: str, quick: dict, slots: int) -> dict:
         wall_s = time.perf_counter() - start
         if done.returncode != 0:
             raise RuntimeError(f"the CLI failed ({done.returncode}): {done.stderr[-2000:]}")
-        return summary(sweep_dir(spec, tmp), wall_s, slots, spec.search.metric)
+        out = summary(sweep_dir(spec, tmp), wall_s, slots, spec.search.metric)
+        timings = json.loads((sweep_dir(spec, tmp) / "timings.json").read_text())
+    # the command's own phases (timings.json), and what it cannot see: the interpreter's start and the exit
+    out["phase_seconds"] = {**timings["seconds"], "interpreter start and exit": wall_s - timings["total"]}
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -132,6 +167,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:11} {r['trials']:6d} {r['epochs']:6d} {r['trial_seconds']:8.1f} {r['wall_seconds']:7.1f} "
               f"{r['efficiency']:5.2f} {sweep_eff} {b['p50'] or float('nan'):11.3f} {b['p95'] or float('nan'):6.3f}"
               f"  {phases}")
+    print("where the slot-seconds (wall x slots) went:")
+    for name, r in runs.items():
+        st = r["slot_time"]
+        print(f"{name:11} {st['slot_seconds']:7.1f} slot-s: " + ", ".join(
+            f"{k} {v:.1f} ({st['fractions'][k]:.0%})" for k, v in st["parts"].items()))
     ratio = out["between_epochs_p50_on_over_off"]
     print(f"between epochs, p50 with MLflow on / off: {ratio:.2f} (target <= 1.2)" if ratio else
           "between epochs: too few epochs to compare")

@@ -7,10 +7,14 @@ each command imports what it uses when it runs.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shlex
 import sys
+import time
 from pathlib import Path
+
+_STARTED = time.perf_counter()  # this module is imported first: the command's own start, for timings.json
 
 USAGE = """ncssl-sweep SPACE.yaml [options]                   run a sweep (also --dry-run, --resume)
        ncssl-sweep validate SPACE.yaml [...] [--set K=V]  check files, start nothing
@@ -303,6 +307,7 @@ def _sweep(args, argv: list[str]) -> int:
         # once per command, before anything starts: run_sweep and run_analysis are told so and do not ask again
         check_tracking_uri(uri)
         wait = {} if args.resource_wait is None else {"resource_wait_s": args.resource_wait}
+        marks = [time.perf_counter()]
         result = run_sweep(spec, args.results_dir, resume=args.resume, address=args.address, tracking_uri=uri,
                            storage=args.storage, tracking_checked=True, register=args.register, **wait)
     except (SweepError, TrackingError) as e:
@@ -310,6 +315,7 @@ def _sweep(args, argv: list[str]) -> int:
         return 2
     except KeyboardInterrupt:  # a second Ctrl+C skips Ray's last save: the previous save is resumed
         return _interrupted(argv, [])
+    marks.append(time.perf_counter())
     if result.interrupted:
         return _interrupted(argv, result.interrupted)
     print(f"\n{result.num_trials} trials ({result.errors} errored); results in {result.out_dir}")
@@ -326,9 +332,23 @@ def _sweep(args, argv: list[str]) -> int:
         view = mlflow_runs_view(result.mlflow_experiment_id, spec.search.metric, spec.mode)
         print(f"  then open http://127.0.0.1:5000/{view}  (the trials, best {spec.search.metric} first)")
     analysis_dir = result.out_dir / "analysis"
+    marks.append(time.perf_counter())
     _print_analysis(run_analysis(spec.name, uri, analysis_dir, parent_run_id=result.mlflow_parent_run_id,
                                  tracking_checked=True), analysis_dir)
+    _write_timings(result, [_STARTED, *marks, time.perf_counter()])
     return 1 if result.errors == result.num_trials and result.num_trials else 0
+
+
+def _write_timings(result, marks: list[float]) -> None:
+    """<sweep>/timings.json: the wall seconds of this command's phases, where a sweep's time went. marks: the
+    command's start, run_sweep's call, its return, the analysis' start and end. `start` is the imports and the
+    checks before run_sweep; `sweep_rest` is what run_sweep spent outside its own phases (stopping Ray, the
+    result table); `reporting` the lines printed after the sweep."""
+    start, called, returned, analysing, done = marks
+    seconds = {"start": called - start, **result.seconds,
+               "sweep_rest": returned - called - sum(result.seconds.values()),
+               "reporting": analysing - returned, "analysis": done - analysing}
+    (result.out_dir / "timings.json").write_text(json.dumps({"seconds": seconds, "total": done - start}, indent=2))
 
 
 def _print_best(metrics: dict, config: dict, metric: str) -> None:

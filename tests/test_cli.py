@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -504,8 +505,14 @@ def test_register_reaches_the_sweep_and_the_best_encoder_is_printed(tmp_path, ca
     monkeypatch.setattr(ncssl_tune.cli, "_print_analysis", lambda *a: None)
     path = tmp_path / "space.yaml"
     path.write_text(BASE)
+    best.parent.mkdir(parents=True)  # run_sweep makes the sweep folder
     assert main([str(path), "--results-dir", str(tmp_path / "results"), "--register", "mine"]) == 0
     assert seen["register"] == "mine"
+    # where the command's time went: every phase it saw, none negative, adding up to its total
+    timings = json.loads((best.parent / "timings.json").read_text())
+    assert set(timings["seconds"]) == {"start", "sweep_rest", "reporting", "analysis"}
+    assert all(v >= 0 for v in timings["seconds"].values())
+    assert sum(timings["seconds"].values()) == pytest.approx(timings["total"])
     out = capsys.readouterr().out
     assert (f"best encoder (trial t1, epoch 3): {best}; MLflow model models:/m-1, registered as mine version 1 "
             f"(how to load it: {best / 'README.md'})") in out
