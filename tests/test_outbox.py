@@ -203,3 +203,32 @@ def test_wait_for_wakes_when_the_writer_sends_and_gives_up_when_the_store_is_dow
     finally:
         store.gate.set()
         box.stop()
+
+
+def test_a_settling_writer_waits_before_it_sends_unless_someone_waits_for_a_send(tmp_path):
+    store = FakeStore()
+    box = Outbox(store.execute, settle_s=30.0)  # Down is a ConnectionError: transient
+    box.start()
+    try:
+        box.put("batch", "t1")
+        time.sleep(0.3)
+        assert store.sent == [] and len(box) == 1  # settling: whoever queued goes on undisturbed
+        start = time.monotonic()
+        assert box.wait_for(lambda: len(store.sent) == 1, 20) is True  # a waiter ends the settling at once
+        assert time.monotonic() - start < 10
+        box.put("batch", "t2")
+        time.sleep(0.3)
+        assert [op.trial_id for op in store.sent] == ["t1"]  # the next work settles again
+        start = time.monotonic()
+    finally:
+        box.stop()
+    assert time.monotonic() - start < 10  # stop does not wait out the settling; what was queued stays queued
+    assert [op.trial_id for op in box.ops] == ["t2"]
+    copy = pickle.loads(pickle.dumps(box))
+    assert copy.settle_s == 30.0 and copy._waiters == 0
+    old = box.__getstate__()
+    del old["settle_s"]  # an outbox Ray saved before there was settling
+    restored = Outbox.__new__(Outbox)
+    restored.__setstate__(old)
+    assert restored.settle_s == 0.0
+    assert box.drain() is True and [op.trial_id for op in store.sent] == ["t1", "t2"]

@@ -72,13 +72,21 @@ class Outbox:
     def __init__(self, execute: Callable[[Op], None], *, path: str | Path | None = None, where: str = "the store",
                  transient: Callable[[BaseException], bool] = is_transient,
                  fatal: tuple[type[BaseException], ...] = (),
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, settle_s: float = 0.0):
         self.execute = execute
         self.path = Path(path) if path else None
         self.where = where  # for messages: "MLflow tracking server http://..."
         self.transient = transient
         self.fatal = fatal  # errors that end the caller: neither retried nor recorded as refused
         self.clock = clock
+        # The writer thread waits this long after work arrives before it sends (unless someone waits for a send),
+        # so that whoever queued finishes first: in a sweep, the driver handling the result the operation came
+        # from while that trial waits in tune.report. A send is CPU work in this process (MLflow's SQLAlchemy
+        # store): started at once, it competes with the driver for the interpreter lock and the trial waits
+        # longer between its epochs (measured on 2 cores: p50 0.035 s with MLflow on against 0.024 s off;
+        # 0.024 s after waiting 50 ms).
+        self.settle_s = settle_s
+        self._waiters = 0  # threads in wait_for: the writer does not settle while someone waits for it
         self.ops: deque[Op] = deque()
         self.rejected: list[tuple[Op, str]] = []  # refused by the store (not an outage), with the error
         self.down_since: float | None = None
@@ -106,6 +114,8 @@ class Outbox:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("settle_s", 0.0)  # the state of a sweep saved before there was settling
+        self._waiters = 0
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._progress = threading.Condition(self._lock)
@@ -209,6 +219,9 @@ class Outbox:
             with self._lock:
                 while not self._stopping and not (self.ops and self.clock() >= self._retry_at):
                     self._wake.wait(max(0.05, self._retry_at - self.clock()) if self.ops else None)
+                until = time.monotonic() + self.settle_s  # real time, whatever clock the retries use
+                while not self._stopping and not self._waiters and (left := until - time.monotonic()) > 0:
+                    self._wake.wait(left)
                 if self._stopping:
                     return
             try:
@@ -229,7 +242,12 @@ class Outbox:
                     or self._writer is None)
 
         with self._lock:
-            self._progress.wait_for(settled, timeout)
+            self._waiters += 1
+            self._wake.notify()  # a settling writer sends now
+            try:
+                self._progress.wait_for(settled, timeout)
+            finally:
+                self._waiters -= 1
             return done()
 
     def note_failure(self, err: BaseException) -> None:

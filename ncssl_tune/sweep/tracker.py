@@ -67,6 +67,10 @@ HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF
             "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 OUTBOX_FILE = "mlflow_outbox.json"  # in the sweep folder while operations wait for the store
 OUTBOX_DIR = "mlflow_outbox"  # artifacts waiting to be sent, one folder per operation
+# The writer waits this long after a result's operations are queued before sending them, so that Ray's loop
+# finishes handling the result (the trial waits in tune.report meanwhile) before the writer competes with it for
+# the interpreter (records/outbox.py). A trial's first result, which waits for its run to exist, is not delayed.
+SETTLE_S = 0.05
 
 
 def metrics_of(result: dict) -> dict[str, float]:
@@ -148,7 +152,8 @@ class MlflowTracker(Callback):
         self.reference = reference or {}  # {"random_init": {metric: v}, "pixels": {...}}: parent metrics, sent once
         # replaced by the saved one when Ray restores a sweep (set_state, before setup)
         self.runs = SweepRuns(spec, tracking_uri, uuid.uuid4().hex, ray_address)
-        self.outbox = Outbox(self._execute, where=f"MLflow tracking server {tracking_uri}", fatal=(TrackingError,))
+        self.outbox = Outbox(self._execute, where=f"MLflow tracking server {tracking_uri}", fatal=(TrackingError,),
+                             settle_s=SETTLE_S)
         self._known: set[str] = set()  # trial ids whose child run is created or queued for creation
         self._closed: set[str] = set()  # trial ids whose final status is sent or queued
         self._last_step: dict[str, int] = {}  # trial id -> last epoch buffered
