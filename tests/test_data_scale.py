@@ -162,6 +162,9 @@ def test_trials_on_one_node_read_one_shared_copy():
         shared = node_data(registry, cfg.data)
         assert a[3] == int(shared.train_x.sum())
         assert _history(cfg, shared) == _history(cfg)
+        # Every sweep starts a registry beside its first trials: its process imports neither torch nor the
+        # loaders (the node copies do), which would take ~2 s of CPU from the trials starting with it.
+        assert ray.get(registry.__ray_call__.remote(lambda _: "torch" in sys.modules)) is False
     finally:
         ray.kill(registry)
 

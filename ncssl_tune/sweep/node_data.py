@@ -14,13 +14,18 @@ a damaged file on one node fails that node's trials with the loader's message.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import ray
-import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ncssl_tune.config import DataConfig, install_plugins
-from ncssl_tune.core.data import CAP_SHARE, ImageData, choose_storage, data_shape, load_data, own_storage
+
+if TYPE_CHECKING:
+    from ncssl_tune.core.data import ImageData
+
+# torch and the loaders are imported where they are used: the registry's worker process imports this module to
+# run DataRegistry, and needs neither (torch alone is ~2 s of CPU, taken from the trials starting beside it).
 
 _FIELDS = ("train_x", "train_y", "test_x", "test_y")
 LOAD_KEYS = ("dataset", "root", "seed", "test_fraction", "image_size", "synthetic")
@@ -35,6 +40,9 @@ def to_arrays(data: ImageData) -> dict:
 def from_arrays(arrays: dict) -> ImageData:
     """The ImageData over arrays from the object store, as views: no byte is copied. The store's memory is
     read-only; nothing writes to a dataset (batches are gathered into new tensors)."""
+    import torch
+
+    from ncssl_tune.core.data import ImageData
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         tensors = {k: torch.from_numpy(arrays[k]) for k in _FIELDS}
@@ -47,6 +55,8 @@ class _NodeCopy:
 
     def __init__(self, data_cfg: DataConfig):
         self.ref, self.error = None, None
+        from ncssl_tune.core.data import load_data
+
         install_plugins()  # a plugin's dataset: this process unpickled a DataConfig alone, not a whole TrainConfig
         try:
             # the store's copy; this process's own goes with the arrays when __init__ returns
@@ -90,6 +100,8 @@ def node_store_bytes() -> float:
 
 def node_storage(data_cfg: DataConfig) -> tuple[str, str]:
     """(how this node holds data_cfg's dataset, why): data.storage, with "auto" decided against this node's store."""
+    from ncssl_tune.core.data import CAP_SHARE, choose_storage, data_shape
+
     shape = data_shape(data_cfg) if data_cfg.storage == "auto" else None
     return choose_storage(data_cfg, shape, CAP_SHARE * node_store_bytes(), shared=True)
 
@@ -109,6 +121,8 @@ def node_data(registry: ray.actor.ActorHandle, data_cfg: DataConfig) -> ImageDat
 def trial_data(registry: ray.actor.ActorHandle | None, data_cfg: DataConfig) -> tuple[str, ImageData | None]:
     """(how a trial on this node holds its data, the data when it is this node's shared copy, else None: the trial
     loads or streams its own). Without a registry (a Tuner built outside run_sweep) there is no copy to share."""
+    from ncssl_tune.core.data import own_storage
+
     if registry is None:  # decided without asking Ray: outside a Ray worker, asking would start a Ray instance
         return own_storage(data_cfg), None
     storage, _ = node_storage(data_cfg)
