@@ -516,3 +516,18 @@ def test_register_reaches_the_sweep_and_the_best_encoder_is_printed(tmp_path, ca
     out = capsys.readouterr().out
     assert (f"best encoder (trial t1, epoch 3): {best}; MLflow model models:/m-1, registered as mine version 1 "
             f"(how to load it: {best / 'README.md'})") in out
+
+
+def test_the_command_leaves_what_is_alive_at_its_end_out_of_python_s_exit_collection(monkeypatch):
+    import gc
+
+    import ncssl_tune.cli
+
+    monkeypatch.setattr(ncssl_tune.cli, "main", lambda: 3)
+    gc.unfreeze()
+    try:
+        with pytest.raises(SystemExit) as done:
+            ncssl_tune.cli.entry()
+        assert done.value.code == 3 and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
