@@ -123,16 +123,19 @@ def cli(space: str, quick: dict, slots: int) -> dict:
     spec = load_spec(space, **quick)
     args = [f"--{k.replace('_', '-')}={v}" for k, v in quick.items()]
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
+        start = time.time()
         done = subprocess.run([sys.executable, "-m", "ncssl_tune.cli", space, "--results-dir", tmp, *args],
                               cwd=REPO, capture_output=True, text=True, check=False)
-        wall_s = time.perf_counter() - start
+        end = time.time()
         if done.returncode != 0:
             raise RuntimeError(f"the CLI failed ({done.returncode}): {done.stderr[-2000:]}")
-        out = summary(sweep_dir(spec, tmp), wall_s, slots, spec.search.metric)
-        timings = json.loads((sweep_dir(spec, tmp) / "timings.json").read_text())
-    # the command's own phases (timings.json), and what it cannot see: the interpreter's start and the exit
-    out["phase_seconds"] = {**timings["seconds"], "interpreter start and exit": wall_s - timings["total"]}
+        out = summary(sweep_dir(spec, tmp), end - start, slots, spec.search.metric)
+        path = sweep_dir(spec, tmp) / "timings.json"
+        timings, written = json.loads(path.read_text()), path.stat().st_mtime  # written as the command ends
+    # the command's own phases (timings.json), and what it cannot see: the interpreter's start (up to the CLI
+    # module's import) and the exit (from timings.json's writing to the process's end, its output read)
+    out["phase_seconds"] = {"interpreter start": written - timings["total"] - start, **timings["seconds"],
+                            "exit": end - written}
     return out
 
 
