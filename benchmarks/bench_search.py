@@ -130,7 +130,8 @@ def run_strategy(space: str, seed: int, epochs: int, budget: int, strategy: str,
     if run_budget > budget:
         out["run_budget"], out["run_spent"] = run_budget, len(rows[:run_budget])
     out["best"] = {m: max((r[m] for r in kept if r[m] is not None), default=None) for m in OBJECTIVES}
-    out["_rows"], out["_kept"], out["_run_kept"] = rows[:run_budget], kept, rows[:run_budget]
+    # _rows: every result, past the budget too (label-free selection reads each trial's last one)
+    out["_rows"], out["_kept"], out["_run_kept"] = rows, kept, rows[:run_budget]
     return out
 
 
