@@ -209,11 +209,10 @@ def main(argv: list[str] | None = None) -> dict:
                     for n in STRATEGIES:
                         s[n].setdefault("to_within", {})[m] = (
                             None if not bests else to_within(s[n]["_kept"], m, s["reference"][m] - TOL))
-                    r = s["random"]["to_within"][m]
                     for n in STRATEGIES[1:]:
-                        t = s[n]["to_within"][m]
-                        s["censored"].setdefault(n, {})[m] = r is None or t is None
-                        s["ratio"].setdefault(n, {})[m] = None if not bests else (r or budget) / (t or budget)
+                        ratio, censored = _ratio(s["random"]["to_within"][m], budget, s[n]["to_within"][m], budget,
+                                                 bool(bests))
+                        s["ratio"].setdefault(n, {})[m], s["censored"].setdefault(n, {})[m] = ratio, censored
                 if args.random_budget:
                     extend(s, budget, args.random_budget)
                 trials = [t for n in STRATEGIES for t in final_trials(s[n].pop("_rows"))]
@@ -243,10 +242,17 @@ def extend(s: dict, budget: int, run_budget: int) -> None:
     s["ratio_extended"], s["censored_extended"] = {}, {}
     for n in STRATEGIES[1:]:
         for m in OBJECTIVES:
-            base, t = r["to_within_extended"][m], s[n]["to_within"][m]
-            s["censored_extended"].setdefault(n, {})[m] = base is None or t is None
-            s["ratio_extended"].setdefault(n, {})[m] = (None if s["reference"][m] is None
-                                                        else (base or run_budget) / (t or budget))
+            ratio, censored = _ratio(r["to_within_extended"][m], run_budget, s[n]["to_within"][m], budget,
+                                     s["reference"][m] is not None)
+            s["ratio_extended"].setdefault(n, {})[m], s["censored_extended"].setdefault(n, {})[m] = ratio, censored
+
+
+def _ratio(random_to: int | None, random_budget: int, other_to: int | None, budget: int, has_reference: bool
+           ) -> tuple[float | None, bool]:
+    """(random search's trial-epochs to within TOL ÷ the other strategy's, censored): a strategy that never got
+    there is charged its whole budget, which makes the ratio a bound (censored). None without a reference."""
+    censored = random_to is None or other_to is None
+    return (None if not has_reference else (random_to or random_budget) / (other_to or budget)), censored
 
 
 def _spread(xs: list) -> dict:

@@ -9,7 +9,7 @@ side by side in one process:
 
 Efficiency = Σ over trials of their training + evaluation seconds (each epoch's `epoch_seconds`, as the trial
 measured it) ÷ (wall seconds × concurrent trial slots). Slots = min(search.max_concurrent, CPUs ÷ resources.cpu).
-In-process runs give it for the sweep (Ray start, references, Tune run) and for the whole (plus analysis and
+In-process runs give it for the sweep (Ray start, set-up, Tune run) and for the whole (plus analysis and
 export), with each phase's seconds; the CLI's phases are its own record (<sweep>/timings.json) plus the
 interpreter's start and exit. Each run's slot-seconds are split into trial epochs, trial set-up, between epochs
 and outside trials (slot_seconds()). Between epochs: each trial reports `between_epochs_s`, the seconds from the
@@ -115,7 +115,7 @@ def in_process(space: str, quick: dict, tracking: bool, slots: int) -> dict:
     out["phase_seconds"] = {**result.seconds, "analysis": total_s - sweep_s,
                             "other": sweep_s - sum(result.seconds.values())}
     out["efficiency_sweep"] = out["trial_seconds"] / (result.seconds["tune"] + result.seconds["ray_start"]
-                                                      + result.seconds["references"]) / slots
+                                                      + result.seconds["setup"]) / slots
     return out
 
 

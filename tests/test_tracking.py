@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import signal
 import subprocess
 import time
@@ -241,6 +242,50 @@ def test_a_resumed_tracker_sends_queued_spectrum_folders_and_drops_orphans(serve
     assert not queued[0].exists() and not (tmp_path / OUTBOX_FILE).exists()  # sent, then removed
     kid = runs_of(server, "trk_orphans")[1][0]
     assert {a.path for a in mlflow_client(server).list_artifacts(kid.info.run_id)} >= {"spectrum.csv"}
+
+
+def test_references_computed_while_the_sweep_starts_are_logged_when_they_arrive(server, tmp_path, capsys):
+    """run_sweep starts Tune while the driver still computes the reference scores (PendingReference): nothing is
+    sent before they arrive, they are written, printed and logged on the parent run once, after; a computation
+    that fails sends nothing and raises where run_sweep waits for it."""
+    from concurrent.futures import Future
+
+    from ncssl_tune.sweep.references import REFERENCE_FILE, PendingReference
+
+    spec = load_spec("search_spaces/vicreg.yaml", name="trk_pending", epochs=3)
+    future = Future()
+    pending = PendingReference(future, tmp_path, "fewshot_acc")
+    tracker = MlflowTracker(spec, server, flush_s=3600, reference=pending)
+    tracker.setup(stop={}, num_samples=1, total_num_samples=1)
+    tracker.on_step_end(0, [])
+    parent = runs_of(server, "trk_pending")[0][0]
+    assert pending.ready() is None and not (tmp_path / REFERENCE_FILE).exists()
+    assert pickle.loads(pickle.dumps(pending)) == {}  # Ray pickles the callbacks: nothing to send from a copy
+    assert not [k for k in parent.data.metrics if k.startswith("reference_")]
+    ref = {"random_init": {"fewshot_acc": 0.3, "knn_acc": 0.4}, "pixels": {"fewshot_acc": 0.5, "knn_acc": 0.6}}
+    future.set_result(ref)
+    assert json.loads((tmp_path / REFERENCE_FILE).read_text()) == ref == pending.ready()
+    assert pickle.loads(pickle.dumps(pending)) == ref
+    assert "reference fewshot_acc: random-init encoder 0.300, raw pixels 0.500" in capsys.readouterr().out
+    tracker.on_step_end(1, [])
+    tracker.on_step_end(2, [])  # sent once
+    tracker.on_experiment_end([])
+    metrics = mlflow_client(server).get_run(parent.info.run_id).data.metrics
+    assert {k: v for k, v in metrics.items() if k.startswith("reference_")} == {
+        "reference_random_init_fewshot_acc": 0.3, "reference_random_init_knn_acc": 0.4,
+        "reference_pixels_fewshot_acc": 0.5, "reference_pixels_knn_acc": 0.6}
+    assert len(mlflow_client(server).get_metric_history(parent.info.run_id, "reference_pixels_knn_acc")) == 1
+
+    failed = Future()
+    pending = PendingReference(failed, tmp_path / "other", "fewshot_acc")
+    failed.set_exception(OSError("data gone"))
+    assert pending.ready() is None and not (tmp_path / "other").exists()
+    with pytest.raises(OSError, match="data gone"):
+        pending.result()
+    tracker = MlflowTracker(spec, server, flush_s=3600, reference=pending)
+    tracker.setup(stop={}, num_samples=1, total_num_samples=1)
+    tracker.on_experiment_end([])  # waits for the references, finds the error, sends nothing and ends the runs
+    assert tracker.reference == {} and tracker.unsent == 0
 
 
 def test_an_experiment_made_without_the_kind_tag_gets_it(server):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import Future
 from pathlib import Path
 
 import ray
@@ -79,3 +80,45 @@ def compute_reference(spec: SweepSpec, bundle: dict[str, float] | None = None, r
         finally:
             torch.set_num_threads(threads)
     return {kind: {k: float(v) for k, v in s.items() if k in DOWNSTREAM} for kind, s in scores.items()}
+
+
+class PendingReference:
+    """Reference scores still being computed on the driver (a thread of run_sweep) while Tune starts the first
+    trials: their workers spend seconds starting and importing torch before a first epoch (~8 s on 2 cores), in
+    which the computation (~2 s per random-init draw) no longer holds Tune back. When the scores arrive they are
+    written to reference.json and printed; the tracker logs them on the parent run (`ready`), and run_sweep waits
+    for them (`result`) before the sweep ends. The CLI has loaded and checked the data before (cli.py), so a
+    DatasetError here means the data changed since: the sweep's trials then fail on it as well."""
+
+    def __init__(self, future: Future, out_dir: Path, metric: str):
+        self.future, self.out_dir, self.metric = future, out_dir, metric
+        future.add_done_callback(self._arrived)
+
+    def __reduce__(self):
+        # Ray pickles the Tuner's callbacks (the tracker holds this): a copy is the scores if here, else none to
+        # send (the live tracker, not a copy, logs them; a resumed sweep reads reference.json)
+        return dict, (self.ready() or {},)
+
+    def _arrived(self, future: Future) -> None:
+        if future.exception() is None:
+            store_reference(self.out_dir, future.result())
+            print_reference(self.metric, future.result())
+
+    def ready(self) -> dict[str, dict[str, float]] | None:
+        """The scores if they are here (None while computing, or if the computation failed: `result` raises)."""
+        done = self.future.done() and self.future.exception() is None
+        return self.future.result() if done else None
+
+    def result(self) -> dict[str, dict[str, float]]:
+        """The scores, waiting for them; raises what the computation raised."""
+        return self.future.result()
+
+
+def print_reference(metric: str, reference: dict) -> None:
+    if metric in DOWNSTREAM:
+        sd = (reference.get("random_init_sd") or {}).get(metric)
+        spread = f" ± {sd:.3f} (SD of {sum(k[-1].isdigit() for k in reference)} inits)" if sd is not None else ""
+        pixels = reference.get("pixels")  # none for a streamed dataset
+        pixels = f"{pixels[metric]:.3f}" if pixels else "not scored (streamed data)"
+        print(f"reference {metric}: random-init encoder {reference['random_init'][metric]:.3f}{spread}, raw pixels "
+              f"{pixels}", flush=True)

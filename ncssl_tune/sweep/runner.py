@@ -30,13 +30,18 @@ from ncssl_tune.sweep import live
 from ncssl_tune.sweep.export import BestExport, try_export_best
 from ncssl_tune.sweep.monitor import CollapseStopper, SweepMonitor
 from ncssl_tune.sweep.node_data import start_registry
-from ncssl_tune.sweep.references import compute_reference, reference_scores, store_reference, stored_reference
+from ncssl_tune.sweep.references import (
+    PendingReference,
+    compute_reference,
+    print_reference,
+    reference_scores,
+    stored_reference,
+)
 from ncssl_tune.sweep.searcher import OptunaSearcher
 from ncssl_tune.sweep.session import staged_trials, sweep_session
 from ncssl_tune.sweep.space import DefineByRun, make_sampler
 from ncssl_tune.sweep.tracker import MlflowTracker
 from ncssl_tune.sweep.trainable import run_trial
-from ncssl_tune.vocab import DOWNSTREAM
 
 RAY_DIR = "ray"  # Ray Tune storage under the sweep folder
 TUNE_NAME = "tune"
@@ -127,7 +132,9 @@ class SweepResult:
     best_export: BestExport | None = None  # the best trial's encoder (<sweep>/best/, MLflow model), export.py
 
 
-PHASES = ("ray_start", "references", "tune")
+# ray_start: to Ray running (the MLflow store and the references start meanwhile); setup: from there to Tune's start
+# (resources checked, the data registry, the store ready, references computed on a worker); tune: Tune's run.
+PHASES = ("ray_start", "setup", "tune")
 
 
 def sweep_dir(spec: SweepSpec, results_dir: str | os.PathLike) -> Path:
@@ -286,8 +293,9 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
     # a node on another machine, keeps the worker path: that node may hold the data this machine lacks.
     on_driver = address is None and spec.resources.gpu == 0 and (not ray.is_initialized() or _all_nodes_here())
     # The fixed costs of a start, overlapped: while Ray starts (~4 s here), one thread opens the MLflow store
-    # (imports, a new SQLite file's tables: ~5 s) and one computes the reference scores (~2 s); nothing is written
-    # to the sweep folder before the resources are checked.
+    # (imports, a new SQLite file's tables: ~5 s) and one computes the reference scores (~2 s a random-init draw),
+    # on into Tune's start (PendingReference); nothing is written to the sweep folder before the resources are
+    # checked.
     with ThreadPoolExecutor(2, thread_name_prefix="sweep-start") as early:
         warmed = early.submit(warm_store, tracking_uri) if tracking_uri else None
         fresh = not resume or stored_reference(out_dir) is None
@@ -305,12 +313,12 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
                 # The CLI checked the data before Ray started; a cluster's worker may still lack it or find it
                 # damaged.
                 try:
-                    if computing is not None:
-                        reference = computing.result()
-                        store_reference(out_dir, reference)
+                    if computing is not None:  # Tune starts meanwhile (PendingReference)
+                        reference = PendingReference(computing, out_dir, spec.search.metric)
                     else:
                         reference, fresh = reference_scores(spec, out_dir, None if on_driver else _trial_bundle(spec),
                                                             run.registry)
+                        print_reference(spec.search.metric, reference)
                 except DatasetError as e:
                     raise SweepError(f"{spec.path}: reference scores: {e}") from None
                 if warmed is not None:
@@ -348,10 +356,10 @@ class _Run:
     registry: object = None  # the DataRegistry actor
 
 
-def _sweep(run: _Run, monitor: SweepMonitor, reference: dict, fresh: bool) -> SweepResult:
-    """run_sweep once Ray runs and the references are known: the Tune run, then the export of the best trial."""
+def _sweep(run: _Run, monitor: SweepMonitor, reference: dict | PendingReference, fresh: bool) -> SweepResult:
+    """run_sweep once Ray runs and the references are known or being computed: the Tune run, then the export of
+    the best trial."""
     spec, out_dir = run.spec, run.out_dir
-    _print_reference(spec.search.metric, reference)
     # flush_s=0: each result's metrics (one log_batch per epoch) are queued, and so on disk in the outbox, in
     # on_trial_result, which Ray calls before it registers that result's checkpoint and saves the experiment
     # state. A driver killed with epochs still buffered would otherwise resume the trial past them and leave
@@ -362,6 +370,11 @@ def _sweep(run: _Run, monitor: SweepMonitor, reference: dict, fresh: bool) -> Sw
     callbacks = [monitor, *([tracker] if tracker else []), *(run.extra_callbacks or [])]
     grid = _fit(run, callbacks, [CollapseStopper(spec.search.collapse_stop), *(run.stoppers or [])])
     run.marks.append(time.perf_counter())
+    if isinstance(reference, PendingReference):
+        try:
+            reference.result()  # here long since, unless the sweep was shorter than its computation
+        except DatasetError as e:
+            raise SweepError(f"{spec.path}: reference scores: {e}") from None
     monitor.write_csv()
     result = _result(spec, out_dir, grid, monitor, tracker,
                      {p: b - a for p, a, b in zip(PHASES, run.marks, run.marks[1:])})
@@ -397,16 +410,6 @@ def _write_spec(spec: SweepSpec, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if not (out_dir / SPEC_FILE).exists():
         (out_dir / SPEC_FILE).write_text(json.dumps(spec_record(spec), indent=1, sort_keys=True, default=str))
-
-
-def _print_reference(metric: str, reference: dict) -> None:
-    if metric in DOWNSTREAM:
-        sd = (reference.get("random_init_sd") or {}).get(metric)
-        spread = f" ± {sd:.3f} (SD of {sum(k[-1].isdigit() for k in reference)} inits)" if sd is not None else ""
-        pixels = reference.get("pixels")  # none for a streamed dataset
-        pixels = f"{pixels[metric]:.3f}" if pixels else "not scored (streamed data)"
-        print(f"reference {metric}: random-init encoder {reference['random_init'][metric]:.3f}{spread}, raw pixels "
-              f"{pixels}", flush=True)
 
 
 def _fit(run: _Run, callbacks: list, stoppers: list) -> ResultGrid:

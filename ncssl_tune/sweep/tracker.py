@@ -141,7 +141,7 @@ class MlflowTracker(Callback):
     end_wait_s = float(os.environ.get("NCSSL_MLFLOW_END_WAIT_S", "30"))
 
     def __init__(self, spec: SweepSpec, tracking_uri: str, ray_address: str | None = None, *,
-                 flush_s: float = 5.0, out_dir: str | Path | None = None, reference: dict | None = None):
+                 flush_s: float = 5.0, out_dir: str | Path | None = None, reference=None):
         for key, value in HTTP_ENV.items():
             os.environ.setdefault(key, value)
         self.spec = spec
@@ -149,7 +149,8 @@ class MlflowTracker(Callback):
         self.flush_s = flush_s
         self._own_dir = not out_dir
         self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="ncssl_mlflow_"))
-        self.reference = reference or {}  # {"random_init": {metric: v}, "pixels": {...}}: parent metrics, sent once
+        # {"random_init": {metric: v}, "pixels": {...}} or a PendingReference: parent metrics, sent once
+        self.reference = reference or {}
         # replaced by the saved one when Ray restores a sweep (set_state, before setup)
         self.runs = SweepRuns(spec, tracking_uri, uuid.uuid4().hex, ray_address)
         self.outbox = Outbox(self._execute, where=f"MLflow tracking server {tracking_uri}", fatal=(TrackingError,),
@@ -189,12 +190,7 @@ class MlflowTracker(Callback):
         self.outbox.put(Kind.PARENT, None)
         self._open_file()
         self.outbox.put(Kind.PARENT_FILES, None)
-        if self.reference:  # reference_<kind>_<metric>, e.g. reference_random_init_fewshot_acc (read by analysis)
-            now = int(time.time() * 1000)
-            self.outbox.put(Kind.BATCH, None, {"tags": {}, "metrics": [
-                (f"reference_{kind}_{k}", v, now, 0) for kind, scores in self.reference.items()
-                for k, v in scores.items()]})
-            self.reference = {}
+        self._send_reference()
         self.outbox.drain()  # a deleted experiment raises TrackingError here: the sweep must not start
         # From here on the writer thread sends: a hook only queues, and Ray asks the trials for their next result
         # without waiting for MLflow (run creation, metric batches, spectrum plots and uploads).
@@ -218,6 +214,7 @@ class MlflowTracker(Callback):
 
     @_guarded
     def on_step_end(self, iteration, trials, **info) -> None:
+        self._send_reference()
         self._maybe_flush()
 
     @_guarded
@@ -235,6 +232,7 @@ class MlflowTracker(Callback):
         Ray marks them TERMINATED on the way out without calling on_trial_complete, and its saved state (written
         before that) resumes them. Then what could not be sent is retried for up to `end_wait_s` seconds, and
         what is left is reported (stderr and mlflow_unsent.json in the sweep folder)."""
+        self._send_reference(wait=True)
         self._flush()
         self.outbox.stop()  # what is left is sent from here, on this thread, within end_wait_s
         statuses = None  # trial id -> MLflow status of its child run, when the store answers
@@ -368,6 +366,23 @@ class MlflowTracker(Callback):
         if isinstance(node, str) and node != self._node.get(tid):  # a trial restored elsewhere moves node
             self._node[tid] = node
             self._pending_tags.setdefault(tid, {})[TAG_NODE] = node
+
+    def _send_reference(self, wait: bool = False) -> None:
+        """Queue the reference scores as parent metrics reference_<kind>_<metric> (e.g.
+        reference_random_init_fewshot_acc, read by the analysis) once they are here: at once when given as a dict,
+        when they arrive when given pending (references.PendingReference: computed while the first trials start).
+        wait: wait for them (the sweep's end). A computation that failed sends nothing: run_sweep reports it."""
+        ref = self.reference
+        if ref and not isinstance(ref, dict):
+            try:
+                ref = ref.result() if wait else ref.ready()
+            except Exception:  # noqa: BLE001 - the computation's own error, raised to the user by run_sweep
+                ref = self.reference = {}
+        if ref:
+            now = int(time.time() * 1000)
+            self.outbox.put(Kind.BATCH, None, {"tags": {}, "metrics": [
+                (f"reference_{kind}_{k}", v, now, 0) for kind, scores in ref.items() for k, v in scores.items()]})
+            self.reference = {}
 
     def _maybe_flush(self) -> None:
         if time.monotonic() - self._last_flush >= self.flush_s:
