@@ -128,3 +128,32 @@ def test_the_tpe_sampler_pickles_with_the_searcher_state():
     sampler = make_sampler(load_spec(SPACE, ["search.seed=3"]))
     again = pickle.loads(pickle.dumps(sampler))
     assert type(again) is type(sampler) and again._startup == sampler._startup
+
+
+def test_warming_the_sampler_imports_its_lazy_modules_and_leaves_the_sweeps_proposals_alone():
+    """warm_sampler runs on run_sweep's start-up thread so that QMC's first relative sample does not import
+    scipy.stats inside Tune's loop (where every trial waited for it). In a fresh interpreter that has what the
+    driver imports: scipy.stats arrives with the warm-up, which prints nothing, and a sampler made afterwards
+    proposes what one made without a warm-up proposes."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import ncssl_tune.sweep.runner
+from ncssl_tune.spec import load_spec
+from ncssl_tune.sweep.space import warm_sampler
+assert "scipy.stats" not in sys.modules, "the driver imports scipy.stats already: nothing to warm"
+warm_sampler(load_spec("search_spaces/study_vicreg.yaml"))
+assert "scipy.stats" in sys.modules
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and "study" not in done.stderr.lower()
+    from ncssl_tune.sweep.space import warm_sampler
+
+    before = _proposals(3)
+    for path in ("search_spaces/vicreg.yaml", "search_spaces/study_vicreg.yaml", "search_spaces/compare.yaml"):
+        warm_sampler(load_spec(path))
+    warm_sampler(load_spec(SPACE, ["search.algorithm=grid"]))
+    assert _proposals(3) == before

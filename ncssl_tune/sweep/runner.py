@@ -39,7 +39,7 @@ from ncssl_tune.sweep.references import (
 )
 from ncssl_tune.sweep.searcher import OptunaSearcher
 from ncssl_tune.sweep.session import staged_trials, sweep_session
-from ncssl_tune.sweep.space import DefineByRun, make_sampler
+from ncssl_tune.sweep.space import DefineByRun, make_sampler, warm_sampler
 from ncssl_tune.sweep.tracker import MlflowTracker
 from ncssl_tune.sweep.trainable import run_trial
 
@@ -293,11 +293,12 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
     # a node on another machine, keeps the worker path: that node may hold the data this machine lacks.
     on_driver = address is None and spec.resources.gpu == 0 and (not ray.is_initialized() or _all_nodes_here())
     # The fixed costs of a start, overlapped: while Ray starts (~4 s here), one thread opens the MLflow store
-    # (imports, a new SQLite file's tables: ~5 s) and one computes the reference scores (~2 s a random-init draw),
-    # on into Tune's start (PendingReference); nothing is written to the sweep folder before the resources are
-    # checked.
-    with ThreadPoolExecutor(2, thread_name_prefix="sweep-start") as early:
+    # (imports, a new SQLite file's tables: ~5 s), one computes the reference scores (~2 s a random-init draw),
+    # on into Tune's start (PendingReference), and one rehearses the sampler (its lazy imports); nothing is
+    # written to the sweep folder before the resources are checked.
+    with ThreadPoolExecutor(3, thread_name_prefix="sweep-start") as early:
         warmed = early.submit(warm_store, tracking_uri) if tracking_uri else None
+        early.submit(warm_sampler, spec)  # its lazy imports (space.py); a failure shows again in the sweep's own
         fresh = not resume or stored_reference(out_dir) is None
         computing = early.submit(compute_reference, spec) if on_driver and fresh else None
         with sweep_session(address) as started_ray:
