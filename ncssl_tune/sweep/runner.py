@@ -9,7 +9,7 @@ import os
 import sys
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -300,7 +300,9 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
         warmed = early.submit(warm_store, tracking_uri) if tracking_uri else None
         early.submit(warm_sampler, spec)  # its lazy imports (space.py); a failure shows again in the sweep's own
         fresh = not resume or stored_reference(out_dir) is None
-        computing = early.submit(compute_reference, spec) if on_driver and fresh else None
+        # after the store: Tune waits for the store, not for the references (PendingReference), so the store
+        # gets the cores first
+        computing = early.submit(_after, warmed, compute_reference, spec) if on_driver and fresh else None
         with sweep_session(address) as started_ray:
             run.marks.append(time.perf_counter())
             if started_ray:
@@ -329,6 +331,13 @@ def run_sweep(spec: SweepSpec, results_dir: str | os.PathLike = "results", *, re
             finally:
                 if ray.is_initialized():
                     ray.kill(run.registry)  # and with it (their owner) the node copies: their memory is freed now
+
+
+def _after(first: Future | None, fn, *args):
+    """fn(*args) once `first` is done (whatever its outcome: its own caller reads it)."""
+    if first is not None:
+        wait([first])
+    return fn(*args)
 
 
 def _all_nodes_here() -> bool:
