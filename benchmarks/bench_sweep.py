@@ -17,6 +17,8 @@ end of its previous epoch to the start of this one (its checkpoint, then waiting
 result: Ray's function trainables report synchronously); p50 and p95 over every epoch after the first, read from
 the results Ray stored. Targets: cli efficiency >= 0.70, sweep >= 0.85, between-epochs p50 with MLflow on <=
 1.2x off. Writes results/benchmarks/sweep.json. `--quick`: 2 trials x 2 epochs per run (the test suite).
+The study file's figure (target >= 0.85 end to end): `--space search_spaces/study_vicreg.yaml --cli-only --out
+results/benchmarks/sweep_study.json` (~7 min on 2 cores).
 """
 
 from __future__ import annotations
