@@ -83,8 +83,8 @@ class Outbox:
         # so that whoever queued finishes first: in a sweep, the driver handling the result the operation came
         # from while that trial waits in tune.report. A send is CPU work in this process (MLflow's SQLAlchemy
         # store): started at once, it competes with the driver for the interpreter lock and the trial waits
-        # longer between its epochs (measured on 2 cores: p50 0.035 s with MLflow on against 0.024 s off;
-        # 0.024 s after waiting 50 ms).
+        # longer between its epochs (bench_sweep, idle, 2 cores: p50 with MLflow on 1.51x that off without the
+        # wait, 1.00-1.22x with it; results/benchmarks/README.md).
         self.settle_s = settle_s
         self._waiters = 0  # threads in wait_for: the writer does not settle while someone waits for it
         self.ops: deque[Op] = deque()
