@@ -57,7 +57,7 @@ class KillWorkerOnce(Callback):
 
 def _saved_status(tune_dir: Path, trial_id: str) -> str:
     """The status Ray's latest experiment state holds for the trial."""
-    state = json.loads(sorted(tune_dir.glob("experiment_state-*.json"))[-1].read_text())
+    state = json.loads(max(tune_dir.glob("experiment_state-*.json")).read_text())
     for trial in state["trial_data"]:
         meta = json.loads(trial[0]) if isinstance(trial[0], str) else trial[0]
         if meta.get("trial_id") == trial_id:

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
@@ -56,6 +56,9 @@ from ncssl_tune.vocab import (
     TAG_STATUS,
     TAG_TRIAL,
 )
+
+if TYPE_CHECKING:  # a type only: references.py loads the data layer, which the tracker does not need
+    from ncssl_tune.sweep.references import PendingReference
 
 __all__ = ["HTTP_ENV", "OUTBOX_FILE", "UNSENT_FILE", "MlflowTracker", "metrics_of", "safe_key"]
 
@@ -141,7 +144,8 @@ class MlflowTracker(Callback):
     end_wait_s = float(os.environ.get("NCSSL_MLFLOW_END_WAIT_S", "30"))
 
     def __init__(self, spec: SweepSpec, tracking_uri: str, ray_address: str | None = None, *,
-                 flush_s: float = 5.0, out_dir: str | Path | None = None, reference=None):
+                 flush_s: float = 5.0, out_dir: str | Path | None = None,
+                 reference: dict | PendingReference | None = None):
         for key, value in HTTP_ENV.items():
             os.environ.setdefault(key, value)
         self.spec = spec
